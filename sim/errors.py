@@ -1,0 +1,17 @@
+"""One error type for bad input, with the field and the fix in the message."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message names the field and says how to fix it."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        self.field, self.problem, self.fix = field, problem, fix
+        super().__init__(f"{field}: {problem}. Fix: {fix}")
+
+
+def require(ok: bool, field: str, problem: str, fix: str) -> None:
+    """Raise ConfigError(field, problem, fix) unless ``ok``."""
+    if not ok:
+        raise ConfigError(field, problem, fix)

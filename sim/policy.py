@@ -1,0 +1,66 @@
+"""Policy: what to read and keep. Only knobs live here; the decisions are made by ``sim.plan``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from sim.errors import ConfigError, require
+from sim.presets import load_preset
+
+PREDICTORS = ("oracle", "trace")
+MEM_STRATEGIES = ("preallocated", "concat")
+EVICTIONS = ("window", "lru")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str = "windowing_bundling"
+    sparse: bool = True               # False = naive: every non-resident FFN weight is read each token
+    predictor: str = "oracle"         # oracle: the trace's true active set; trace: its predicted set
+    predictor_rank: int = 128         # low-rank predictor A [d_model, r], B [r, d_ff] (costs compute)
+    window: int = 5                   # keep neurons of the last k tokens; 0 = no reuse across tokens
+    bundling: bool = True             # up column i and down row i side by side: one read per neuron
+    chunk_kib: int = 64               # adjacent neurons are merged into reads up to this size
+    memory_budget: float = 0.5        # fraction of the whole model's bytes that may sit in memory
+    reads_in_flight: int = 32
+    mem_strategy: str = "preallocated"  # the paper's scheme; "concat" rebuilds the matrix (baseline)
+    eviction: str = "window"          # window: drop neurons that left the window; lru: only when full
+
+    def __post_init__(self) -> None:
+        require(self.predictor in PREDICTORS, "policy.predictor", f"unknown predictor {self.predictor!r}",
+                f"use one of {PREDICTORS}")
+        require(isinstance(self.window, int) and self.window >= 0, "policy.window",
+                f"must be an integer >= 0, got {self.window!r}", "e.g. policy.window=5 (0 disables reuse)")
+        require(isinstance(self.chunk_kib, int) and self.chunk_kib >= 4, "policy.chunk_kib",
+                f"must be an integer >= 4 KiB, got {self.chunk_kib!r}", "e.g. policy.chunk_kib=64")
+        require(isinstance(self.memory_budget, (int, float)) and 0 < self.memory_budget <= 1,
+                "policy.memory_budget", f"must be a fraction in (0, 1], got {self.memory_budget!r}",
+                "e.g. policy.memory_budget=0.5 for half the model in memory")
+        require(isinstance(self.reads_in_flight, int) and self.reads_in_flight >= 1, "policy.reads_in_flight",
+                f"must be an integer >= 1, got {self.reads_in_flight!r}", "e.g. policy.reads_in_flight=32")
+        require(isinstance(self.predictor_rank, int) and self.predictor_rank >= 1, "policy.predictor_rank",
+                f"must be an integer >= 1, got {self.predictor_rank!r}", "e.g. policy.predictor_rank=128")
+        require(self.mem_strategy in MEM_STRATEGIES, "policy.mem_strategy",
+                f"unknown strategy {self.mem_strategy!r}", f"use one of {MEM_STRATEGIES}")
+        require(self.eviction in EVICTIONS, "policy.eviction", f"unknown eviction {self.eviction!r}",
+                f"use one of {EVICTIONS}")
+
+    @classmethod
+    def preset(cls, name: str) -> "Policy":
+        return cls.from_dict(load_preset("policy", name))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Policy":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"policy.{unknown[0]}", "is not a Policy field", f"use only {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_kib * 1024

@@ -1,0 +1,194 @@
+"""Activation traces: which FFN neurons fire, per token and layer.
+
+File format (``.npz``): ``active`` and optionally ``predicted`` as bit-packed bool arrays
+[tokens, layers, ceil(d_ff/8)], and ``meta`` as a JSON string (model geometry, seed, source,
+generator knobs). Small, portable, loadable without torch.
+
+The synthetic generator gives each neuron a two-state Markov chain (fire / not) whose stationary
+rate is the layer's density and whose "stay on" probability is the ``reuse`` knob; ``rate_skew``
+spreads per-neuron rates (hot and cold neurons), and ``coactivation`` makes a fraction of neurons
+copy the state of their cluster's leader, so they fire together."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sim.errors import ConfigError, require
+from sim.model_spec import ModelSpec
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Trace:
+    active: np.ndarray                    # bool [tokens, layers, d_ff]
+    predicted: np.ndarray | None = None   # bool [tokens, layers, d_ff], where a predictor was used
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.active.ndim == 3 and self.active.dtype == bool, "trace.active",
+                f"must be a bool array [tokens, layers, d_ff], got {self.active.dtype} {self.active.shape}",
+                "build traces with generate_trace() or Trace.load()")
+        if self.predicted is not None:
+            require(self.predicted.shape == self.active.shape, "trace.predicted",
+                    f"shape {self.predicted.shape} differs from active {self.active.shape}",
+                    "record both sets for the same tokens and layers")
+
+    @property
+    def tokens(self) -> int:
+        return self.active.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.active.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.active.shape[2]
+
+    def sparsity(self) -> np.ndarray:
+        """Fraction of neurons that do not fire, per layer."""
+        return 1.0 - self.active.mean(axis=(0, 2))
+
+    def check_matches(self, spec: ModelSpec) -> None:
+        require(self.n_layers == spec.n_layers and self.d_ff == spec.d_ff, "trace",
+                f"trace has {self.n_layers} layers x {self.d_ff} neurons but model {spec.name} has "
+                f"{spec.n_layers} x {spec.d_ff}", "use a trace recorded or generated for this model")
+
+    def new_neurons_curve(self, windows: Sequence[int]) -> np.ndarray:
+        """Mean fraction of neurons per token and layer that are active now but were not active
+        in any of the previous k tokens (what windowing must read), for each k in ``windows``."""
+        a = self.active
+        T = a.shape[0]
+        out = []
+        for k in windows:
+            if T <= k:
+                out.append(float("nan"))
+                continue
+            seen = np.zeros_like(a[k:])
+            for j in range(1, k + 1):
+                seen |= a[k - j:T - j]
+            out.append(float((a[k:] & ~seen).mean()))
+        return np.asarray(out)
+
+    # ---- file format ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta, format_version=FORMAT_VERSION, shape=list(self.active.shape))
+        arrays = {"active": np.packbits(self.active, axis=-1), "meta": np.array(json.dumps(meta))}
+        if self.predicted is not None:
+            arrays["predicted"] = np.packbits(self.predicted, axis=-1)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        path = Path(path)
+        require(path.exists(), "trace.path", f"{path} does not exist",
+                "give a trace written by Trace.save / real.record, or use trace=synthetic")
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            require(meta.get("format_version") == FORMAT_VERSION, "trace.path",
+                    f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}",
+                    "re-record or re-generate the trace")
+            d_ff = meta["shape"][2]
+            active = np.unpackbits(z["active"], axis=-1, count=d_ff).astype(bool)
+            predicted = (np.unpackbits(z["predicted"], axis=-1, count=d_ff).astype(bool)
+                         if "predicted" in z.files else None)
+        return cls(active=active, predicted=predicted, meta=meta)
+
+
+@dataclass(frozen=True)
+class SyntheticTraceConfig:
+    tokens: int = 100
+    seed: int = 0
+    sparsity: float | list[float] = 0.97   # fraction inactive, one value or one per layer
+    reuse: float = 0.3                     # P(neuron fires at t+1 | it fires at t)
+    rate_skew: float = 1.0                 # lognormal sigma of per-neuron firing rates (0 = uniform)
+    coactivation: float = 0.0              # fraction of neurons that copy their cluster leader
+    cluster_size: int = 8
+    predictor_recall: float = 1.0          # synthetic predictor: share of true actives it finds
+    predictor_fp: float = 0.0              # false positives per true active
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.tokens, int) and self.tokens >= 1, "trace.tokens",
+                f"must be an integer >= 1, got {self.tokens!r}", "e.g. tokens=100")
+        sp = self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
+        require(all(0.0 <= s < 1.0 for s in sp), "trace.sparsity",
+                f"must be in [0, 1), got {self.sparsity!r}", "e.g. trace.sparsity=0.97")
+        require(0.0 <= self.reuse < 1.0, "trace.reuse", f"must be in [0, 1), got {self.reuse!r}",
+                "e.g. trace.reuse=0.3")
+        require(self.rate_skew >= 0, "trace.rate_skew", f"must be >= 0, got {self.rate_skew!r}", "e.g. 1.0")
+        require(0.0 <= self.coactivation <= 1.0, "trace.coactivation",
+                f"must be in [0, 1], got {self.coactivation!r}", "e.g. trace.coactivation=0.3")
+        require(isinstance(self.cluster_size, int) and self.cluster_size >= 1, "trace.cluster_size",
+                f"must be an integer >= 1, got {self.cluster_size!r}", "e.g. trace.cluster_size=8")
+        require(0.0 < self.predictor_recall <= 1.0, "trace.predictor_recall",
+                f"must be in (0, 1], got {self.predictor_recall!r}", "1.0 is a perfect predictor")
+        require(self.predictor_fp >= 0, "trace.predictor_fp", f"must be >= 0, got {self.predictor_fp!r}",
+                "0.0 means no false positives")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SyntheticTraceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"trace.{unknown[0]}", "is not a synthetic trace knob", f"use only {sorted(known)}")
+        data = dict(data)
+        if not isinstance(data.get("sparsity", 0.0), (int, float)):
+            data["sparsity"] = [float(x) for x in data["sparsity"]]
+        return cls(**data)
+
+    def layer_density(self, n_layers: int) -> np.ndarray:
+        sp = self.sparsity
+        if isinstance(sp, (list, tuple)):
+            require(len(sp) == n_layers, "trace.sparsity",
+                    f"has {len(sp)} values but the model has {n_layers} layers", "give one value per layer")
+            return 1.0 - np.asarray(sp, dtype=float)
+        return np.full(n_layers, 1.0 - float(sp))
+
+
+def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
+    """A synthetic trace for ``spec``: deterministic for ``cfg.seed``."""
+    rng = np.random.default_rng(cfg.seed)
+    T, L, F = cfg.tokens, spec.n_layers, spec.d_ff
+    density = cfg.layer_density(L)
+    active = np.zeros((T, L, F), dtype=bool)
+    for l in range(L):
+        a = density[l]
+        w = rng.lognormal(0.0, cfg.rate_skew, F) if cfg.rate_skew > 0 else np.ones(F)
+        rate = np.clip(a * w / w.mean(), 1e-6, 0.95)
+        p_stay = np.maximum(cfg.reuse, rate)                   # P(on | on)
+        p_wake = rate * (1 - p_stay) / (1 - rate)              # P(on | off): keeps the stationary rate
+        leader = np.arange(F)
+        if cfg.coactivation > 0 and cfg.cluster_size > 1:
+            perm = rng.permutation(F)                          # clusters of random (non-adjacent) ids
+            cluster_of = np.empty(F, dtype=np.int64)
+            cluster_of[perm] = np.arange(F) // cfg.cluster_size
+            leaders = perm[::cfg.cluster_size]
+            follows = rng.random(F) < cfg.coactivation
+            leader = np.where(follows, leaders[cluster_of], np.arange(F))
+        state = rng.random(F) < rate
+        for t in range(T):
+            if t:
+                u = rng.random(F)
+                state = np.where(state, u < p_stay, u < p_wake)
+            active[t, l] = state[leader]
+    predicted = None
+    if cfg.predictor_recall < 1.0 or cfg.predictor_fp > 0.0:
+        keep = rng.random(active.shape) < cfg.predictor_recall
+        fp_prob = np.clip(cfg.predictor_fp * density / (1 - density), 0, 1)[None, :, None]
+        extra = rng.random(active.shape) < fp_prob
+        predicted = (active & keep) | (~active & extra)
+    meta = {"source": "synthetic", "model": spec.name, "seed": cfg.seed, "knobs": asdict(cfg),
+            "n_layers": L, "d_ff": F}
+    return Trace(active=active, predicted=predicted, meta=meta)
