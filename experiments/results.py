@@ -1,0 +1,105 @@
+"""The result row: fixed columns every run writes, whatever the backend.
+
+A run writes ``result.json`` (a list of rows: one per backend; two for backend=both, each
+carrying ``error_pct`` = (predicted - measured) / measured x 100 of latency). A multirun
+gathers them into ``results.csv`` in its sweep directory. Files are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+COLUMNS = [
+    "model", "hardware", "policy", "backend", "window", "bundling", "chunk_kib", "memory_budget",
+    "sparsity", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
+    "reads_per_token", "gbps", "error_pct",
+]
+EXTRA_COLUMNS = [
+    "warmup", "measured_tokens", "seed", "reads_in_flight", "predictor", "mem_strategy", "eviction",
+    "trace", "new_neurons_per_token", "resident_neurons", "cache_neurons", "wall_s", "config_hash", "run_dir",
+]
+
+
+def make_row(setup, backend: str, summary: dict[str, float], sparsity: float, **extra: Any) -> dict[str, Any]:
+    p = setup.policy
+    row = {
+        "model": setup.spec.name, "hardware": setup.hardware.name, "policy": p.name, "backend": backend,
+        "window": p.window, "bundling": p.bundling, "chunk_kib": p.chunk_kib, "memory_budget": p.memory_budget,
+        "sparsity": round(float(sparsity), 6), "tokens": setup.tokens, "error_pct": None,
+        "warmup": setup.warmup, "seed": setup.seed, "reads_in_flight": p.reads_in_flight,
+        "predictor": p.predictor, "mem_strategy": p.mem_strategy, "eviction": p.eviction,
+        "trace": setup.trace_cfg.get("path") or setup.trace_cfg["kind"],
+    }
+    row.update(summary)
+    row.update(extra)
+    return row
+
+
+def add_error_pct(predicted: dict[str, Any], measured: dict[str, Any]) -> None:
+    """Signed relative error of the prediction, written on both rows of a backend=both run."""
+    err = (predicted["latency_ms"] - measured["latency_ms"]) / measured["latency_ms"] * 100.0
+    predicted["error_pct"] = measured["error_pct"] = round(err, 3)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result(run_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
+    path = Path(run_dir) / "result.json"
+    atomic_write_text(path, json.dumps(rows, indent=1, default=float))
+    return path
+
+
+def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows))
+    for c in COLUMNS + EXTRA_COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    return df[COLUMNS + EXTRA_COLUMNS + [c for c in df.columns if c not in COLUMNS + EXTRA_COLUMNS]]
+
+
+def collect(sweep_dir: str | Path) -> pd.DataFrame:
+    """Every result.json under ``sweep_dir`` as one table (one row per run and backend)."""
+    rows = []
+    for p in sorted(Path(sweep_dir).rglob("result.json")):
+        for row in json.loads(p.read_text()):
+            row.setdefault("run_dir", str(p.parent))
+            rows.append(row)
+    return frame(rows)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    atomic_write_text(path, df.to_csv(index=False))
+    return Path(path)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """A short human table: one line per run, the breakdown, and speed-up over naive where present."""
+    cols = ["model", "hardware", "policy", "backend", "latency_ms", "io_ms", "mem_ms", "compute_ms",
+            "bytes_per_token", "reads_per_token", "gbps", "error_pct"]
+    t = df[cols].copy()
+    t["MB/token"] = t.pop("bytes_per_token") / 1e6
+    naive = df[df["policy"] == "naive"].set_index(["model", "hardware", "backend"])["latency_ms"]
+    key = list(zip(df["model"], df["hardware"], df["backend"]))
+    t["vs_naive"] = [naive.get(k, float("nan")) / lat if k in naive.index else float("nan")
+                     for k, lat in zip(key, df["latency_ms"])]
+    if t["error_pct"].isna().all():
+        t = t.drop(columns="error_pct")
+    return t.to_string(index=False, float_format=lambda v: f"{v:,.2f}")

@@ -1,0 +1,86 @@
+"""Turn a Hydra config into validated domain objects, before any work is done.
+
+Every mistake surfaces here as a ConfigError that names the key (``policy.window: ...``) and the
+fix; experiments.run and the multirun pre-check both call ``build_run``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sim.errors import ConfigError, require
+from sim.hardware import HardwareProfile
+from sim.model_spec import ModelSpec
+from sim.plan import ffn_cache_neurons
+from sim.policy import Policy
+from sim.trace import SyntheticTraceConfig, Trace, generate_trace
+
+BACKENDS = ("sim", "real", "both")
+TOP_LEVEL = {"model", "hardware", "policy", "trace", "backend", "tokens", "warmup", "seed", "timeline",
+             "progress", "experiment", "hydra"}
+
+
+@dataclass
+class RunSetup:
+    spec: ModelSpec
+    hardware: HardwareProfile
+    policy: Policy
+    trace_cfg: dict[str, Any]
+    backend: dict[str, Any]
+    tokens: int
+    warmup: int
+    seed: int
+    timeline: bool
+    progress: bool
+
+    def make_trace(self) -> Trace:
+        kind = self.trace_cfg["kind"]
+        if kind == "synthetic":
+            knobs = {k: v for k, v in self.trace_cfg.items() if k != "kind"}
+            return generate_trace(self.spec, SyntheticTraceConfig.from_dict(
+                {**knobs, "tokens": self.tokens, "seed": self.seed}))
+        trace = Trace.load(self.trace_cfg["path"])
+        trace.check_matches(self.spec)
+        require(trace.tokens >= self.tokens, "tokens", f"the trace holds only {trace.tokens} tokens",
+                f"set tokens<={trace.tokens} or record a longer trace")
+        trace.active = trace.active[: self.tokens]
+        if trace.predicted is not None:
+            trace.predicted = trace.predicted[: self.tokens]
+        return trace
+
+
+def _section(cfg: DictConfig, key: str) -> dict[str, Any]:
+    node = cfg.get(key)
+    require(node is not None, key, "is missing", f"choose one with {key}=<name> (see conf/{key}/)")
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_run(cfg: DictConfig) -> RunSetup:
+    unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
+    require(not unknown, unknown[0] if unknown else "", "is not a Flashlab option",
+            f"use only {sorted(TOP_LEVEL - {'hydra'})} (or a group key like policy.window)")
+    spec = ModelSpec.from_dict(_section(cfg, "model"))
+    hardware = HardwareProfile.from_dict(_section(cfg, "hardware"))
+    policy = Policy.from_dict(_section(cfg, "policy"))
+    trace_cfg = _section(cfg, "trace")
+    require(trace_cfg.get("kind") in ("synthetic", "file"), "trace.kind",
+            f"unknown trace kind {trace_cfg.get('kind')!r}", "use trace=synthetic or trace=file trace.path=FILE")
+    if trace_cfg["kind"] == "synthetic":
+        SyntheticTraceConfig.from_dict({k: v for k, v in trace_cfg.items() if k != "kind"})
+    else:
+        require(bool(trace_cfg.get("path")) and trace_cfg["path"] != "???", "trace.path", "is not set",
+                "give trace.path=/path/to/trace.npz")
+    backend = _section(cfg, "backend")
+    require(backend.get("name") in BACKENDS, "backend.name", f"unknown backend {backend.get('name')!r}",
+            f"use backend={'|'.join(BACKENDS)}")
+    for key in ("tokens", "warmup", "seed"):
+        v = cfg.get(key)
+        require(isinstance(v, int) and v >= 0, key, f"must be an integer >= 0, got {v!r}", f"e.g. {key}=10")
+    require(cfg.tokens > cfg.warmup, "tokens", f"tokens={cfg.tokens} leaves nothing after warmup={cfg.warmup}",
+            f"set tokens > {cfg.warmup} or lower warmup")
+    ffn_cache_neurons(spec, policy)  # the memory budget must hold the always-resident weights
+    return RunSetup(spec=spec, hardware=hardware, policy=policy, trace_cfg=trace_cfg, backend=backend,
+                    tokens=int(cfg.tokens), warmup=int(cfg.warmup), seed=int(cfg.seed),
+                    timeline=bool(cfg.get("timeline", False)), progress=bool(cfg.get("progress", True)))

@@ -1,0 +1,86 @@
+"""Statistics of a trace that windowing and the predictor care about (torch-free).
+
+- sparsity per layer: the share of neurons that are exactly zero;
+- the new-neurons curve: per token and layer, the share of neurons active now but in none of the
+  previous k tokens (what a window of k must read), for k = 1..8;
+- co-activation: do neurons fire together more than chance? For each neuron, the Jaccard index with
+  its best partner (the other neuron whose firing tokens overlap its own most), averaged; reported
+  beside the same number after shifting each neuron's time series by a random offset (which keeps
+  every neuron's rate and destroys co-activation), so the gap is what co-activation adds."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from sim.trace import Trace
+
+WINDOWS = tuple(range(1, 9))
+
+
+def new_neurons_curve_per_layer(active: np.ndarray, windows: Sequence[int] = WINDOWS) -> np.ndarray:
+    """[layers, len(windows)]: ``Trace.new_neurons_curve`` for each layer separately."""
+    return np.stack([Trace(active=active[:, l:l + 1]).new_neurons_curve(windows)
+                     for l in range(active.shape[1])])
+
+
+def best_partner_jaccard(active: np.ndarray, max_neurons: int = 2048, max_tokens: int = 4096,
+                         shuffle_seed: int | None = None) -> float:
+    """Mean best-partner Jaccard index of one layer's neurons (``active``: bool [tokens, d_ff]).
+
+    Only neurons that fire at least twice count; at most ``max_neurons`` of them (the first, by id,
+    so a recorded and a synthetic trace of the same width are scored alike) and the first
+    ``max_tokens`` tokens. With ``shuffle_seed`` each neuron's series is first rolled by a random
+    offset: the chance level."""
+    a = active[:max_tokens]
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        T = a.shape[0]
+        shifts = rng.integers(0, T, size=a.shape[1])
+        rows = (np.arange(T)[:, None] + shifts[None, :]) % T
+        a = np.take_along_axis(a, rows, axis=0)
+    keep = np.flatnonzero(a.sum(axis=0) >= 2)[:max_neurons]
+    if keep.size < 2:
+        return float("nan")
+    x = a[:, keep].astype(np.float32)
+    inter = x.T @ x
+    count = np.diag(inter).copy()
+    union = count[:, None] + count[None, :] - inter
+    jac = inter / np.maximum(union, 1.0)
+    np.fill_diagonal(jac, -1.0)
+    return float(jac.max(axis=1).mean())
+
+
+def coactivation(trace: Trace, max_neurons: int = 2048, max_tokens: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: (best-partner Jaccard, the same at chance level)."""
+    obs = np.array([best_partner_jaccard(trace.active[:, l], max_neurons, max_tokens)
+                    for l in range(trace.n_layers)])
+    base = np.array([best_partner_jaccard(trace.active[:, l], max_neurons, max_tokens, shuffle_seed=l)
+                     for l in range(trace.n_layers)])
+    return obs, base
+
+
+def summarize(trace: Trace, windows: Sequence[int] = WINDOWS) -> dict[str, Any]:
+    """The numbers ``real.record`` prints and the calibration matches, as plain lists."""
+    per_layer = new_neurons_curve_per_layer(trace.active, windows)
+    obs, base = coactivation(trace)
+    active_per_token = trace.active.sum(axis=2).mean(axis=0)
+    return {"tokens": trace.tokens, "layers": trace.n_layers, "d_ff": trace.d_ff,
+            "sparsity": trace.sparsity().tolist(), "mean_sparsity": float(trace.sparsity().mean()),
+            "active_per_token": active_per_token.tolist(),
+            "windows": list(windows), "new_curve": trace.new_neurons_curve(windows).tolist(),
+            "new_curve_per_layer": per_layer.tolist(),
+            "coactivation_jaccard": obs.tolist(), "coactivation_chance": base.tolist()}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"trace: {s['tokens']} tokens x {s['layers']} layers x {s['d_ff']} neurons; "
+             f"mean sparsity {s['mean_sparsity']:.4f}",
+             "layer  sparsity  active/token  best-partner Jaccard (chance)"]
+    for l in range(s["layers"]):
+        lines.append(f"{l:5d}  {s['sparsity'][l]:8.4f}  {s['active_per_token'][l]:12.1f}  "
+                     f"{s['coactivation_jaccard'][l]:.3f} ({s['coactivation_chance'][l]:.3f})")
+    lines.append("window k:              " + " ".join(f"{k:7d}" for k in s["windows"]))
+    lines.append("new neurons / token (%)" + " ".join(f"{100 * v:7.3f}" for v in s["new_curve"]))
+    return "\n".join(lines)
