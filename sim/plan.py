@@ -126,9 +126,18 @@ class PolicyEngine:
 
     def plan_token(self, active_per_layer: Sequence[np.ndarray]) -> list[LayerPlan]:
         """``active_per_layer[l]`` is a bool mask [d_ff] of neurons to compute at this token."""
-        t = self.token
+        plans = [self.plan_layer(l, a) for l, a in enumerate(active_per_layer)]
+        self.next_token()
+        return plans
+
+    def plan_layer(self, layer: int, active: np.ndarray) -> LayerPlan:
+        """Plan one layer of the current token. For engines that learn the active set layer by
+        layer (an oracle or predictor run on the live hidden state); call ``next_token`` after
+        the last layer."""
+        return self._plan_layer(self.token, layer, np.asarray(active, dtype=bool))
+
+    def next_token(self) -> None:
         self.token += 1
-        return [self._plan_layer(t, l, np.asarray(a, dtype=bool)) for l, a in enumerate(active_per_layer)]
 
     def plan_trace(self, trace: Trace) -> Iterator[list[LayerPlan]]:
         trace.check_matches(self.spec)
