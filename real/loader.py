@@ -1,0 +1,434 @@
+"""Execute the policy engine's ``Reads`` against a flash directory, with many reads in flight.
+
+The hot path: a pool of threads, each pulling the next read off a shared counter and calling
+``os.preadv`` on an O_DIRECT descriptor into a 4 KiB-aligned host staging buffer (pinned on a
+GPU). The kernel overlaps the reads; the GIL is released during each syscall. On a GPU the
+staging bytes go to the device with a non-blocking copy on a side stream, then are unpadded and
+scattered into ``[n, ffn_matrices * d_model]`` rows there; the caller's stream waits on an event,
+so the host never blocks on the copy. Staging and device buffers are allocated once and used in
+rotation (``slots``), never per token.
+
+Failure rules: short reads are completed (a short O_DIRECT read that ends off-alignment is
+finished through a buffered descriptor); end-of-file or an I/O error raises ``FlashIOError``
+naming the file and offset; a failed batch returns nothing, so no torn or stale bytes escape."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from real.flash_dir import FlashDir
+from sim.layout import ALIGN, Reads
+
+PreadFn = Callable[[int, memoryview, int], int]   # (fd, destination, file offset) -> bytes read
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One line per process and kind of fallback, not one per file or per token."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def default_pread(fd: int, dst: memoryview, offset: int) -> int:
+    return os.preadv(fd, [dst], offset)
+
+
+class FlashIOError(OSError):
+    """A read from flash failed or hit end-of-file; names the file and the offset."""
+
+    def __init__(self, path: str, offset: int, length: int, problem: str, err: int = errno.EIO):
+        self.path, self.offset, self.length, self.problem = path, offset, length, problem
+        super().__init__(err, f"{path}: read of {length} bytes at offset {offset} failed: {problem}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# ---- aligned host memory -------------------------------------------------------------------------
+class HostBuffer:
+    """``nbytes`` of 4 KiB-aligned host memory: pinned (page-locked, for async H2D) when ``pinned``,
+    else an anonymous mmap. Exposes a torch uint8 tensor and a writable memoryview of the same bytes."""
+
+    def __init__(self, nbytes: int, pinned: bool):
+        import torch
+
+        nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        if pinned:
+            self._owner = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+            off = (-self._owner.data_ptr()) % ALIGN
+            self.tensor = self._owner[off:off + nbytes]
+        else:
+            self._owner = mmap.mmap(-1, nbytes)
+            self.tensor = torch.frombuffer(self._owner, dtype=torch.uint8)
+        assert self.tensor.data_ptr() % ALIGN == 0
+        self.array = self.tensor.numpy()
+        self.view = memoryview(self.array)
+        self.nbytes = nbytes
+        self.pinned = pinned
+
+
+# ---- open files, O_DIRECT where the filesystem allows ---------------------------------------------
+@dataclass
+class FlashFile:
+    path: str
+    fd: int              # O_DIRECT when ``direct``, else buffered
+    buffered_fd: int     # always buffered: finishes short reads that end off-alignment
+    direct: bool
+
+    def close(self) -> None:
+        for fd in {self.fd, self.buffered_fd}:
+            os.close(fd)
+
+
+def open_flash_file(path: str | Path, direct: bool = True, probe: HostBuffer | None = None) -> FlashFile:
+    """Open ``path`` for reading, with O_DIRECT if asked and the filesystem supports it (checked by
+    opening and reading the first block); otherwise buffered, with a one-time warning."""
+    path = str(path)
+    buffered = os.open(path, os.O_RDONLY)
+    if not direct:
+        return FlashFile(path, buffered, buffered, False)
+    if not hasattr(os, "O_DIRECT"):
+        warn_once("no-odirect", "O_DIRECT does not exist on this OS: flash reads go through the page cache")
+        return FlashFile(path, buffered, buffered, False)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        warn_once("odirect-open", f"O_DIRECT is not supported where {path} lives ({e.strerror}): "
+                  "falling back to buffered reads (page cache not bypassed)")
+        return FlashFile(path, buffered, buffered, False)
+    if probe is not None and os.fstat(fd).st_size >= ALIGN:
+        try:
+            os.preadv(fd, [probe.view[:ALIGN]], 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            os.close(fd)
+            warn_once("odirect-read", f"O_DIRECT reads fail where {path} lives ({e.strerror}): "
+                      "falling back to buffered reads (page cache not bypassed)")
+            return FlashFile(path, buffered, buffered, False)
+    return FlashFile(path, fd, buffered, True)
+
+
+# ---- the thread pool -----------------------------------------------------------------------------
+class ReadPool:
+    """Runs a batch of reads with up to ``depth`` in flight: ``depth - 1`` persistent workers plus
+    the calling thread, all pulling indices from one shared counter (no per-read task objects)."""
+
+    def __init__(self, depth: int, pread: PreadFn | None = None):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+        self.pread = pread or default_pread
+        self._start = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._closed = False
+        self._active = 0
+        self._batch: tuple = ()
+        self._workers = [threading.Thread(target=self._worker, daemon=True, name=f"flash-read-{i}")
+                         for i in range(depth - 1)]
+        for t in self._workers:
+            t.start()
+
+    def run(self, files: Sequence[FlashFile], dest: memoryview, file_idx: list[int], dst_off: list[int],
+            offset: list[int], length: list[int]) -> None:
+        """Read ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
+        ``dest[dst_off[i]:]``; returns when all are done, raises the first error."""
+        n = len(offset)
+        if n == 0:
+            return
+        self._errors: list[BaseException] = []
+        self._batch = (files, dest, file_idx, dst_off, offset, length, n, itertools.count())
+        helpers = min(self.depth, n) - 1
+        self._done.clear()
+        self._active = helpers
+        if helpers == 0:
+            self._done.set()
+        for _ in range(helpers):
+            self._start.release()
+        self._work()
+        self._done.wait()
+        self._batch = ()
+        if self._errors:
+            raise self._errors[0]
+
+    def _worker(self) -> None:
+        while True:
+            self._start.acquire()
+            if self._closed:
+                return
+            self._work()
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._done.set()
+
+    def _work(self) -> None:
+        files, dest, file_idx, dst_off, offset, length, n, counter = self._batch
+        errors = self._errors
+        while not errors:
+            i = next(counter)
+            if i >= n:
+                return
+            try:
+                self._read_one(files[file_idx[i]], dest, dst_off[i], offset[i], length[i])
+            except BaseException as e:  # noqa: BLE001 -- re-raised by run() in the caller's thread
+                errors.append(e)
+                return
+
+    def _read_one(self, f: FlashFile, dest: memoryview, d: int, off: int, want: int) -> None:
+        got, fd = 0, f.fd
+        while got < want:
+            try:
+                r = self.pread(fd, dest[d + got:d + want], off + got)
+            except OSError as e:
+                if e.errno == errno.EINVAL and fd != f.buffered_fd:
+                    warn_once("odirect-einval", f"O_DIRECT read of {f.path} failed with EINVAL: "
+                              "falling back to buffered reads for it (page cache not bypassed)")
+                    fd = f.fd = f.buffered_fd
+                    f.direct = False
+                    continue
+                raise FlashIOError(f.path, off + got, want - got, e.strerror or str(e), e.errno or errno.EIO) \
+                    from e
+            if r <= 0:
+                raise FlashIOError(f.path, off + got, want - got,
+                                   "unexpected end of file (truncated? run python -m real.convert --verify-only)")
+            got += r
+            if got < want and (got % ALIGN) and fd != f.buffered_fd:
+                fd = f.buffered_fd   # an O_DIRECT continuation off-alignment would fail with EINVAL
+
+    def close(self) -> None:
+        self._closed = True
+        for _ in self._workers:
+            self._start.release()
+        for t in self._workers:
+            t.join(timeout=1)
+
+
+def io_uring_unavailable_reason() -> str | None:
+    """Why the io_uring backend cannot be used here (None if it could).
+
+    The maintained PyPI binding (``liburing``) is tried: it must import, set up a ring, and accept a
+    4 KiB-aligned buffer for an O_DIRECT read."""
+    try:
+        import liburing
+    except ImportError:
+        return "the liburing package is not installed"
+    ring = liburing.Ring()
+    try:
+        liburing.io_uring_queue_init(8, ring)
+    except OSError as e:
+        return f"the kernel refuses io_uring ({e.strerror})"
+    try:
+        sqe = liburing.io_uring_get_sqe(ring)
+        buf = memoryview(mmap.mmap(-1, ALIGN))
+        try:
+            liburing.io_uring_prep_read(sqe, 0, buf, 0)
+        except TypeError:
+            return "liburing's read accepts only bytearray buffers, which cannot be 4 KiB-aligned for O_DIRECT"
+        liburing.io_uring_prep_nop(sqe)
+        liburing.io_uring_submit(ring)
+        return None
+    finally:
+        liburing.io_uring_queue_exit(ring)
+
+
+# ---- the engine-facing loader ----------------------------------------------------------------------
+@dataclass
+class LoaderStats:
+    io_seconds: float = 0.0       # wall time of the read phases (submit to last byte in staging)
+    map_seconds: float = 0.0      # host time to issue H2D copy + unpad/scatter (not the GPU's time)
+    bytes: int = 0
+    reads: int = 0
+    batches: int = 0
+
+    @property
+    def io_gbps(self) -> float:
+        return self.bytes / self.io_seconds / 1e9 if self.io_seconds > 0 else 0.0
+
+
+@dataclass
+class _Slot:
+    staging: HostBuffer
+    raw: Any                 # device uint8 buffer (the staging tensor itself on CPU)
+    out: Any                 # [d_ff, ffn_matrices * d_model] in the model dtype
+    event: Any = None        # CUDA event: this slot's copy and scatter are done
+    copy_done: Any = None
+
+
+class FlashLoader:
+    """Loads neurons of one layer from a flash directory into ``[n, ffn_matrices * d_model]`` rows.
+
+    >>> loader = FlashLoader("flash/opt-6.7b", device="cuda", depth=32)
+    >>> rows = loader.load(plan.layer, plan.reads, plan.load)   # rows[i] = neuron plan.load[i]
+
+    Each row is the neuron's bundle: [gate column,] up column, down row (the same for both layouts;
+    unbundled reads are gathered per matrix). The returned tensor lives in a reused buffer: it is
+    valid until ``slots`` further ``load`` calls; copy what you keep into the neuron cache."""
+
+    def __init__(self, flash: FlashDir | str | Path, device: str = "cpu", depth: int = 32,
+                 max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
+                 pread: PreadFn | None = None, backend: str = "threads"):
+        import torch
+
+        self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
+        self.spec, self.layout = self.flash.spec, self.flash.layout
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if backend not in ("threads", "io_uring", "auto"):
+            raise ValueError(f"backend must be threads, io_uring or auto, got {backend!r}")
+        if backend != "threads":
+            why = io_uring_unavailable_reason()
+            if why:
+                warn_once("io_uring", f"io_uring backend unavailable ({why}); using the thread pool")
+            # even where usable, the binding adds nothing over preadv threads here: threads remain the backend
+        self.dtype = getattr(torch, self.spec.dtype)
+        cap = max_batch_bytes or self.spec.d_ff * self.layout.bytes_per_neuron
+        self.capacity = -(-cap // ALIGN) * ALIGN
+        self.slots = []
+        for _ in range(max(1, slots)):
+            staging = HostBuffer(self.capacity, pinned=self.cuda)
+            raw = torch.empty(self.capacity, dtype=torch.uint8, device=self.device) if self.cuda else staging.tensor
+            out = torch.empty(self.spec.d_ff, self.spec.ffn_matrices * self.spec.d_model, dtype=self.dtype,
+                              device=self.device)
+            self.slots.append(_Slot(staging, raw, out, torch.cuda.Event() if self.cuda else None))
+        self._slot = 0
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.files = [open_flash_file(p, direct, self.slots[0].staging) for p in self.flash.ffn_paths]
+        self.direct = all(f.direct for f in self.files)
+        self.pool = ReadPool(depth, pread)
+        self.stats = LoaderStats()
+
+    # -- reads into host staging --
+    def read_into_staging(self, reads: Reads, slot: int | None = None) -> tuple[np.ndarray, int]:
+        """Run ``reads`` into a staging buffer, packed in read order; returns (bytes, slot index).
+
+        The bytes are valid until that slot is used again."""
+        s = self._slot if slot is None else slot
+        st = self.slots[s]
+        if st.event is not None:
+            st.event.synchronize()   # the slot's previous H2D copy must be done before overwriting
+        length = np.asarray(reads.length, dtype=np.int64)
+        total = int(length.sum())
+        if total > self.capacity:
+            raise ValueError(f"a batch of {total} bytes exceeds the loader's staging capacity {self.capacity}; "
+                             "construct FlashLoader(max_batch_bytes=...) larger or split the reads")
+        if np.any(np.asarray(reads.offset) % ALIGN) or np.any(length % ALIGN):
+            raise ValueError("reads must be 4 KiB-aligned in offset and length (use sim.layout.FlashLayout)")
+        dst_off = np.concatenate(([0], np.cumsum(length)[:-1])) if len(length) else length
+        t0 = time.perf_counter()
+        self.pool.run(self.files, st.staging.view, reads.file.tolist(), dst_off.tolist(),
+                      np.asarray(reads.offset).tolist(), length.tolist())
+        self.stats.io_seconds += time.perf_counter() - t0
+        self.stats.bytes += total
+        self.stats.reads += len(length)
+        self.stats.batches += 1
+        return st.staging.array[:total], s
+
+    # -- the engine's call --
+    def load(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None) -> Any:
+        """Read ``reads`` (of ``layer``) and return the neurons' rows, in ``neurons`` order.
+
+        ``neurons`` defaults to the order in which the reads cover them. Every neuron in
+        ``neurons`` must be covered by the reads (for each matrix); extra records are dropped."""
+        import torch
+
+        lay, spec = self.layout, self.spec
+        fpl = lay.files_per_layer
+        file = np.asarray(reads.file, dtype=np.int64)
+        if file.size and np.any(file // fpl != layer):
+            raise ValueError(f"reads name files of layers {sorted(set((file // fpl).tolist()))}, not layer {layer}")
+        counts = np.asarray(reads.length, dtype=np.int64) // lay.record_bytes
+        rec_neuron = (np.repeat(np.asarray(reads.neuron_start, dtype=np.int64), counts)
+                      + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+        rec_group = np.repeat(file % fpl, counts)
+        if neurons is None:
+            neurons = rec_neuron[rec_group == 0]
+        neurons = np.asarray(neurons, dtype=np.int64)
+        n = neurons.size
+        # position of each record's neuron in ``neurons`` (-1 if not asked for)
+        order = np.argsort(neurons, kind="stable")
+        pos = np.searchsorted(neurons[order], rec_neuron)
+        pos = np.minimum(pos, max(n - 1, 0))
+        hit = (neurons[order][pos] == rec_neuron) if n else np.zeros(rec_neuron.size, dtype=bool)
+        out_row = np.where(hit, order[pos] if n else 0, -1)
+        for g in range(fpl):
+            covered = np.zeros(n, dtype=bool)
+            covered[out_row[(rec_group == g) & hit]] = True
+            if not covered.all():
+                missing = neurons[~covered][:5].tolist()
+                raise ValueError(f"layer {layer}: reads do not cover neurons {missing} "
+                                 f"(matrix {lay.matrices[g] if fpl > 1 else 'bundle'})")
+
+        host, s = self.read_into_staging(reads)
+        st = self.slots[s]
+        self._slot = (s + 1) % len(self.slots)
+        t0 = time.perf_counter()
+        width = spec.ffn_matrices * spec.d_model
+        if out is None:
+            out = st.out[:n]
+        elif tuple(out.shape) != (n, width) or out.dtype != self.dtype:
+            raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
+        nbytes = host.size
+        row_bytes = (spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes)
+        k = width if lay.bundled else spec.d_model
+        identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
+        ctx = torch.cuda.stream(self.stream) if self.cuda else _null_ctx()
+        with ctx:
+            if self.cuda:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
+                st.raw[:nbytes].copy_(st.staging.tensor[:nbytes], non_blocking=True)
+            recs = st.raw[:nbytes].view(-1, lay.record_bytes)[:, :row_bytes].view(self.dtype)
+            if identity:
+                out.copy_(recs, non_blocking=True)
+            else:
+                for g in range(fpl):
+                    sel = np.flatnonzero((rec_group == g) & hit)
+                    src = torch.as_tensor(sel).to(self.device, non_blocking=True)
+                    dst = torch.as_tensor(out_row[sel]).to(self.device, non_blocking=True)
+                    out[:, g * k:(g + 1) * k].index_copy_(0, dst, recs.index_select(0, src))
+            if self.cuda:
+                st.event.record(self.stream)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(st.event)
+        self.stats.map_seconds += time.perf_counter() - t0
+        return out
+
+    def reset_stats(self) -> LoaderStats:
+        old, self.stats = self.stats, LoaderStats()
+        return old
+
+    def close(self) -> None:
+        self.pool.close()
+        for f in self.files:
+            f.close()
+        self.files = []
+
+    def __enter__(self) -> "FlashLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _null_ctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
