@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.results import collect, format_table, write_csv
 from experiments.setup import build_run
+from sim.errors import ConfigError
 
 log = logging.getLogger("flashlab")
 
@@ -43,7 +44,11 @@ class ResultsTable(Callback):
             log.debug("sweep pre-validation skipped: %s", e)
             return
         for combo in combos:
-            build_run(compose(config_name=config.hydra.job.config_name, overrides=combo))
+            try:
+                build_run(compose(config_name=config.hydra.job.config_name, overrides=combo))
+            except ConfigError as e:
+                # Hydra turns a callback's exceptions into warnings; SystemExit stops the sweep for real.
+                raise SystemExit(f"invalid run {' '.join(combo)}:\n  {e}\nNo run was started.")
         if config.get("progress", True) and len(combos) > 1:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=len(combos), desc="runs", unit="run")

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+import experiments.schema  # noqa: F401  (registers dataclass defaults with Hydra)
 from experiments.results import add_error_pct, format_table, frame, make_row, write_result
 from experiments.setup import RunSetup, build_run
 from sim.plan import PolicyEngine

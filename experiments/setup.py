@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import experiments.schema  # noqa: F401  (registers dataclass defaults with Hydra)
 from sim.errors import ConfigError, require
 from sim.hardware import HardwareProfile
 from sim.model_spec import ModelSpec

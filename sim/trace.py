@@ -112,8 +112,8 @@ class SyntheticTraceConfig:
     tokens: int = 100
     seed: int = 0
     sparsity: float | list[float] = 0.97   # fraction inactive, one value or one per layer
-    reuse: float = 0.3                     # P(neuron fires at t+1 | it fires at t)
-    rate_skew: float = 1.0                 # lognormal sigma of per-neuron firing rates (0 = uniform)
+    reuse: float = 0.05                    # P(neuron fires at t+1 | it fires at t)
+    rate_skew: float = 0.5                 # lognormal sigma of per-neuron firing rates (0 = uniform)
     coactivation: float = 0.0              # fraction of neurons that copy their cluster leader
     cluster_size: int = 8
     predictor_recall: float = 1.0          # synthetic predictor: share of true actives it finds
@@ -166,7 +166,9 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
     for l in range(L):
         a = density[l]
         w = rng.lognormal(0.0, cfg.rate_skew, F) if cfg.rate_skew > 0 else np.ones(F)
-        rate = np.clip(a * w / w.mean(), 1e-6, 0.95)
+        rate = a * w / w.mean()
+        for _ in range(20):  # clipping hot neurons lowers the mean: rescale the rest until it holds
+            rate = np.clip(rate * a / rate.mean(), 1e-6, 0.95)
         p_stay = np.maximum(cfg.reuse, rate)                   # P(on | on)
         p_wake = rate * (1 - p_stay) / (1 - rate)              # P(on | off): keeps the stationary rate
         leader = np.arange(F)

@@ -1,0 +1,126 @@
+"""Policy engine invariants (property tests): what is read, what stays, what moves."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sim.layout import FlashLayout, neuron_runs
+from sim.model_spec import ModelSpec
+from sim.plan import PolicyEngine, ffn_cache_neurons
+from sim.policy import Policy
+from sim.trace import SyntheticTraceConfig, generate_trace
+
+SPEC = ModelSpec(name="prop", n_layers=2, d_model=256, d_ff=2048, n_heads=4, vocab=64, dtype="float16")
+
+knobs = st.fixed_dictionaries({
+    "sparsity": st.floats(0.5, 0.98), "reuse": st.floats(0.0, 0.9), "rate_skew": st.floats(0.0, 1.5),
+    "coactivation": st.floats(0.0, 0.8), "seed": st.integers(0, 10_000),
+})
+policies = st.fixed_dictionaries({
+    "window": st.integers(0, 8), "chunk_kib": st.sampled_from([4, 8, 16, 64, 256]),
+    "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru"]),
+    "mem_strategy": st.sampled_from(["preallocated", "concat"]), "bundling": st.booleans(),
+})
+
+
+def plans_for(policy: Policy, k: dict, tokens: int = 12):
+    trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=tokens, **k))
+    return trace, list(PolicyEngine(SPEC, policy).plan_trace(trace))
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=knobs, p=policies)
+def test_bytes_equal_new_neurons_times_record(k, p):
+    policy = Policy(**p)
+    layout = FlashLayout(SPEC, bundled=policy.bundling)
+    _, plans = plans_for(policy, k)
+    for token in plans:
+        for lp in token:
+            assert lp.bytes == lp.load.size * layout.bytes_per_neuron
+            # every read lies inside its file and is 4 KiB aligned
+            assert np.all(lp.reads.offset % 4096 == 0) and np.all(lp.reads.length % 4096 == 0)
+            assert np.all(lp.reads.offset + lp.reads.length <= layout.file_bytes())
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=knobs, p=policies)
+def test_budget_never_exceeded_and_window_resident(k, p):
+    policy = Policy(**p)
+    trace, plans = plans_for(policy, k)
+    cap = ffn_cache_neurons(SPEC, policy)
+    for l in range(SPEC.n_layers):
+        resident = set()
+        for t, token in enumerate(plans):
+            lp = token[l]
+            assert lp.resident <= cap
+            resident -= set(lp.evict.tolist())
+            assert not (set(lp.load.tolist()) & resident), "a resident neuron was read again"
+            resident |= set(lp.load[lp.insert_rows >= 0].tolist())
+            assert len(resident) == lp.resident
+            # what the token computes is either resident or loaded now
+            assert set(lp.active.tolist()) <= resident | set(lp.load.tolist())
+            window = set(np.flatnonzero(trace.active[max(0, t - policy.window + 1):t + 1, l].any(0)).tolist())
+            if policy.window > 0 and len(window) <= cap:
+                assert window <= resident, "a neuron active within the window was evicted"
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=knobs, p=policies)
+def test_windowing_never_reads_more_than_no_windowing(k, p):
+    with_window = Policy(**{**p, "window": max(1, p["window"])})
+    without = Policy(**{**p, "window": 0})
+    _, a = plans_for(with_window, k)
+    _, b = plans_for(without, k)
+    for ta, tb in zip(a, b):
+        assert sum(lp.bytes for lp in ta) <= sum(lp.bytes for lp in tb)
+
+
+@settings(max_examples=15, deadline=None)
+@given(k=knobs, budget=st.floats(0.45, 1.0), window=st.integers(0, 6))
+def test_bundling_halves_reads_at_equal_bytes(k, budget, window):
+    """With rows of exactly one 4 KiB page (no padding) and no merging, bundling fetches the same
+    bytes in exactly half the reads."""
+    spec = ModelSpec(name="b", n_layers=2, d_model=2048, d_ff=8192, n_heads=4, vocab=64, dtype="float16")
+    mk = lambda b, chunk: Policy(window=window, bundling=b, chunk_kib=chunk, memory_budget=budget, predictor_rank=16)
+    trace = generate_trace(spec, SyntheticTraceConfig(tokens=6, **k))
+    bund = list(PolicyEngine(spec, mk(True, 4)).plan_trace(trace))
+    unb = list(PolicyEngine(spec, mk(False, 4)).plan_trace(trace))
+    for tb, tu in zip(bund, unb):
+        for lb, lu in zip(tb, tu):
+            assert lb.bytes == lu.bytes
+            assert 2 * lb.n_reads == lu.n_reads
+
+
+def test_moves_fill_gaps_with_last_rows():
+    """The paper's memory manager: evicted rows are overwritten by the last rows; rows stay dense."""
+    policy = Policy(window=1, memory_budget=1.0)
+    eng = PolicyEngine(SPEC, policy)
+    a0 = np.zeros(SPEC.d_ff, bool); a0[[1, 2, 3, 4, 5]] = True
+    a1 = np.zeros(SPEC.d_ff, bool); a1[[5, 9]] = True
+    eng.plan_token([a0, a0])
+    lp = eng.plan_token([a1, a1])[0]
+    cache = eng.caches[0]
+    assert sorted(lp.evict.tolist()) == [1, 2, 3, 4]
+    # row 4 (neuron 5) is the last row: it moves into the first gap, row 0
+    assert lp.moves.tolist() == [[4, 0]]
+    assert cache.n_rows == 2 and set(cache.neuron_at[:2].tolist()) == {5, 9}
+    assert cache.row_of[5] == 0 and cache.row_of[9] == 1
+
+
+def test_naive_reads_every_non_resident_weight():
+    policy = Policy.preset("naive")
+    trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=3))
+    plans = list(PolicyEngine(SPEC, policy).plan_trace(trace))
+    cap = ffn_cache_neurons(SPEC, policy)
+    layout = FlashLayout(SPEC, bundled=False)
+    assert plans[0][0].load.size == SPEC.d_ff
+    assert plans[2][0].bytes == (SPEC.d_ff - cap) * layout.bytes_per_neuron
+    assert plans[2][0].n_reads <= 2 * -(-(SPEC.d_ff - cap) * layout.record_bytes // policy.chunk_bytes)
+
+
+@given(ids=st.lists(st.integers(0, 300), unique=True).map(sorted), max_run=st.integers(1, 20))
+def test_neuron_runs_cover_ids_exactly(ids, max_run):
+    start, count = neuron_runs(np.array(ids, dtype=np.int64), max_run)
+    covered = [s + i for s, c in zip(start.tolist(), count.tolist()) for i in range(c)]
+    assert covered == ids
+    assert np.all(count <= max_run) and np.all(count >= 1)

@@ -1,0 +1,75 @@
+"""The trace file format and the synthetic generator."""
+
+import numpy as np
+import pytest
+
+from sim.errors import ConfigError
+from sim.model_spec import ModelSpec
+from sim.trace import SyntheticTraceConfig, Trace, generate_trace
+
+SPEC = ModelSpec(name="t", n_layers=3, d_model=64, d_ff=1000, n_heads=4, vocab=50, dtype="float32")
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a = generate_trace(SPEC, SyntheticTraceConfig(tokens=10, seed=7))
+    b = generate_trace(SPEC, SyntheticTraceConfig(tokens=10, seed=7))
+    c = generate_trace(SPEC, SyntheticTraceConfig(tokens=10, seed=8))
+    assert np.array_equal(a.active, b.active) and not np.array_equal(a.active, c.active)
+
+
+def test_save_load_round_trip(tmp_path):
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=6, predictor_recall=0.9, predictor_fp=0.5))
+    path = t.save(tmp_path / "x.npz")
+    u = Trace.load(path)
+    assert np.array_equal(t.active, u.active) and np.array_equal(t.predicted, u.predicted)
+    assert u.meta["seed"] == 0 and u.meta["model"] == "t" and u.meta["knobs"]["predictor_fp"] == 0.5
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97])
+def test_knob_sparsity_is_reached(sparsity):
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=200, sparsity=sparsity))
+    assert t.sparsity().mean() == pytest.approx(sparsity, abs=0.01)
+
+
+def test_per_layer_sparsity():
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=200, sparsity=[0.5, 0.8, 0.95], rate_skew=0))
+    assert np.allclose(t.sparsity(), [0.5, 0.8, 0.95], atol=0.015)
+    with pytest.raises(ConfigError, match="trace.sparsity"):
+        generate_trace(SPEC, SyntheticTraceConfig(tokens=5, sparsity=[0.5, 0.8]))
+
+
+def test_more_reuse_means_fewer_new_neurons():
+    lo = generate_trace(SPEC, SyntheticTraceConfig(tokens=100, reuse=0.1)).new_neurons_curve([1, 5])
+    hi = generate_trace(SPEC, SyntheticTraceConfig(tokens=100, reuse=0.7)).new_neurons_curve([1, 5])
+    assert np.all(hi < lo)
+
+
+def test_coactivation_makes_neurons_fire_together():
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=300, sparsity=0.9, coactivation=1.0, cluster_size=4))
+    a = t.active[:, 0].astype(float)
+    corr = np.corrcoef(a.T)
+    np.fill_diagonal(corr, 0)
+    assert (corr > 0.99).sum(axis=1).mean() >= 2.5  # each neuron has ~3 perfect partners
+
+
+def test_predictor_knobs():
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=100, predictor_recall=0.8, predictor_fp=1.0))
+    recall = (t.predicted & t.active).sum() / t.active.sum()
+    fp = (t.predicted & ~t.active).sum() / t.active.sum()
+    assert recall == pytest.approx(0.8, abs=0.02) and fp == pytest.approx(1.0, abs=0.1)
+
+
+def test_paper_calibrated_default_trace():
+    """conf/trace/synthetic.yaml: ~97% sparsity, ~2.4% new neurons per token at window 5."""
+    from sim.presets import load_preset
+    knobs = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
+    spec = ModelSpec.from_dict({**ModelSpec.preset("opt-6.7b").to_dict(), "n_layers": 2})
+    t = generate_trace(spec, SyntheticTraceConfig(tokens=60, **knobs))
+    assert t.sparsity().mean() == pytest.approx(0.97, abs=0.003)
+    assert t.new_neurons_curve([5])[0] == pytest.approx(0.024, abs=0.002)
+
+
+def test_trace_model_mismatch_is_named():
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=3))
+    with pytest.raises(ConfigError, match="trace"):
+        t.check_matches(ModelSpec.preset("opt-tiny"))
