@@ -6,6 +6,7 @@ gathers them into ``results.csv`` in its sweep directory. Files are written atom
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ COLUMNS = [
     "reads_per_token", "gbps", "error_pct",
 ]
 EXTRA_COLUMNS = [
-    "warmup", "measured_tokens", "seed", "reads_in_flight", "predictor", "mem_strategy", "eviction",
+    "study", "resident_mb", "warmup", "measured_tokens", "seed", "reads_in_flight", "predictor", "mem_strategy", "eviction",
     "trace", "new_neurons_per_token", "resident_neurons", "cache_neurons", "wall_s", "config_hash", "run_dir",
 ]
 
@@ -33,9 +34,11 @@ def make_row(setup, backend: str, summary: dict[str, float], sparsity: float, **
         "sparsity": round(float(sparsity), 6), "tokens": setup.tokens, "error_pct": None,
         "warmup": setup.warmup, "seed": setup.seed, "reads_in_flight": p.reads_in_flight,
         "predictor": p.predictor, "mem_strategy": p.mem_strategy, "eviction": p.eviction,
-        "trace": setup.trace_cfg.get("path") or setup.trace_cfg["kind"],
+        "trace": setup.trace_cfg.get("path") or setup.trace_cfg["kind"], "study": setup.study,
     }
     row.update(summary)
+    if "resident_neurons" in summary:  # summed over layers: the FFN cache's size in memory
+        row["resident_mb"] = round(summary["resident_neurons"] * setup.spec.neuron_bytes / 1e6, 3)
     row.update(extra)
     return row
 
@@ -59,6 +62,35 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+HASH_IGNORED = ("hydra", "progress", "timeline")  # keys that never change a result
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """A short, stable hash of a run's resolved config (a plain dict), without the keys that only
+    change how a run is shown. Two runs with the same hash compute the same rows."""
+    data = {k: v for k, v in cfg.items() if k not in HASH_IGNORED}
+    text = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_result(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The rows of ``run_dir/result.json``, or None if it is missing or unreadable."""
+    path = Path(run_dir) / "result.json"
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) and rows else None
+
+
+def finished_rows(run_dir: str | Path, hash_: str) -> list[dict[str, Any]] | None:
+    """The stored rows if ``run_dir`` already holds a finished run of this exact config, else None."""
+    rows = read_result(run_dir)
+    if rows and all(r.get("config_hash") == hash_ for r in rows):
+        return rows
+    return None
 
 
 def write_result(run_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -100,6 +132,7 @@ def format_table(df: pd.DataFrame) -> str:
     key = list(zip(df["model"], df["hardware"], df["backend"]))
     t["vs_naive"] = [naive.get(k, float("nan")) / lat if k in naive.index else float("nan")
                      for k, lat in zip(key, df["latency_ms"])]
-    if t["error_pct"].isna().all():
-        t = t.drop(columns="error_pct")
+    for col in ("error_pct", "vs_naive"):
+        if t[col].isna().all():
+            t = t.drop(columns=col)
     return t.to_string(index=False, float_format=lambda v: f"{v:,.2f}")
