@@ -6,7 +6,7 @@ space, so "how fast is a 24 KiB read at depth 12" always has an answer that is m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sim.errors import ConfigError, require
+from sim.errors import reject_unknown, require
 from sim.presets import load_preset
 
 GB = 1e9
@@ -71,13 +71,8 @@ class HardwareProfile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HardwareProfile":
-        known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if not k.startswith("_") and k != "defaults"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"hardware.{unknown[0]}", "is not a HardwareProfile field",
-                              f"use only {sorted(known)}")
-        data = dict(data)
+        reject_unknown(cls, data, "hardware", "HardwareProfile field")
         data["read_kib"] = [float(x) for x in data.get("read_kib", [])]
         data["depths"] = [int(x) for x in data.get("depths", [])]
         data["read_gbps"] = [[float(x) for x in row] for row in data.get("read_gbps", [])]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sim.errors import ConfigError, require
+from sim.errors import reject_unknown, require
 from sim.presets import load_preset
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -54,10 +54,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]}", "is not a ModelSpec field", f"use only {sorted(known)}")
+        reject_unknown(cls, data, "model", "ModelSpec field")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

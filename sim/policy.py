@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sim.errors import ConfigError, require
+from sim.errors import reject_unknown, require
 from sim.presets import load_preset
 
 PREDICTORS = ("oracle", "trace")
@@ -52,10 +52,7 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Policy":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"policy.{unknown[0]}", "is not a Policy field", f"use only {sorted(known)}")
+        reject_unknown(cls, data, "policy", "Policy field")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,13 +12,13 @@ copy the state of their cluster's leader, so they fire together."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from sim.errors import ConfigError, require
+from sim.errors import reject_unknown, require
 from sim.model_spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -139,10 +139,7 @@ class SyntheticTraceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SyntheticTraceConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"trace.{unknown[0]}", "is not a synthetic trace knob", f"use only {sorted(known)}")
+        reject_unknown(cls, data, "trace", "synthetic trace knob")
         data = dict(data)
         if not isinstance(data.get("sparsity", 0.0), (int, float)):
             data["sparsity"] = [float(x) for x in data["sparsity"]]
