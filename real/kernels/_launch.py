@@ -1,0 +1,138 @@
+"""Where a kernel runs: compiled Triton on CUDA, the Triton interpreter on CPU (tests), or plain torch.
+
+Triton decides at import whether `@triton.jit` builds compiled or interpreted functions (TRITON_INTERPRET,
+read once; its own library functions such as tl.sum follow the same switch). So a CPU run through the
+interpreter needs TRITON_INTERPRET=1 set before triton is first imported; without it CPU tensors take the
+plain-torch reference, which is also the fallback on machines without triton or without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+try:  # triton is Linux-only; without it every op falls back to its torch reference
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+
+
+def interpreting() -> bool:
+    """True when CPU tensors go through the Triton interpreter (TRITON_INTERPRET=1 before importing triton)."""
+    if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if not isinstance(tl.standard.sum, InterpretedFunction):
+        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported, so triton's own functions "
+                           "are compiled-only and the interpreter cannot run. Fix: set TRITON_INTERPRET=1 in the "
+                           "environment (or at the top of the test module) before anything imports triton")
+    _fix_interpreter()
+    return True
+
+
+def _fix_interpreter() -> None:
+    """Two bugs of Triton 3.6's CPU interpreter, patched here for the tests (compiled kernels are untouched):
+    it turns scalar tensors into ints with int(1-element array), which numpy >= 2.4 rejects (so
+    `range(0, D, BLOCK)` over a kernel argument fails); and its tl.dot multiplies bfloat16 operands as their raw
+    uint16 bit patterns (it widens only 8-bit floats). Idempotent."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "numpy2_index", False):
+        return
+    builder = type(interpreter.interpreter_builder)
+    original_dot = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        return h
+
+    builder.create_dot = lambda self, a, b, d, *rest: original_dot(self, widen(a), widen(b), d, *rest)
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.numpy2_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+def backend_for(t: torch.Tensor, impl: str = "auto") -> str:
+    """'triton' (compiled), 'interpret' (Triton interpreter on CPU) or 'torch' (the reference).
+
+    impl='auto' picks from the device; impl='torch' forces the reference; impl='triton' demands a kernel and
+    fails clearly when none can run (CPU tensor without TRITON_INTERPRET=1).
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl: unknown value {impl!r}. Fix: use 'auto', 'torch' or 'triton'")
+    if impl == "torch" or triton is None:
+        if impl == "triton":
+            raise RuntimeError("impl='triton': triton is not installed. Fix: install triton or use impl='auto'")
+        return "torch"
+    if t.is_cuda:
+        return "triton"
+    if interpreting():
+        return "interpret"
+    if impl == "triton":
+        raise RuntimeError("impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter). "
+                           "Fix: set TRITON_INTERPRET=1, move the tensors to CUDA, or use impl='auto'")
+    return "torch"
+
+
+def _bench(kernel_call, quantiles):
+    # Shorter than triton's default (25 ms warm-up, 100 ms repeat) so that tuning every shape of a
+    # benchmark stays within seconds; the median over ~100 L2-flushed runs is still stable.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+class Kernel:
+    """One @triton.jit kernel, launched autotuned over `configs` on CUDA or with a fixed config when interpreted.
+
+    configs: {mode: [triton.Config, ...]}; the caller picks a mode per launch (e.g. one set of block sizes for
+    one token, another for the tensor-core path). `default` gives each mode's config for the interpreter,
+    which cannot time anything and so cannot tune.
+    """
+
+    def __init__(self, jit_fn, configs: dict[str, Sequence[Any]], default: dict[str, dict[str, int]],
+                 key: Sequence[str], reset_to_zero: Sequence[str] = ()):
+        self.jit_fn, self.configs, self.default, self.key = jit_fn, configs, default, list(key)
+        self.reset_to_zero = list(reset_to_zero)  # outputs that accumulate across runs: zeroed between tuning runs
+        self._tuned: dict[str, Any] = {}
+
+    def launch(self, backend: str, mode: str, grid, *args, config: dict | None = None, **kwargs):
+        """Run the kernel. `config` (block sizes, num_warps, num_stages) bypasses autotuning."""
+        if backend == "interpret":
+            meta = dict(self.default[mode] if config is None else config)
+            meta = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+            return self.jit_fn[grid](*args, **kwargs, **meta)
+        if config is not None:
+            return self.jit_fn[grid](*args, **kwargs, **config)
+        if mode not in self._tuned:
+            self._tuned[mode] = triton.autotune(configs=list(self.configs[mode]), key=self.key,
+                                                reset_to_zero=self.reset_to_zero or None, do_bench=_bench)(self.jit_fn)
+        return self._tuned[mode][grid](*args, **kwargs)
+
+    def best_config(self, mode: str):
+        """The config autotuning chose last for `mode` (for benchmark notes); None before any tuned run."""
+        return getattr(self._tuned.get(mode), "best_config", None)
+
+
+def configs(rows: Sequence[tuple], names: Sequence[str]) -> list:
+    """triton.Config list from tuples (block sizes..., num_warps, num_stages)."""
+    if triton is None:  # pragma: no cover
+        return []
+    out = []
+    for row in rows:
+        *blocks, warps, stages = row
+        out.append(triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages))
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -1,0 +1,104 @@
+"""Fused residual add + LayerNorm (OPT) or + RMSNorm (Llama), forward: one pass instead of two kernels.
+
+new_residual = x + residual (rounded to the input dtype, exactly as torch's unfused add stores it), then
+normed = norm(new_residual) computed in fp32 from that rounded sum. Returns (normed, new_residual).
+One program per token row keeps the whole row (d_model <= 65536) in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+
+
+def add_layer_norm_reference(x, residual, weight=None, bias=None, eps: float = 1e-5):
+    new_res = x + residual
+    normed = F.layer_norm(new_res.to(torch.promote_types(x.dtype, torch.float32)), new_res.shape[-1:],
+                          None if weight is None else weight.to(torch.promote_types(x.dtype, torch.float32)),
+                          None if bias is None else bias.to(torch.promote_types(x.dtype, torch.float32)), eps)
+    return normed.to(x.dtype), new_res
+
+
+def add_rms_norm_reference(x, residual, weight=None, eps: float = 1e-6):
+    new_res = x + residual
+    v = new_res.to(torch.promote_types(x.dtype, torch.float32))
+    normed = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        normed = normed * weight.to(v.dtype)
+    return normed.to(x.dtype), new_res
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, D, eps, s_x, s_r, s_o, s_res,
+                         RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK)
+        m = d < D
+        x = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
+        s = (x + r).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * s_res + d, s, mask=m)
+        v = s.to(tl.float32)
+        if RMS:
+            y = v * tl.rsqrt(tl.sum(v * v, axis=0) / D + eps)
+        else:
+            c = tl.where(m, v - tl.sum(v, axis=0) / D, 0.0)
+            y = c * tl.rsqrt(tl.sum(c * c, axis=0) / D + eps)
+        if HAS_W:
+            y = y * tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(b_ptr + d, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * s_o + d, y.to(out_ptr.dtype.element_ty), mask=m)
+
+    ADD_NORM = Kernel(_add_norm_kernel, {"row": configs([(4, 1), (8, 1), (16, 1)], ())}, {"row": {}},
+                      key=["D", "RMS"])
+
+
+def _check(x, residual, weight, bias):
+    if x.shape != residual.shape or x.dtype != residual.dtype or x.device != residual.device:
+        raise ValueError(f"residual: shape/dtype/device {tuple(residual.shape)}/{residual.dtype}/{residual.device} "
+                         f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != x.shape[-1:]:
+            raise ValueError(f"{name}: expected [{x.shape[-1]}], got {tuple(p.shape)}")
+    if x.shape[-1] > 65536:
+        raise ValueError(f"x: d_model={x.shape[-1]} exceeds the one-row-per-program limit of 65536")
+
+
+def _fused(backend, x, residual, weight, bias, eps, rms):
+    D = x.shape[-1]
+    x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    out, new_res = torch.empty_like(x2), torch.empty_like(x2)
+    if x2.shape[0] > 0:
+        ADD_NORM.launch(backend, "row", (x2.shape[0],), x2, r2, weight if weight is not None else x2,
+                        bias if bias is not None else x2, out, new_res, D, float(eps), x2.stride(0), r2.stride(0),
+                        out.stride(0), new_res.stride(0), RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
+                        BLOCK=next_pow2(D))
+    return out.reshape(x.shape), new_res.reshape(x.shape)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, impl="auto"):
+    """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype."""
+    _check(x, residual, weight, bias)
+    backend = backend_for(x, impl)
+    if backend == "torch":
+        return add_layer_norm_reference(x, residual, weight, bias, eps)
+    return _fused(backend, x, residual, weight, bias, eps, rms=False)
+
+
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, impl="auto"):
+    """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward)."""
+    _check(x, residual, weight, None)
+    backend = backend_for(x, impl)
+    if backend == "torch":
+        return add_rms_norm_reference(x, residual, weight, eps)
+    return _fused(backend, x, residual, weight, None, eps, rms=True)

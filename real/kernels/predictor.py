@@ -1,0 +1,156 @@
+"""Low-rank activation predictor: which FFN neurons will fire, as an index list that never leaves the device.
+
+mask = (x A) B > threshold with A [d_model, r], B [r, d_ff]; a neuron counts as active when any token of the
+batch predicts it. Two Triton kernels, no host round trip:
+
+1. `_lowrank_kernel`: z = x A [tokens, r] in fp32 (programs split r; every z entry is written once, so no
+   zeroing is needed); its program 0 also zeroes the active counter.
+2. `_select_kernel`: each program scores BLOCK_N neurons (z B_blk), compacts the ones over the threshold
+   with a prefix sum inside the block, reserves room in the index list with one atomic on the counter, and
+   writes their numbers.
+
+Result: idx int32 [d_ff] (only idx[:count] is meaningful; the order within it is NOT sorted -- blocks append in
+whatever order they finish) and count int32 [1], both on the device; `sparse_ffn(..., idx, count=count)`
+consumes them as they are. Only `active_list` (or the torch fallback) reads the count back to the host.
+Why not torch.nonzero: it must learn the result size on the host, a synchronisation per layer and token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+
+
+def predict_scores_reference(x, A, B):
+    """(x A) B in fp32 (float64 for float64 inputs): [tokens, d_ff]."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    x2 = x.reshape(1, -1) if x.dim() == 1 else x
+    return (x2.to(work) @ A.to(work)) @ B.to(work)
+
+
+def predict_active_reference(x, A, B, threshold: float = 0.0):
+    """Same contract as `predict_active`, in plain torch (sorted indices; synchronises on nonzero)."""
+    mask = (predict_scores_reference(x, A, B) > threshold).any(dim=0)
+    found = torch.nonzero(mask).reshape(-1).to(torch.int32)
+    idx = torch.zeros(B.shape[1], dtype=torch.int32, device=x.device)
+    idx[: found.numel()] = found
+    return idx, torch.tensor([found.numel()], dtype=torch.int32, device=x.device)
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _lowrank_kernel(x_ptr, stride_xt, a_ptr, s_ak, s_ar, z_ptr, count_ptr, T, K, R,
+                        BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid == 0:
+            tl.store(count_ptr, 0)
+        offs_r = pid * BLOCK_RR + tl.arange(0, BLOCK_RR)
+        rmask = offs_r < R
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        acc1 = tl.zeros([BLOCK_K, BLOCK_RR], tl.float32)
+        acc = tl.zeros([BLOCK_T, BLOCK_RR], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            kmask = k < K
+            a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
+                        other=0.0)
+            if BLOCK_T == 1:
+                xv = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+                acc1 += a.to(tl.float32) * xv[:, None]
+            else:
+                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k[None, :], mask=tmask[:, None] & kmask[None, :],
+                             other=0.0)
+                acc = tl.dot(xt, a, acc)
+        if BLOCK_T == 1:
+            acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_RR])
+        tl.store(z_ptr + offs_t[:, None] * R + offs_r[None, :], acc, mask=tmask[:, None] & rmask[None, :])
+
+    @triton.jit
+    def _select_kernel(z_ptr, b_ptr, s_br, s_bn, idx_ptr, count_ptr, threshold, T, R, N,
+                       BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        offs_r = tl.arange(0, R_PAD)
+        rmask = offs_r < R
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_n[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
+        if BLOCK_T == 1:
+            z = tl.load(z_ptr + offs_r, mask=rmask, other=0.0)
+            s = tl.reshape(tl.sum(b.to(tl.float32) * z[:, None], axis=0), [1, BLOCK_N])
+        else:
+            z = tl.load(z_ptr + offs_t[:, None] * R + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
+            s = tl.dot(z.to(b.dtype), b)
+        hit = (s > threshold) & tmask[:, None]
+        active = (tl.max(hit.to(tl.int32), axis=0) > 0) & nmask
+        flag = active.to(tl.int32)
+        base = tl.atomic_add(count_ptr, tl.sum(flag, axis=0), sem="relaxed")
+        pos = base + tl.cumsum(flag, axis=0) - flag
+        tl.store(idx_ptr + pos, offs_n, mask=active & (pos < N))
+
+    LOWRANK = Kernel(_lowrank_kernel,
+                     {m: configs([(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                                  (32, 256, 8, 3)], ("BLOCK_RR", "BLOCK_K")) for m in ("one", "dot")},
+                     {"one": {"BLOCK_RR": 8, "BLOCK_K": 64}, "dot": {"BLOCK_RR": 16, "BLOCK_K": 32}},
+                     key=["K", "R", "BLOCK_T"])
+    SELECT = Kernel(_select_kernel,
+                    {m: configs([(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)], ("BLOCK_N",))
+                     for m in ("one", "dot")},
+                    {"one": {"BLOCK_N": 64}, "dot": {"BLOCK_N": 32}},
+                    key=["R", "N", "BLOCK_T"], reset_to_zero=["count_ptr"])
+
+
+def _check(x, A, B):
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x: expected [d_model] or [tokens, d_model], got shape {tuple(x.shape)}")
+    d_model = x.shape[-1]
+    if A.dim() != 2 or A.shape[0] != d_model:
+        raise ValueError(f"A: expected [d_model={d_model}, rank], got {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape[0] != A.shape[1]:
+        raise ValueError(f"B: expected [rank={A.shape[1]}, d_ff], got {tuple(B.shape)}")
+    for name, m in (("A", A), ("B", B)):
+        if m.dtype != x.dtype or m.device != x.device:
+            raise ValueError(f"{name}: dtype/device {m.dtype}/{m.device} differs from x's {x.dtype}/{x.device}. "
+                             "Fix: cast the predictor to the activations' dtype and device")
+
+
+def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None):
+    """Active neurons predicted for x: (idx int32 [d_ff], count int32 [1]) on x's device, no host sync.
+
+    x: [d_model] or [tokens <= 16, d_model]; A [d_model, r]; B [r, d_ff]; a neuron is active when
+    ((x A) B)[t, n] > threshold for any token t. Only idx[:count] is meaningful, in no particular order.
+    config: {'lowrank': {...}, 'select': {...}} fixed block sizes instead of autotuning (tests).
+    """
+    _check(x, A, B)
+    backend = backend_for(x, impl)
+    if backend == "torch":
+        return predict_active_reference(x, A, B, threshold)
+    x2 = (x.reshape(1, -1) if x.dim() == 1 else x).contiguous()
+    T, K = x2.shape
+    R, N = B.shape
+    if T > 16:
+        raise ValueError(f"x: at most 16 tokens per call, got {T}. Fix: split the batch")
+    block_t = 1 if T == 1 else 16
+    mode = "one" if T == 1 else "dot"
+    z = torch.empty((T, R), dtype=torch.float32, device=x.device)
+    idx = torch.empty(N, dtype=torch.int32, device=x.device)
+    count = torch.empty(1, dtype=torch.int32, device=x.device)
+    config = config or {}
+    LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]),), x2, x2.stride(0), A,
+                   A.stride(0), A.stride(1), z, count, T, K, R, BLOCK_T=block_t, config=config.get("lowrank"))
+    SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
+                  idx, count, float(threshold), T, R, N, BLOCK_T=block_t, R_PAD=max(16, next_pow2(R)),
+                  config=config.get("select"))
+    return idx, count
+
+
+def active_list(idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """idx[:count], sorted: for inspection and tests (reads count on the host: a synchronisation)."""
+    return torch.sort(idx[: int(count.reshape(-1)[0])].long()).values

@@ -1,0 +1,431 @@
+"""Sparse FFN over the active neurons of a neuron cache: y = sum_r act(x.u_r + b_r) d_r, fused in Triton.
+
+Per token only a few percent of the FFN neurons fire, so the FFN is a gather-GEMV over a few hundred rows of
+the cache matrix: memory-bound, and only the bytes of the active rows should move. Two Triton schemes:
+
+* ``fused`` (default, one launch): each program takes BLOCK_R active rows, computes their hidden values
+  h = act(x U_blk^T + b) in registers, then adds h D_blk into an fp32 accumulator with atomics (split-K over
+  the neurons). No [tokens, n_active] intermediate touches global memory. The last program to finish (an atomic
+  ticket) converts the accumulator to the output dtype, adds the down-projection bias, and zeroes the
+  accumulator again, so no memset or cast kernel runs before or after: the accumulator is a cached workspace
+  per (device, stream) that every launch leaves as it found it (all zeros).
+* ``two_phase``: kernel 1 writes h [tokens, n_active] (fp32, tiny); kernel 2 splits the output columns and the
+  rows over programs (few atomics), finishing the same way. Kept as the measured alternative.
+
+Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
+bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
+see `split_bundles`. A column-strided `down` (e.g. ``fc2.weight.t()``) is correct but slow (uncoalesced).
+
+Numerics: products and sums in fp32. The one-token path keeps h in fp32; the tensor-core path (2..16 tokens)
+rounds h to the weight dtype before the second product, as a dense PyTorch FFN does when it stores h.
+The order of the fp32 atomic additions varies between runs, so results vary in the last fp32 bits
+(well below the fp16/bf16 output rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+
+ACTIVATIONS = {"relu": 0, "relu2": 1}
+METHODS = ("fused", "two_phase")
+MAX_TOKENS_PER_LAUNCH = 16  # the tensor-core path pads tokens to 16 rows; more tokens are split into launches
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plain-torch reference (also the CPU fallback)
+# ----------------------------------------------------------------------------------------------------------
+def _activate_torch(z: torch.Tensor, activation: str) -> torch.Tensor:
+    z = torch.relu(z)
+    return z * z if activation == "relu2" else z
+
+
+def sparse_ffn_reference(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu",
+                         count=None):
+    """The same function as `sparse_ffn` in plain torch; computes in fp32 (float64 if the inputs are float64).
+
+    With `count` (a device tensor), reads it on the host: a synchronisation, fine for a fallback.
+    """
+    _check_activation(activation)
+    squeeze = x.dim() == 1
+    x2 = x.reshape(1, -1) if squeeze else x
+    work = torch.promote_types(x.dtype, torch.float32)
+    if idx is not None and count is not None:
+        idx = idx[: int(count.reshape(-1)[0])]
+    rows = (lambda m: m) if idx is None else (lambda m: m.index_select(0, idx.long()))
+    xw = x2.to(work)
+    z = xw @ rows(up).to(work).T
+    if gate is not None:
+        h = _activate_torch(xw @ rows(gate).to(work).T, activation) * z
+    else:
+        if bias is not None:
+            z = z + rows(bias.reshape(-1, 1)).reshape(-1).to(work)
+        h = _activate_torch(z, activation)
+    y = h @ rows(down).to(work)
+    if down_bias is not None:
+        y = y + down_bias.to(work)
+    y = y.to(x.dtype)
+    return y.reshape(-1) if squeeze else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _activate(z, ACT: tl.constexpr):
+        z = tl.maximum(z, 0.0)
+        if ACT == 1:
+            z = z * z
+        return z
+
+    @triton.jit
+    def _active_rows(idx_ptr, count_ptr, n_active, start, HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+        """(row ids as int64, mask, n): rows start..start+BLOCK_R of the active list, n active rows in all."""
+        n = n_active
+        if COUNT_ON_DEVICE:
+            n = tl.minimum(tl.load(count_ptr), n_active)
+        offs = start + tl.arange(0, BLOCK_R)
+        rmask = offs < n
+        if HAS_IDX:
+            rows = tl.load(idx_ptr + offs, mask=rmask, other=0).to(tl.int64)
+        else:
+            rows = offs.to(tl.int64)
+        return rows, rmask, n
+
+    @triton.jit
+    def _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
+                HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """h [BLOCK_T, BLOCK_R] fp32 = act(x U^T + b) (gated: act(x G^T) * (x U^T)); 0 on masked rows."""
+        offs_d = tl.arange(0, BLOCK_D)
+        if BLOCK_T == 1:
+            # one token: elementwise products into a [BLOCK_R, BLOCK_D] accumulator, one reduction at the end
+            acc_u = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            acc_g = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                dmask = d < D
+                m = rmask[:, None] & dmask[None, :]
+                xv = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+                acc_u += u.to(tl.float32) * xv
+                if GATED:
+                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                    acc_g += g.to(tl.float32) * xv
+            zu = tl.reshape(tl.sum(acc_u, axis=1), [1, BLOCK_R])
+            zg = tl.reshape(tl.sum(acc_g, axis=1), [1, BLOCK_R])
+        else:
+            # 2..16 tokens: tensor cores, tokens padded to BLOCK_T rows
+            offs_t = tl.arange(0, BLOCK_T)
+            tmask = offs_t < T
+            zu = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+            zg = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                dmask = d < D
+                m = rmask[:, None] & dmask[None, :]
+                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + d[None, :], mask=tmask[:, None] & dmask[None, :],
+                             other=0.0)
+                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+                zu = tl.dot(xt, tl.trans(u), zu)
+                if GATED:
+                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                    zg = tl.dot(xt, tl.trans(g), zg)
+        if GATED:
+            h = _activate(zg, ACT) * zu
+        else:
+            if HAS_BIAS:
+                b = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+                zu = zu + b[None, :]
+            h = _activate(zu, ACT)
+        return tl.where(rmask[None, :], h, 0.0)
+
+    @triton.jit
+    def _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS: tl.constexpr,
+                BLOCK_E: tl.constexpr):
+        """Ticket: the last program to arrive writes y = acc (+ bias) in y's dtype and re-zeroes acc and the ticket.
+
+        The barrier + acq_rel atomic order every thread's accumulator atomics before the ticket (release), and
+        the ticket before the last program's reads (acquire); the reads go to L2 (.cg), where atomics land.
+        """
+        tl.debug_barrier()
+        ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.debug_barrier()
+            offs = tl.arange(0, BLOCK_E)
+            for t in range(0, T):
+                for d0 in range(0, D, BLOCK_E):
+                    d = d0 + offs
+                    m = d < D
+                    v = tl.load(acc_ptr + t * D + d, mask=m, other=0.0, cache_modifier=".cg")
+                    if HAS_OUT_BIAS:
+                        v += tl.load(out_bias_ptr + d, mask=m, other=0.0).to(tl.float32)
+                    tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
+                    tl.store(acc_ptr + t * D + d, tl.zeros_like(v), mask=m)
+            tl.atomic_xchg(sem_ptr, 0)
+
+    @triton.jit
+    def _fused_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
+                      bias_ptr, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr, y_ptr, stride_yt,
+                      T, D, n_bucket,
+                      HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
+                                      BLOCK_R)
+        if pid * BLOCK_R < n:
+            h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
+                        HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
+            offs_t = tl.arange(0, BLOCK_T)
+            offs_d = tl.arange(0, BLOCK_D)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                dmask = d < D
+                dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                if BLOCK_T == 1:
+                    c = tl.reshape(tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0), [1, BLOCK_D])
+                else:
+                    c = tl.dot(h.to(dn.dtype), dn)
+                tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], c,
+                              mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
+
+    @triton.jit
+    def _hidden_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, idx_ptr, count_ptr,
+                       n_active, h_ptr, T, D, n_bucket,
+                       HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
+                                      BLOCK_R)
+        if pid * BLOCK_R < n:
+            h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
+                        HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
+            offs_t = tl.arange(0, BLOCK_T)
+            offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+            tl.store(h_ptr + offs_t[:, None] * n_active + offs_r[None, :], h,
+                     mask=(offs_t < T)[:, None] & rmask[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, down_ptr, s_dr, s_dd, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr,
+                     y_ptr, stride_yt, T, D, n_bucket,
+                     HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (column block, row split): sum over its share of the rows of h[:, r] * down[r, cols]."""
+        pid_d = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n = n_active
+        if COUNT_ON_DEVICE:
+            n = tl.minimum(tl.load(count_ptr), n_active)
+        chunk = tl.cdiv(tl.cdiv(n, tl.num_programs(1)), BLOCK_R) * BLOCK_R
+        start = pid_s * chunk
+        end = tl.minimum(start + chunk, n)
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        if start < end:
+            acc1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+            for r0 in range(start, end, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                rmask = offs_r < end
+                if HAS_IDX:
+                    rows = tl.load(idx_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+                else:
+                    rows = offs_r.to(tl.int64)
+                dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                h = tl.load(h_ptr + offs_t[:, None] * n_active + offs_r[None, :],
+                            mask=tmask[:, None] & rmask[None, :], other=0.0)
+                if BLOCK_T == 1:
+                    acc1 += dn.to(tl.float32) * tl.trans(h)
+                else:
+                    acc = tl.dot(h.to(dn.dtype), dn, acc)
+            if BLOCK_T == 1:
+                acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_D])
+            tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
+                          sem="relaxed")
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
+
+    # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
+    _ROWS_ONE = [(4, 1024, 4, 3), (4, 512, 4, 4), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3),
+                 (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 4)]
+    _ROWS_DOT = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3),
+                 (16, 512, 8, 3), (64, 64, 4, 4)]
+    _DOWN_ONE = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 3), (32, 512, 8, 3),
+                 (64, 256, 8, 3)]
+    _DOWN_DOT = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3), (16, 256, 4, 4)]
+    _NAMES = ("BLOCK_R", "BLOCK_D")
+    _KEY = ["D", "n_bucket", "BLOCK_T", "HAS_IDX", "COUNT_ON_DEVICE"]
+    _DEFAULT = {"one": {"BLOCK_R": 16, "BLOCK_D": 64}, "dot": {"BLOCK_R": 16, "BLOCK_D": 32}}
+    FUSED = Kernel(_fused_kernel, {"one": configs(_ROWS_ONE, _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
+                   _DEFAULT, _KEY + ["GATED"])
+    HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE, _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
+                    _DEFAULT, _KEY + ["GATED"])
+    DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
+                  _DEFAULT, _KEY)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# workspace: an fp32 accumulator and a ticket, all zeros between launches (the kernels restore them)
+# ----------------------------------------------------------------------------------------------------------
+_WORKSPACES: dict = {}
+
+
+def _workspace(device: torch.device, numel: int):
+    """Cached per (device, stream): launches on one stream run in order, so they may share it; launches on
+    concurrent streams get their own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws[0].numel() < numel:
+        ws = (torch.zeros(max(numel, 1 << 16), dtype=torch.float32, device=device),
+              torch.zeros(1, dtype=torch.int32, device=device))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {activation!r}. Fix: use one of {sorted(ACTIVATIONS)} "
+                         "(the flash method needs exact zeros)")
+
+
+def _check(x, up, down, idx, gate, bias, down_bias, count, method):
+    if x.dim() not in (1, 2):
+        raise ValueError(f"x: expected [d_model] or [tokens, d_model], got shape {tuple(x.shape)}")
+    d_model = x.shape[-1]
+    for name, m in (("up", up), ("down", down), ("gate", gate)):
+        if m is None:
+            continue
+        if m.dim() != 2 or m.shape[1] != d_model or m.shape[0] != up.shape[0]:
+            raise ValueError(f"{name}: expected [n_rows={up.shape[0]}, d_model={d_model}], got {tuple(m.shape)}. "
+                             "Fix: pass row-per-neuron views (see split_bundles); transpose fc2-style weights")
+        if m.dtype != x.dtype or m.device != x.device:
+            raise ValueError(f"{name}: dtype/device {m.dtype}/{m.device} differs from x's {x.dtype}/{x.device}. "
+                             "Fix: cast x to the weights' dtype and device")
+    if gate is not None and bias is not None:
+        raise ValueError("bias: the gated (Llama-style) variant takes no per-neuron bias. Fix: pass bias=None")
+    if bias is not None and bias.shape != (up.shape[0],):
+        raise ValueError(f"bias: expected [n_rows={up.shape[0]}], got {tuple(bias.shape)}")
+    if down_bias is not None and down_bias.shape != (d_model,):
+        raise ValueError(f"down_bias: expected [d_model={d_model}], got {tuple(down_bias.shape)}")
+    if idx is not None and (idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"idx: expected a 1-D int32/int64 tensor of row numbers, got {idx.dtype} "
+                         f"shape {tuple(idx.shape)}")
+    if count is not None and (idx is None or count.numel() != 1 or count.dtype != torch.int32):
+        raise ValueError("count: expected a 1-element int32 tensor together with idx (as predict_active returns)")
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}. Fix: use one of {METHODS}")
+
+
+def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu", count=None,
+               method="fused", impl="auto", config=None):
+    """y = sum over active rows r of act(x . up[r] + bias[r]) * down[r] (+ down_bias); gated: act(x.gate[r]) * (x.up[r]).
+
+    x: [d_model] or [tokens, d_model] (fp16/bf16, same dtype as the weights); up, down, gate: [n_rows, d_model]
+    views; idx: active row numbers (int32/int64, on x's device; values are not range-checked on the device),
+    or None for all rows; count: optional int32 [1] device tensor (from predict_active) -- then only
+    idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
+    the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
+    impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
+    config: fixed {'BLOCK_R', 'BLOCK_D', ['num_warps', 'num_stages']} instead of autotuning (tests).
+    """
+    _check_activation(activation)
+    _check(x, up, down, idx, gate, bias, down_bias, count, method)
+    backend = backend_for(x, impl)
+    if backend == "torch":
+        return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
+                                    activation=activation, count=count)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x: the Triton kernels take float16/bfloat16, got {x.dtype}. Fix: cast, or impl='torch'")
+    squeeze = x.dim() == 1
+    x2 = (x.reshape(1, -1) if squeeze else x).contiguous()
+    outs = [_launch(backend, x2[t0:t0 + MAX_TOKENS_PER_LAUNCH], up, down, idx, gate, bias, down_bias, activation,
+                    count, method, config) for t0 in range(0, x2.shape[0], MAX_TOKENS_PER_LAUNCH)]
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return y.reshape(-1) if squeeze else y
+
+
+def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config):
+    T, D = x.shape
+    n_rows = up.shape[0]
+    n_cap = n_rows if idx is None else idx.numel()
+    y = torch.empty_like(x)
+    acc, sem = _workspace(x.device, T * D)
+    block_t = 1 if T == 1 else 16
+    mode = "one" if block_t == 1 else "dot"
+    g = up if gate is None else gate
+    dummy = x
+    flags = dict(HAS_IDX=idx is not None, COUNT_ON_DEVICE=count is not None, BLOCK_T=block_t)
+    common = (idx if idx is not None and n_cap > 0 else dummy, count if count is not None else dummy, n_cap)
+    n_bucket = next_pow2(n_cap)
+    act = ACTIVATIONS[activation]
+    block_e = min(next_pow2(D), 2048)
+    if method == "fused":
+        grid = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
+        FUSED.launch(backend, mode, grid, x, x.stride(0), up, up.stride(0), up.stride(1), g, g.stride(0),
+                     g.stride(1), down, down.stride(0), down.stride(1),
+                     bias if bias is not None else dummy, down_bias if down_bias is not None else dummy,
+                     *common, acc, sem, y, y.stride(0), T, D, n_bucket,
+                     HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
+                     ACT=act, BLOCK_E=block_e, config=config, **flags)
+        return y
+    h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
+    grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
+    HIDDEN.launch(backend, mode, grid1, x, x.stride(0), up, up.stride(0), up.stride(1), g, g.stride(0),
+                  g.stride(1), bias if bias is not None else dummy, *common, h, T, D, n_bucket,
+                  HAS_BIAS=bias is not None, GATED=gate is not None, ACT=act, config=config, **flags)
+    sms = _sm_count(x.device)
+
+    def grid2(meta):
+        col_blocks = triton.cdiv(D, meta["BLOCK_D"])
+        split = max(1, min(triton.cdiv(n_cap, meta["BLOCK_R"]), triton.cdiv(2 * sms, col_blocks)))
+        return (col_blocks, split)
+
+    DOWN.launch(backend, mode, grid2, h, down, down.stride(0), down.stride(1),
+                down_bias if down_bias is not None else dummy, *common, acc, sem, y, y.stride(0), T, D, n_bucket,
+                HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, config=config, **flags)
+    return y
+
+
+def split_bundles(cache: torch.Tensor, d_model: int, gated: bool = False):
+    """(gate, up, down) row views of a bundled cache matrix; gate is None unless gated.
+
+    Layout per row (one neuron): [up | down] (2*d_model wide) or, gated, [gate | up | down] (3*d_model).
+    """
+    width = (3 if gated else 2) * d_model
+    if cache.dim() != 2 or cache.shape[1] != width:
+        raise ValueError(f"cache: expected [n_rows, {width}] ({'gate|up|down' if gated else 'up|down'} bundles "
+                         f"of d_model={d_model}), got {tuple(cache.shape)}. Fix: check d_model and gated")
+    parts = [cache[:, i * d_model:(i + 1) * d_model] for i in range(width // d_model)]
+    return (parts[0], parts[1], parts[2]) if gated else (None, parts[0], parts[1])
+
+
+def bundled_sparse_ffn(x, cache, idx=None, *, gated=False, **kwargs):
+    """`sparse_ffn` over a bundled cache matrix [n_rows, 2*d_model] (or [n_rows, 3*d_model] when gated)."""
+    gate, up, down = split_bundles(cache, x.shape[-1], gated)
+    return sparse_ffn(x, up, down, idx, gate=gate, **kwargs)
