@@ -1,0 +1,427 @@
+"""The flash-offloaded inference engine: every FFN layer is served from a converted flash directory
+through the policy engine's plans; attention, embeddings and norms stay in memory.
+
+One layer of one token, the same steps and overlap the simulator times (sim/simulator.py):
+
+    attention -> predictor (the active set must reach the host: a sync)
+              -> submit the plan's reads (FlashReader threads, O_DIRECT)
+              -> FFN over the active neurons already resident   } overlapped
+              -> wait for the reads, copy them to the device    }
+              -> memory management (NeuronCache.apply: evict, move, insert)
+              -> FFN over the new neurons (from the staging rows) -> residual add
+
+Two drivers share ``FlashFFN``:
+
+- ``OPTFlashModel`` (mode ``model``): a Hugging Face ``OPTForCausalLM`` whose FFN sites are replaced,
+  so its attention/norm/embedding code is HF's own. The active set is the oracle's (the exact ReLU
+  mask, from an in-memory copy of the up projection that only the oracle uses) or a trained
+  ``real.predictor.LowRankPredictor``; plans are made layer by layer with ``PolicyEngine.plan_layer``.
+- ``TraceEngine`` (mode ``trace``): any preset geometry; the plans come from a trace (the ones the
+  simulator timed); attention, norms, embeddings, head and predictor are ``SyntheticBody`` random
+  weights of the real sizes, so a 7B-class token costs what it would with a checkpoint.
+
+Per-token parts (``sim.simulator.TokenCost``): ``io_s`` = from submitting a layer's reads until the
+last read landed plus the host-to-device copy, summed over layers (it overlaps compute, as in the
+simulator); ``mem_s`` = memory management; ``compute_s`` = latency - mem - the time the host was
+blocked waiting for reads (everything else: attention, predictor, FFN, head, Python)."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from real.flash_dir import FlashDir
+from real.flash_reader import aligned_buffer, open_reader
+from real.neuron_cache import NeuronCache
+from sim.layout import ALIGN
+from sim.plan import LayerPlan, PolicyEngine
+from sim.policy import Policy
+from sim.simulator import TokenCost
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+try:  # the kernels issue's fused sparse FFN (Triton on CUDA, torch reference elsewhere)
+    from real.kernels.sparse_ffn import sparse_ffn as _kernel_sparse_ffn
+except Exception:  # pragma: no cover - only where the kernels are missing
+    _kernel_sparse_ffn = None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from sim.errors import ConfigError
+        raise ConfigError("backend.device", "is cuda but torch sees no GPU", "use backend.device=auto or cpu")
+    return torch.device(name)
+
+
+def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    z = torch.relu(z)
+    return z * z if activation == "relu2" else z
+
+
+def ffn_rows(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, gate: torch.Tensor | None = None,
+             idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, activation: str = "relu",
+             impl: str = "auto") -> torch.Tensor:
+    """sum over rows r (all, or ``idx``) of act(x . up[r] + bias[r]) down[r]; gated: act(x . gate[r]) (x . up[r]).
+
+    Uses the kernels issue's ``sparse_ffn`` (fused Triton on CUDA for fp16/bf16) when present and
+    ``impl`` allows; else plain torch in the input dtype."""
+    fast = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    if _kernel_sparse_ffn is not None and impl != "torch":
+        return _kernel_sparse_ffn(x, up, down, idx, gate=gate, bias=bias, activation=activation,
+                                  impl="auto" if fast else "torch")
+    pick = (lambda m: m) if idx is None else (lambda m: m.index_select(0, idx))
+    z = x @ pick(up).T
+    if gate is not None:
+        h = _activate(x @ pick(gate).T, activation) * z
+    else:
+        if bias is not None:
+            z = z + pick(bias)
+        h = _activate(z, activation)
+    return h @ pick(down)
+
+
+class Clock:
+    """Wall time with device synchronisation where the device runs asynchronously."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def now(self, sync: bool = False) -> float:
+        if sync:
+            self.sync()
+        return time.perf_counter()
+
+
+class FlashFFN:
+    """All FFN layers of one model, served from a flash directory through plans."""
+
+    def __init__(self, flash: FlashDir, capacity: int, *, strategy: str = "preallocated",
+                 device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
+                 up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
+                 kernel: str = "auto"):
+        spec, layout = flash.spec, flash.layout
+        self.flash, self.spec, self.layout = flash, spec, layout
+        self.device = torch.device(device)
+        self.clock = Clock(self.device)
+        self.dtype = DTYPES[spec.dtype]
+        self.d, self.n_mat = spec.d_model, spec.ffn_matrices
+        self.width = self.n_mat * self.d
+        self.activation, self.kernel = spec.activation, kernel
+        self.caches = [NeuronCache(spec.d_ff, capacity, self.width, self.dtype, self.device, strategy)
+                       for _ in range(spec.n_layers)]
+        self.reader = open_reader(flash.ffn_paths, threads, direct)
+        self.files = layout.files_per_layer
+        self.rec = layout.record_bytes
+        self.slot = spec.d_ff * self.rec                     # staging bytes per file of a layer
+        nbytes = self.files * self.slot
+        if self.clock.cuda:                                   # pinned, aligned host staging + device staging
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+            skip = (-raw.data_ptr()) % ALIGN
+            self.host = raw[skip: skip + nbytes]
+            self.host_np = self.host.numpy()
+            self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            self.host_np = aligned_buffer(nbytes)
+            self.host = torch.from_numpy(self.host_np)
+            self.dev = self.host
+        gated = self.n_mat == 3
+        mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
+                                      for b in (up_bias or [None] * spec.n_layers)]
+        self.b2 = [b.to(self.device, self.dtype) for b in down_bias] if down_bias is not None else None
+        self.stats = TokenCost(token=-1)
+        self.io_wait_s = 0.0
+
+    def close(self) -> None:
+        self.reader.close()
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def begin_token(self, t: int) -> TokenCost:
+        self.stats = TokenCost(token=t)
+        self.io_wait_s = 0.0
+        return self.stats
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def _views(self, m: torch.Tensor) -> tuple:
+        d = self.d
+        parts = [m[:, i * d:(i + 1) * d] for i in range(self.n_mat)]
+        return (parts[0], parts[1], parts[2]) if self.n_mat == 3 else (None, parts[0], parts[1])
+
+    def _ffn(self, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
+             idx: torch.Tensor | None) -> torch.Tensor:
+        gate, up, down = self._views(rows)
+        return ffn_rows(x, up, down, gate=gate, idx=idx, bias=bias, activation=self.activation, impl=self.kernel)
+
+    def _new_rows(self, n: int) -> torch.Tensor:
+        """The ``n`` staged neurons as [n, width] rows on the device (copied there on CUDA)."""
+        if self.clock.cuda:
+            for m in range(self.files):
+                a = m * self.slot
+                self.dev[a: a + n * self.rec].copy_(self.host[a: a + n * self.rec], non_blocking=True)
+        esize = torch.finfo(self.dtype).bits // 8
+        if self.files == 1:
+            nb = self.spec.neuron_bytes
+            return self.dev[: n * self.rec].view(n, self.rec)[:, :nb].view(self.dtype)
+        nb = self.d * esize
+        parts = [self.dev[m * self.slot: m * self.slot + n * self.rec].view(n, self.rec)[:, :nb].view(self.dtype)
+                 for m in range(self.files)]
+        return torch.cat(parts, dim=1)
+
+    # ---- one layer -------------------------------------------------------------------------
+    def run_layer(self, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+        """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]."""
+        l, st, clock = plan.layer, self.stats, self.clock
+        cache = self.caches[l]
+        load = plan.load
+        batch = None
+        if load.size:
+            pos = np.searchsorted(load, plan.reads.neuron_start)
+            which = plan.reads.file.astype(np.int64) - l * self.files
+            t_submit = time.perf_counter()
+            batch = self.reader.submit(plan.reads, self.host_np, which * self.slot + pos * self.rec)
+        res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
+        y = None
+        if res.size:                                          # overlaps the reads
+            rows = cache.rows_for(res)
+            if rows.size == cache.n_rows and rows[0] == 0 and rows[-1] == rows.size - 1 and \
+                    np.array_equal(rows, np.arange(rows.size)):
+                y = self._ffn(x, cache.view(), cache.bias[: cache.n_rows] if self.b1 is not None else None, None)
+            else:
+                idx = torch.from_numpy(rows).to(self.device)
+                y = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx)
+        new_rows = new_bias = None
+        if batch is not None:
+            t_wait = time.perf_counter()
+            t_done = batch.wait()
+            self.io_wait_s += time.perf_counter() - t_wait
+            t_copy = time.perf_counter()
+            new_rows = self._new_rows(load.size)
+            t_end = clock.now(sync=True)
+            st.io_s += (t_done - t_submit) + (t_end - t_copy)
+            if self.b1 is not None:
+                new_bias = self.b1[l].index_select(0, torch.from_numpy(load).to(self.device))
+        t_mem = clock.now(sync=True)
+        cache.apply(plan, new_rows, new_bias)
+        st.mem_s += clock.now(sync=True) - t_mem
+        if new_rows is not None:
+            y_new = self._ffn(x, new_rows, new_bias, None)
+            y = y_new if y is None else y + y_new
+        if y is None:
+            y = torch.zeros_like(x)
+        if self.b2 is not None:
+            y = y + self.b2[l]
+        st.bytes += plan.bytes
+        st.reads += plan.n_reads
+        st.new_neurons += int(load.size)
+        st.resident_neurons += plan.resident
+        return y
+
+
+# ---- trace-driven mode ----------------------------------------------------------------------------
+class SyntheticBody:
+    """Everything but the FFN for a geometry: embeddings, per-layer pre-norm attention with a KV cache,
+    the FFN pre-norm, the low-rank predictor and the LM head, with random weights. Real matmuls of
+    the real sizes, so the per-token compute is a checkpoint's; the values mean nothing."""
+
+    def __init__(self, spec, device: torch.device, max_tokens: int, predictor_rank: int = 0, seed: int = 0):
+        self.spec, self.device = spec, device
+        dt = DTYPES[spec.dtype]
+        g = torch.Generator(device=device).manual_seed(seed)
+        d, kv = spec.d_model, spec.kv_heads * spec.head_dim
+        rnd = lambda *s: (torch.randn(*s, generator=g, device=device, dtype=torch.float32) * 0.02).to(dt)  # noqa
+        self.emb = rnd(spec.vocab, d)
+        self.wqkv = [rnd(d, d + 2 * kv) for _ in range(spec.n_layers)]
+        self.wo = [rnd(d, d) for _ in range(spec.n_layers)]
+        self.k = torch.zeros(spec.n_layers, spec.kv_heads, max_tokens, spec.head_dim, dtype=dt, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pred = [(rnd(d, predictor_rank), rnd(predictor_rank, spec.d_ff)) for _ in range(spec.n_layers)] \
+            if predictor_rank else None
+        self.kv = kv
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.emb, *self.wqkv, *self.wo] + ([t for ab in self.pred for t in ab] if self.pred else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def embed(self, token: int) -> torch.Tensor:
+        return self.emb[token % self.spec.vocab].unsqueeze(0)
+
+    def attention(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        s, d, kv = self.spec, self.spec.d_model, self.kv
+        a = F.layer_norm(h, (d,))
+        qkv = a @ self.wqkv[l]
+        q = qkv[:, :d].view(s.n_heads, 1, s.head_dim)
+        self.k[l, :, pos] = qkv[0, d:d + kv].view(s.kv_heads, s.head_dim)
+        self.v[l, :, pos] = qkv[0, d + kv:].view(s.kv_heads, s.head_dim)
+        k, v = self.k[l, :, : pos + 1], self.v[l, :, : pos + 1]
+        if s.kv_heads != s.n_heads:
+            rep = s.n_heads // s.kv_heads
+            k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        o = F.scaled_dot_product_attention(q, k, v).reshape(1, d)
+        return h + o @ self.wo[l]
+
+    def ffn_input(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, (self.spec.d_model,))
+
+    def predictor(self, l: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self.pred is None:
+            return None
+        a, b = self.pred[l]
+        return (x @ a) @ b > 0
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(h, (self.spec.d_model,)) @ self.emb.T
+
+
+class TraceEngine:
+    """Executes precomputed plans (from a trace) token by token on a SyntheticBody + FlashFFN."""
+
+    def __init__(self, body: SyntheticBody, ffn: FlashFFN, policy: Policy):
+        self.body, self.ffn, self.policy = body, ffn, policy
+        self.clock = ffn.clock
+
+    def run(self, plans: Iterable[list[LayerPlan]], progress=None) -> list[TokenCost]:
+        out = []
+        for t, layer_plans in enumerate(plans):
+            out.append(self.token(t, layer_plans))
+            if progress is not None:
+                progress.update(1)
+        return out
+
+    def token(self, t: int, layer_plans: list[LayerPlan]) -> TokenCost:
+        body, ffn, clock = self.body, self.ffn, self.clock
+        tc = ffn.begin_token(t)
+        t0 = clock.now(sync=True)
+        h = body.embed(t)
+        for p in layer_plans:
+            h = body.attention(p.layer, h, t)
+            x = body.ffn_input(p.layer, h)
+            if self.policy.sparse:
+                body.predictor(p.layer, x)
+            clock.sync()                   # a real predictor's mask must reach the host before reads
+            h = h + ffn.run_layer(p, x)
+        body.head(h)
+        tc.latency_s = clock.now(sync=True) - t0
+        tc.compute_s = tc.latency_s - tc.mem_s - ffn.io_wait_s
+        return tc
+
+
+# ---- Hugging Face model mode ------------------------------------------------------------------------
+class _FFNSite(torch.nn.Module):
+    """Stands in for an OPT layer's ``fc1``; its ``activation_fn`` and ``fc2`` become identities."""
+
+    def __init__(self, owner: "OPTFlashModel", layer: int):
+        super().__init__()
+        self.owner, self.layer = [owner], layer     # a list, so the owner is not a registered submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner[0].ffn_site(self.layer, x)
+
+
+class OPTFlashModel:
+    """An ``OPTForCausalLM`` with every FFN served from ``flash`` through live plans.
+
+    ``predictor``: None for the oracle (exact ReLU mask), or an object with
+    ``predict(layer, x: np.ndarray [n, d]) -> bool [n, d_ff]`` (``real.predictor.LowRankPredictor``)."""
+
+    def __init__(self, model, flash: FlashDir, policy: Policy, *, device: torch.device | str = "cpu",
+                 threads: int = 32, direct: bool = True, predictor=None, kernel: str = "auto",
+                 check_cache: bool = False):
+        if getattr(model.config, "model_type", None) != "opt":
+            raise ValueError(f"model: OPTFlashModel serves OPT models, got {model.config.model_type!r}")
+        spec = flash.spec
+        layers = model.model.decoder.layers
+        if len(layers) != spec.n_layers or layers[0].fc1.weight.shape != (spec.d_ff, spec.d_model):
+            raise ValueError(f"{flash.root}: flash directory geometry {spec.n_layers}x{spec.d_ff}x{spec.d_model} "
+                             "does not match the model; convert this model (real.convert.convert_model)")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.policy, self.predictor, self.check_cache = policy, predictor, check_cache
+        self.engine = PolicyEngine(spec, policy)
+        self.oracle = []
+        b1, b2 = [], []
+        for l, layer in enumerate(layers):
+            w1, bias1 = layer.fc1.weight.detach(), layer.fc1.bias.detach()
+            self.oracle.append((w1.clone(), bias1.clone()))  # the oracle's private copy; the FFN never uses it
+            b1.append(bias1.clone())
+            b2.append(layer.fc2.bias.detach().clone())
+            layer.fc1 = _FFNSite(self, l)
+            layer.activation_fn = torch.nn.Identity()
+            layer.fc2 = torch.nn.Identity()                   # FFN weights now live on flash only
+        self.ffn = FlashFFN(flash, self.engine.capacity, strategy=policy.mem_strategy, device=self.device,
+                            threads=threads, direct=direct, up_bias=b1, down_bias=b2, kernel=kernel)
+        self.clock = self.ffn.clock
+        self.past = None
+        self.plans: list[LayerPlan] = []
+
+    def close(self) -> None:
+        self.ffn.close()
+
+    def active_set(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        if not self.policy.sparse:
+            return np.ones(self.engine.spec.d_ff, dtype=bool)   # naive computes everything
+        if self.predictor is not None:
+            pred = np.asarray(self.predictor.predict(layer, x.float().cpu().numpy()), dtype=bool)
+            return pred.reshape(-1, self.engine.spec.d_ff).any(0)
+        w1, b1 = self.oracle[layer]
+        return ((x @ w1.T + b1) > 0).any(0).cpu().numpy()
+
+    def ffn_site(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        active = self.active_set(layer, x)
+        self.clock.sync()
+        plan = self.engine.plan_layer(layer, active)
+        self.plans.append(plan)
+        y = self.ffn.run_layer(plan, x)
+        if self.check_cache:
+            self.ffn.caches[layer].check(self.engine.caches[layer])
+        return y
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, TokenCost]:
+        """Feed ``input_ids`` [1, n] (n >= 1; a prompt may go at once: its FFN active set is the union);
+        returns the logits of the last position and the token's cost."""
+        tc = self.ffn.begin_token(self.engine.token)
+        self.plans = []
+        t0 = self.clock.now(sync=True)
+        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.past, use_cache=True)
+        logits = out.logits[:, -1]
+        tc.latency_s = self.clock.now(sync=True) - t0
+        tc.compute_s = tc.latency_s - tc.mem_s - self.ffn.io_wait_s
+        self.past = out.past_key_values
+        self.engine.next_token()
+        return logits, tc
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor], list[TokenCost]]:
+        """Greedy decoding, one token per step (the prompt token by token too)."""
+        ids, all_logits, costs = list(prompt), [], []
+        for i in range(len(prompt) + new_tokens - 1):
+            logits, tc = self.step(torch.tensor([[ids[i]]]))
+            all_logits.append(logits[0])
+            costs.append(tc)
+            if i >= len(prompt) - 1:
+                ids.append(int(logits[0].argmax()))
+        return ids, all_logits, costs
+
+
+def plans_checked(engine: PolicyEngine, ffn: FlashFFN, active: np.ndarray) -> Iterator[list[LayerPlan]]:
+    """Plan ``active`` [tokens, layers, d_ff] token by token and, before each next token, assert that
+    the FlashFFN's caches equal the policy engine's bookkeeping (for tests and debug runs)."""
+    for t in range(active.shape[0]):
+        yield engine.plan_token(active[t])
+        for l, cache in enumerate(ffn.caches):
+            cache.check(engine.caches[l])
