@@ -20,7 +20,7 @@ from sim.trace import SyntheticTraceConfig, Trace, generate_trace
 
 BACKENDS = ("sim", "real", "both")
 TOP_LEVEL = {"model", "hardware", "policy", "trace", "backend", "tokens", "warmup", "seed", "timeline",
-             "progress", "experiment", "hydra"}
+             "progress", "experiment", "hydra", "study", "figure"}
 
 
 @dataclass
@@ -35,6 +35,7 @@ class RunSetup:
     seed: int
     timeline: bool
     progress: bool
+    study: str = ""          # which experiment (conf/experiment/<study>.yaml) the run belongs to
 
     def make_trace(self) -> Trace:
         kind = self.trace_cfg["kind"]
@@ -62,6 +63,9 @@ def build_run(cfg: DictConfig) -> RunSetup:
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
     require(not unknown, unknown[0] if unknown else "", "is not a Flashlab option",
             f"use only {sorted(TOP_LEVEL - {'hydra'})} (or a group key like policy.window)")
+    require(cfg.get("figure") is None, "figure",
+            f"experiment {cfg.get('study') or ''} draws a figure from hardware tables; it is not a run",
+            f"python -m experiments.figures --experiment {cfg.get('study') or 'NAME'} --out DIR")
     spec = ModelSpec.from_dict(_section(cfg, "model"))
     hardware = HardwareProfile.from_dict(_section(cfg, "hardware"))
     policy = Policy.from_dict(_section(cfg, "policy"))
@@ -84,4 +88,5 @@ def build_run(cfg: DictConfig) -> RunSetup:
     ffn_cache_neurons(spec, policy)  # the memory budget must hold the always-resident weights
     return RunSetup(spec=spec, hardware=hardware, policy=policy, trace_cfg=trace_cfg, backend=backend,
                     tokens=int(cfg.tokens), warmup=int(cfg.warmup), seed=int(cfg.seed),
-                    timeline=bool(cfg.get("timeline", False)), progress=bool(cfg.get("progress", True)))
+                    timeline=bool(cfg.get("timeline", False)), progress=bool(cfg.get("progress", True)),
+                    study=str(cfg.get("study") or ""))
