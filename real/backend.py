@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from real.engine import FlashFFN, OPTFlashModel, SyntheticBody, TraceEngine, resolve_device
+from real.engine import LOADERS, FlashFFN, OPTFlashModel, SyntheticBody, TraceEngine, resolve_device
 from real.flash_cache import build_opt, flash_dir_for, is_small_opt
 from sim.errors import ConfigError, require
 from sim.plan import LayerPlan, ffn_cache_neurons
@@ -37,6 +37,7 @@ class RealOptions:
     threads: int = 0
     direct: bool = True
     kernel: str = "auto"
+    loader: str = "auto"
     check_cache: bool = False
     granularity: str = "batch"     # read by the sim side of backend=both
 
@@ -46,6 +47,8 @@ class RealOptions:
                 "use auto, cpu or cuda")
         require(isinstance(self.threads, int) and self.threads >= 0, "backend.threads",
                 f"must be an integer >= 0, got {self.threads!r}", "0 = policy.reads_in_flight")
+        require(self.loader in LOADERS, "backend.loader", f"unknown loader {self.loader!r}",
+                f"use one of {LOADERS} (auto: real.loader where it imports)")
         require(self.kernel in ("auto", "torch"), "backend.kernel", f"unknown kernel {self.kernel!r}",
                 "use auto or torch")
 
@@ -84,7 +87,7 @@ def run_trace(setup, plans: list[list[LayerPlan]], opts: RealOptions, progress: 
     body = SyntheticBody(spec, device, max_tokens=len(plans), seed=setup.seed,
                          predictor_rank=policy.predictor_rank if policy.sparse else 0)
     ffn = FlashFFN(flash, ffn_cache_neurons(spec, policy), strategy=policy.mem_strategy, device=device,
-                   threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel)
+                   threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel, loader=opts.loader)
     bar = tqdm(total=len(plans), desc="real tokens", leave=False, disable=not progress)
     try:
         return TraceEngine(body, ffn, policy).run(plans, progress=bar)
@@ -102,7 +105,7 @@ def run_model(setup, opts: RealOptions, progress: bool = False) -> list[TokenCos
     flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed)
     m = OPTFlashModel(build_opt(spec, setup.seed), flash, policy, device=device,
                       threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel,
-                      check_cache=opts.check_cache)
+                      loader=opts.loader, check_cache=opts.check_cache)
     try:
         prompt = [int(np.random.default_rng(setup.seed).integers(4, spec.vocab))]
         _, _, costs = m.generate(prompt, setup.tokens)

@@ -103,13 +103,106 @@ class Clock:
         return time.perf_counter()
 
 
+# ---- reads: the storage issue's loader, or the engine's own small reader -------------------------
+class SimpleLoads:
+    """Plan reads through ``real.flash_reader.FlashReader`` into one staging area; rows on the device."""
+
+    def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool):
+        spec, layout = flash.spec, flash.layout
+        self.spec, self.device, self.cuda = spec, device, device.type == "cuda"
+        self.dtype = DTYPES[spec.dtype]
+        self.reader = open_reader(flash.ffn_paths, threads, direct)
+        self.direct = self.reader.direct
+        self.files, self.rec = layout.files_per_layer, layout.record_bytes
+        self.slot = spec.d_ff * self.rec                     # staging bytes per file of a layer
+        nbytes = self.files * self.slot
+        if self.cuda:                                         # pinned, aligned host staging + device staging
+            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+            skip = (-raw.data_ptr()) % ALIGN
+            self.host = raw[skip: skip + nbytes]
+            self.host_np = self.host.numpy()
+            self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.copied = torch.cuda.Event()
+        else:
+            self.host_np = aligned_buffer(nbytes)
+            self.host = torch.from_numpy(self.host_np)
+            self.dev = self.host
+
+    def submit(self, plan: LayerPlan):
+        if self.cuda:
+            self.copied.synchronize()     # the previous layer's copy out of staging is done
+        pos = np.searchsorted(plan.load, plan.reads.neuron_start)
+        which = plan.reads.file.astype(np.int64) - plan.layer * self.files
+        t = time.perf_counter()
+        return (t, plan.load.size, self.reader.submit(plan.reads, self.host_np, which * self.slot + pos * self.rec))
+
+    def wait_reads(self, pending) -> tuple[float, float]:
+        return pending[0], pending[2].wait()
+
+    def rows(self, pending) -> torch.Tensor:
+        """The staged neurons as [n, width] rows on the device, in ``plan.load`` order."""
+        n = pending[1]
+        if self.cuda:
+            for m in range(self.files):
+                a = m * self.slot
+                self.dev[a: a + n * self.rec].copy_(self.host[a: a + n * self.rec], non_blocking=True)
+            self.copied.record()
+        if self.files == 1:
+            return self.dev[: n * self.rec].view(n, self.rec)[:, : self.spec.neuron_bytes].view(self.dtype)
+        nb = self.spec.d_model * self.spec.dtype_bytes
+        return torch.cat([self.dev[m * self.slot: m * self.slot + n * self.rec].view(n, self.rec)[:, :nb]
+                          .view(self.dtype) for m in range(self.files)], dim=1)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class LoaderLoads:
+    """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
+
+    def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool):
+        from real.loader import FlashLoader
+        self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct)
+        self.direct = self.loader.direct
+
+    def submit(self, plan: LayerPlan):
+        return self.loader.submit(plan.layer, plan.reads, plan.load)
+
+    def wait_reads(self, pending) -> tuple[float, float]:
+        self.loader.pool.wait(pending.job)
+        return pending.job.t_submit, pending.job.t_done
+
+    def rows(self, pending) -> torch.Tensor:
+        return self.loader.wait(pending)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+LOADERS = ("auto", "loader", "simple")
+
+
+def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto"):
+    """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
+    former where it imports, else the latter."""
+    if loader not in LOADERS:
+        raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
+    if loader in ("auto", "loader"):
+        try:
+            return LoaderLoads(flash, device, threads, direct)
+        except ImportError:
+            if loader == "loader":
+                raise
+    return SimpleLoads(flash, device, threads, direct)
+
+
 class FlashFFN:
     """All FFN layers of one model, served from a flash directory through plans."""
 
     def __init__(self, flash: FlashDir, capacity: int, *, strategy: str = "preallocated",
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", loader: str = "auto"):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -120,21 +213,7 @@ class FlashFFN:
         self.activation, self.kernel = spec.activation, kernel
         self.caches = [NeuronCache(spec.d_ff, capacity, self.width, self.dtype, self.device, strategy)
                        for _ in range(spec.n_layers)]
-        self.reader = open_reader(flash.ffn_paths, threads, direct)
-        self.files = layout.files_per_layer
-        self.rec = layout.record_bytes
-        self.slot = spec.d_ff * self.rec                     # staging bytes per file of a layer
-        nbytes = self.files * self.slot
-        if self.clock.cuda:                                   # pinned, aligned host staging + device staging
-            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
-            skip = (-raw.data_ptr()) % ALIGN
-            self.host = raw[skip: skip + nbytes]
-            self.host_np = self.host.numpy()
-            self.dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        else:
-            self.host_np = aligned_buffer(nbytes)
-            self.host = torch.from_numpy(self.host_np)
-            self.dev = self.host
+        self.loads = open_loads(flash, self.device, threads, direct, loader)
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -144,7 +223,7 @@ class FlashFFN:
         self.io_wait_s = 0.0
 
     def close(self) -> None:
-        self.reader.close()
+        self.loads.close()
 
     @property
     def cache_bytes(self) -> int:
@@ -166,33 +245,13 @@ class FlashFFN:
         gate, up, down = self._views(rows)
         return ffn_rows(x, up, down, gate=gate, idx=idx, bias=bias, activation=self.activation, impl=self.kernel)
 
-    def _new_rows(self, n: int) -> torch.Tensor:
-        """The ``n`` staged neurons as [n, width] rows on the device (copied there on CUDA)."""
-        if self.clock.cuda:
-            for m in range(self.files):
-                a = m * self.slot
-                self.dev[a: a + n * self.rec].copy_(self.host[a: a + n * self.rec], non_blocking=True)
-        esize = torch.finfo(self.dtype).bits // 8
-        if self.files == 1:
-            nb = self.spec.neuron_bytes
-            return self.dev[: n * self.rec].view(n, self.rec)[:, :nb].view(self.dtype)
-        nb = self.d * esize
-        parts = [self.dev[m * self.slot: m * self.slot + n * self.rec].view(n, self.rec)[:, :nb].view(self.dtype)
-                 for m in range(self.files)]
-        return torch.cat(parts, dim=1)
-
     # ---- one layer -------------------------------------------------------------------------
     def run_layer(self, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
         """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]."""
         l, st, clock = plan.layer, self.stats, self.clock
         cache = self.caches[l]
         load = plan.load
-        batch = None
-        if load.size:
-            pos = np.searchsorted(load, plan.reads.neuron_start)
-            which = plan.reads.file.astype(np.int64) - l * self.files
-            t_submit = time.perf_counter()
-            batch = self.reader.submit(plan.reads, self.host_np, which * self.slot + pos * self.rec)
+        pending = self.loads.submit(plan) if load.size else None
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         y = None
         if res.size:                                          # overlaps the reads
@@ -204,12 +263,12 @@ class FlashFFN:
                 idx = torch.from_numpy(rows).to(self.device)
                 y = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx)
         new_rows = new_bias = None
-        if batch is not None:
+        if pending is not None:
             t_wait = time.perf_counter()
-            t_done = batch.wait()
+            t_submit, t_done = self.loads.wait_reads(pending)
             self.io_wait_s += time.perf_counter() - t_wait
             t_copy = time.perf_counter()
-            new_rows = self._new_rows(load.size)
+            new_rows = self.loads.rows(pending)
             t_end = clock.now(sync=True)
             st.io_s += (t_done - t_submit) + (t_end - t_copy)
             if self.b1 is not None:
@@ -340,7 +399,7 @@ class OPTFlashModel:
 
     def __init__(self, model, flash: FlashDir, policy: Policy, *, device: torch.device | str = "cpu",
                  threads: int = 32, direct: bool = True, predictor=None, kernel: str = "auto",
-                 check_cache: bool = False):
+                 loader: str = "auto", check_cache: bool = False):
         if getattr(model.config, "model_type", None) != "opt":
             raise ValueError(f"model: OPTFlashModel serves OPT models, got {model.config.model_type!r}")
         spec = flash.spec
@@ -363,7 +422,7 @@ class OPTFlashModel:
             layer.activation_fn = torch.nn.Identity()
             layer.fc2 = torch.nn.Identity()                   # FFN weights now live on flash only
         self.ffn = FlashFFN(flash, self.engine.capacity, strategy=policy.mem_strategy, device=self.device,
-                            threads=threads, direct=direct, up_bias=b1, down_bias=b2, kernel=kernel)
+                            threads=threads, direct=direct, up_bias=b1, down_bias=b2, kernel=kernel, loader=loader)
         self.clock = self.ffn.clock
         self.past = None
         self.plans: list[LayerPlan] = []

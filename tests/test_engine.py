@@ -84,8 +84,9 @@ def test_sparse_active_set_is_a_minority(tmp_path):
         m.close()
 
 
+@pytest.mark.parametrize("loader", ["auto", "simple"])
 @pytest.mark.parametrize("name", ["naive", "predictor", "windowing", "windowing_bundling"])
-def test_trace_mode_ffn_equals_masked_dense(tmp_path, name):
+def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader):
     """Trace mode: per layer the FFN output equals the dense FFN restricted to the plan's active set,
     with the weights read from flash through the plan; the cache follows the policy engine."""
     pol = policy(name)
@@ -94,7 +95,7 @@ def test_trace_mode_ffn_equals_masked_dense(tmp_path, name):
     layers = model.model.decoder.layers
     trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=12, seed=3, sparsity=0.8, reuse=0.5))
     engine = PolicyEngine(SPEC, pol)
-    ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4,
+    ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4, loader=loader,
                    up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
     gen = torch.Generator().manual_seed(0)
     try:
