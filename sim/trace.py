@@ -154,6 +154,15 @@ class SyntheticTraceConfig:
         return np.full(n_layers, 1.0 - float(sp))
 
 
+def neuron_rates(density: float, weights: np.ndarray) -> np.ndarray:
+    """Per-neuron firing rates proportional to ``weights``, clipped to [1e-6, 0.95], with mean
+    ``density`` (shared with ``sim.trace_fit``, whose closed-form curve must see the same rates)."""
+    rate = density * weights / weights.mean()
+    for _ in range(20):  # clipping hot neurons lowers the mean: rescale the rest until it holds
+        rate = np.clip(rate * density / rate.mean(), 1e-6, 0.95)
+    return rate
+
+
 def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
     """A synthetic trace for ``spec``: deterministic for ``cfg.seed``."""
     rng = np.random.default_rng(cfg.seed)
@@ -163,9 +172,7 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
     for l in range(L):
         a = density[l]
         w = rng.lognormal(0.0, cfg.rate_skew, F) if cfg.rate_skew > 0 else np.ones(F)
-        rate = a * w / w.mean()
-        for _ in range(20):  # clipping hot neurons lowers the mean: rescale the rest until it holds
-            rate = np.clip(rate * a / rate.mean(), 1e-6, 0.95)
+        rate = neuron_rates(a, w)
         p_stay = np.maximum(cfg.reuse, rate)                   # P(on | on)
         p_wake = rate * (1 - p_stay) / (1 - rate)              # P(on | off): keeps the stationary rate
         leader = np.arange(F)
