@@ -34,10 +34,11 @@ def interpreting() -> bool:
 
 
 def _fix_interpreter() -> None:
-    """Two bugs of Triton 3.6's CPU interpreter, patched here for the tests (compiled kernels are untouched):
+    """Three bugs of Triton 3.6's CPU interpreter, patched here for the tests (compiled kernels are untouched):
     it turns scalar tensors into ints with int(1-element array), which numpy >= 2.4 rejects (so
     `range(0, D, BLOCK)` over a kernel argument fails); and its tl.dot multiplies bfloat16 operands as their raw
-    uint16 bit patterns (it widens only 8-bit floats). Idempotent."""
+    uint16 bit patterns (it widens only 8-bit floats); and it truncates fp32 -> bf16 where the GPU rounds to
+nearest even. Idempotent."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -54,6 +55,15 @@ def _fix_interpreter() -> None:
         return h
 
     builder.create_dot = lambda self, a, b, d, *rest: original_dot(self, widen(a), widen(b), d, *rest)
+    original_cast = builder.cast_impl
+
+    def cast(self, src, dst_type):  # fp32 -> bf16 with round-to-nearest-even, as the GPU's cvt.rn.bf16.f32
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(bits.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder.cast_impl = cast  # create_fp_trunc & co. call self.cast_impl
 
     def patched(tensor, scope):
         original(tensor, scope)
@@ -100,8 +110,9 @@ class Kernel:
     """
 
     def __init__(self, jit_fn, configs: dict[str, Sequence[Any]], default: dict[str, dict[str, int]],
-                 key: Sequence[str], reset_to_zero: Sequence[str] = ()):
+                 key: Sequence[str], reset_to_zero: Sequence[str] = (), prune=None):
         self.jit_fn, self.configs, self.default, self.key = jit_fn, configs, default, list(key)
+        self.prune = prune  # early_config_prune(configs, named_args, **kwargs) -> configs
         self.reset_to_zero = list(reset_to_zero)  # outputs that accumulate across runs: zeroed between tuning runs
         self._tuned: dict[str, Any] = {}
 
@@ -115,7 +126,9 @@ class Kernel:
             return self.jit_fn[grid](*args, **kwargs, **config)
         if mode not in self._tuned:
             self._tuned[mode] = triton.autotune(configs=list(self.configs[mode]), key=self.key,
-                                                reset_to_zero=self.reset_to_zero or None, do_bench=_bench)(self.jit_fn)
+                                                reset_to_zero=self.reset_to_zero or None, do_bench=_bench,
+                                                prune_configs_by={"early_config_prune": self.prune}
+                                                if self.prune else None)(self.jit_fn)
         return self._tuned[mode][grid](*args, **kwargs)
 
     def best_config(self, mode: str):

@@ -136,6 +136,12 @@ if triton is not None:
                 if GATED:
                     g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
                     zg = tl.dot(xt, tl.trans(g), zg)
+        return _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
+
+    @triton.jit
+    def _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                       ACT: tl.constexpr):
+        """h = act(zg) * zu (gated) or act(zu + b); zero on masked rows. zu, zg: [BLOCK_T, BLOCK_R] fp32."""
         if GATED:
             h = _activate(zg, ACT) * zu
         else:
@@ -169,17 +175,37 @@ if triton is not None:
                     tl.store(acc_ptr + t * D + d, tl.zeros_like(v), mask=m)
             tl.atomic_xchg(sem_ptr, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _fused_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
                       bias_ptr, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr, y_ptr, stride_yt,
                       T, D, n_bucket,
                       HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      WHOLE_ROW: tl.constexpr):
         pid = tl.program_id(0)
         rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
                                       BLOCK_R)
-        if pid * BLOCK_R < n:
+        if WHOLE_ROW:  # only one-token configs set it
+            # one token, whole rows (BLOCK_D >= D): the up, gate and down tiles are all requested before any
+            # arithmetic, so a program waits for memory about twice (index, then weights) instead of once per
+            # D-chunk per phase
+            if pid * BLOCK_R < n:
+                d = tl.arange(0, BLOCK_D)
+                dmask = d < D
+                m = rmask[:, None] & dmask[None, :]
+                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+                dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd, mask=m, other=0.0)
+                xv = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+                zu = tl.reshape(tl.sum(u.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
+                zg = zu
+                if GATED:
+                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                    zg = tl.reshape(tl.sum(g.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
+                h = _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
+                c = tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0)
+                tl.atomic_add(acc_ptr + d, c, mask=dmask, sem="relaxed")
+        elif pid * BLOCK_R < n:
             h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
                         HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
             offs_t = tl.arange(0, BLOCK_T)
@@ -197,7 +223,7 @@ if triton is not None:
                               mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
         _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _hidden_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, idx_ptr, count_ptr,
                        n_active, h_ptr, T, D, n_bucket,
                        HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -214,7 +240,7 @@ if triton is not None:
             tl.store(h_ptr + offs_t[:, None] * n_active + offs_r[None, :], h,
                      mask=(offs_t < T)[:, None] & rmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _down_kernel(h_ptr, down_ptr, s_dr, s_dd, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr,
                      y_ptr, stride_yt, T, D, n_bucket,
                      HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
@@ -257,19 +283,37 @@ if triton is not None:
         _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
-    _ROWS_ONE = [(4, 1024, 4, 3), (4, 512, 4, 4), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3),
-                 (16, 512, 8, 3), (32, 256, 8, 3), (32, 128, 4, 4)]
+    _ROWS_ONE = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                 (32, 256, 8, 3)]
     _ROWS_DOT = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3),
-                 (16, 512, 8, 3), (64, 64, 4, 4)]
+                 (64, 64, 4, 4)]
+    _WHOLE_ONE = [(1, 4096, 4, 1), (2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1), (4, 8192, 8, 1),
+                  (2, 8192, 8, 1)]
     _DOWN_ONE = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 3), (32, 512, 8, 3),
                  (64, 256, 8, 3)]
     _DOWN_DOT = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3), (16, 256, 4, 4)]
     _NAMES = ("BLOCK_R", "BLOCK_D")
     _KEY = ["D", "n_bucket", "BLOCK_T", "HAS_IDX", "COUNT_ON_DEVICE"]
     _DEFAULT = {"one": {"BLOCK_R": 16, "BLOCK_D": 64}, "dot": {"BLOCK_R": 16, "BLOCK_D": 32}}
-    FUSED = Kernel(_fused_kernel, {"one": configs(_ROWS_ONE, _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
-                   _DEFAULT, _KEY + ["GATED"])
-    HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE, _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
+
+    def _fused_configs(rows, whole):
+        out = configs(rows, _NAMES)
+        for c in out:
+            c.kwargs["WHOLE_ROW"] = whole
+        return out
+
+    def _prune_whole_rows(configs_, named_args, **kwargs):
+        """Whole-row configs only where a row fits one tile (D <= BLOCK_D < 2 D); keep at least one config."""
+        D = named_args["D"]
+        kept = [c for c in configs_ if not c.kwargs.get("WHOLE_ROW") or D <= c.kwargs["BLOCK_D"] < 2 * D]
+        return kept or configs_[:1]
+
+    FUSED = Kernel(_fused_kernel,
+                   {"one": _fused_configs(_ROWS_ONE, False) + _fused_configs(_WHOLE_ONE, True),
+                    "dot": _fused_configs(_ROWS_DOT, False)},
+                   {m: {**c, "WHOLE_ROW": False} for m, c in _DEFAULT.items()}, _KEY + ["GATED"],
+                   prune=_prune_whole_rows)
+    HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
                   _DEFAULT, _KEY)

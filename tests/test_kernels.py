@@ -1,0 +1,255 @@
+"""real/kernels on CPU: the Triton kernels through the Triton interpreter (TRITON_INTERPRET=1) and the torch
+references, against float64 references on fresh random inputs.
+
+Tolerances come from the dtype, not from the observed error (see `rel_tol`). The checks are norm-wise
+(||y - ref|| / ||ref||) plus an element-wise bound scaled by the output's RMS, so a wrong, missing or doubled
+row (each row carries about 1/sqrt(n_active) of ||y||, i.e. >= 6% here) fails by a wide margin.
+"""
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see real/kernels/_launch.py)
+
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from real.kernels import (active_list, add_layer_norm, add_layer_norm_reference, add_rms_norm,  # noqa: E402
+                          add_rms_norm_reference, backend_for, bundled_sparse_ffn, interpreting,
+                          predict_active, predict_active_reference, predict_scores_reference, sparse_ffn,
+                          sparse_ffn_reference, split_bundles)
+
+if not interpreting():
+    pytest.skip("TRITON_INTERPRET is not 1 here, so the kernels cannot run on CPU", allow_module_level=True)
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rel_tol(dtype, k: int) -> float:
+    """Relative (norm-wise) tolerance for a kernel whose inputs are exactly representable in `dtype`.
+
+    The float64 reference sees the same rounded inputs, so the kernel's only errors are:
+    * rounding the output to dtype: at most eps/2 per element (unit roundoff u);
+    * rounding the hidden activations h to dtype before the second product (tensor-core path): at most u per
+      term; with independent signs these add like a random walk, i.e. about u * ||y|| in norm;
+    * fp32 accumulation over k terms: worst case k * eps32, typically eps32 * sqrt(k) (random walk).
+    So ~2u + eps32*sqrt(k) in norm; we allow 2*eps (4u) + 4*eps32*sqrt(k), a factor of ~2 of headroom over
+    the worst sum of those terms and far below what a wrong row costs (>= 6% of ||y|| with our sizes).
+    """
+    return 2 * torch.finfo(dtype).eps + 4 * torch.finfo(torch.float32).eps * math.sqrt(k)
+
+
+def assert_close(y, ref, dtype, k):
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or overflowed)"
+    err = (y.double() - ref).norm() / ref.norm()
+    tol = rel_tol(dtype, k)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.3e}"
+    rms = ref.pow(2).mean().sqrt()
+    worst = (y.double() - ref).abs().max() / rms
+    assert worst <= 8 * tol, f"max element error {worst:.3e} x rms > {8 * tol:.3e}"
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _ffn_inputs(seed, n_rows, d_model, tokens, frac, dtype, gated, with_bias):
+    g = _gen(seed)
+    width = (3 if gated else 2) * d_model
+    cache = (torch.randn(n_rows, width, generator=g) / math.sqrt(d_model)).to(dtype)
+    x = torch.randn(tokens, d_model, generator=g).to(dtype)
+    n = round(frac * n_rows)
+    idx = None if frac == 1.0 else torch.randperm(n_rows, generator=g)[:n].to(torch.int32)
+    bias = (0.2 * torch.randn(n_rows, generator=g)).to(dtype) if with_bias else None
+    return cache, x, idx, bias
+
+
+def _ref(x, cache, idx, bias, gated, activation="relu", down_bias=None):
+    gate, up, down = split_bundles(cache.double(), x.shape[-1], gated)
+    return sparse_ffn_reference(x.double(), up, down, idx, gate=gate, activation=activation,
+                                bias=None if bias is None else bias.double(),
+                                down_bias=None if down_bias is None else down_bias.double())
+
+
+# -- sparse FFN ---------------------------------------------------------------------------------------------
+# (n_rows, d_model): non-powers of two and a d_model smaller than one tile
+SHAPES = [(300, 200), (77, 48)]
+FRACS = [0.0, 0.5, 0.97, 1.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("frac", FRACS)
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES, ids=["300x200", "77x48"])
+def test_bundled_ffn_matches_float64(shape, tokens, frac, dtype):
+    n_rows, d_model = shape
+    seed = hash((shape, tokens, frac, str(dtype))) % 2**31
+    cache, x, idx, bias = _ffn_inputs(seed, n_rows, d_model, tokens, frac, dtype, gated=False, with_bias=True)
+    y = bundled_sparse_ffn(x, cache, idx, bias=bias)
+    if frac == 0.0:
+        assert torch.count_nonzero(y) == 0 and y.shape == x.shape
+        return
+    assert_close(y, _ref(x, cache, idx, bias, gated=False), dtype, d_model)
+
+
+@pytest.mark.parametrize("method", ["fused", "two_phase"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_methods_and_gated(gated, tokens, dtype, method):
+    cache, x, idx, bias = _ffn_inputs(7 + tokens, 150, 72, tokens, 0.5, dtype, gated, with_bias=not gated)
+    y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, method=method)
+    assert_close(y, _ref(x, cache, idx, bias, gated), dtype, 72)
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_R": 2, "BLOCK_D": 128, "WHOLE_ROW": True},   # one tile spans the row (d_model 72 <= 128)
+    {"BLOCK_R": 4, "BLOCK_D": 16, "WHOLE_ROW": False},   # many D chunks, ragged last one
+    {"BLOCK_R": 32, "BLOCK_D": 32, "WHOLE_ROW": False},  # more rows per program than some sets have
+], ids=["whole-row", "narrow", "wide"])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_block_configs(config, gated):
+    cache, x, idx, bias = _ffn_inputs(11, 90, 72, 1, 0.3, torch.float16, gated, with_bias=not gated)
+    y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, config=config)
+    assert_close(y, _ref(x, cache, idx, bias, gated), torch.float16, 72)
+
+
+def test_relu2_down_bias_and_token_batches():
+    """Squared ReLU, the fused down bias, int64 indices and > 16 tokens (split into launches)."""
+    cache, x, idx, bias = _ffn_inputs(5, 64, 40, 19, 0.5, torch.float16, False, with_bias=True)
+    down_bias = torch.randn(40, generator=_gen(6)).to(torch.float16)
+    y = bundled_sparse_ffn(x, cache, idx.long(), bias=bias, down_bias=down_bias, activation="relu2")
+    ref = _ref(x, cache, idx.long(), bias, False, activation="relu2", down_bias=down_bias)
+    assert_close(y, ref, torch.float16, 40)
+
+
+def test_unbundled_strided_layouts():
+    """Separate matrices, down given as a transposed fc2 weight (column-strided): same function."""
+    g = _gen(3)
+    d_model, n_rows = 56, 120
+    fc1 = (torch.randn(n_rows, d_model, generator=g) / 8).to(torch.bfloat16)      # [d_ff, d_model]
+    fc2 = (torch.randn(d_model, n_rows, generator=g) / 8).to(torch.bfloat16)      # [d_model, d_ff]
+    x = torch.randn(2, d_model, generator=g).to(torch.bfloat16)
+    idx = torch.randperm(n_rows, generator=g)[:60].to(torch.int32)
+    y = sparse_ffn(x, fc1, fc2.t(), idx)
+    ref = sparse_ffn_reference(x.double(), fc1.double(), fc2.t().double(), idx)
+    assert_close(y, ref, torch.bfloat16, d_model)
+
+
+def test_one_dim_input_and_torch_fallback():
+    cache, x, idx, bias = _ffn_inputs(9, 50, 32, 1, 0.5, torch.float16, False, with_bias=True)
+    y = bundled_sparse_ffn(x[0], cache, idx, bias=bias)
+    assert y.shape == (32,)
+    y_torch = bundled_sparse_ffn(x[0], cache, idx, bias=bias, impl="torch")
+    ref = _ref(x, cache, idx, bias, False)[0]
+    assert_close(y, ref, torch.float16, 32)
+    assert_close(y_torch, ref, torch.float16, 32)
+
+
+def test_workspace_is_left_clean():
+    """The fused kernel restores its accumulator to zero: back-to-back calls give identical results."""
+    cache, x, idx, bias = _ffn_inputs(4, 100, 48, 3, 0.5, torch.float16, False, with_bias=True)
+    first = bundled_sparse_ffn(x, cache, idx, bias=bias)
+    second = bundled_sparse_ffn(x, cache, idx, bias=bias)
+    assert torch.equal(first, second)
+
+
+def test_bad_inputs_name_the_field():
+    cache, x, idx, _ = _ffn_inputs(1, 20, 16, 1, 0.5, torch.float16, False, with_bias=False)
+    with pytest.raises(ValueError, match="cache"):
+        bundled_sparse_ffn(x, cache[:, :20], idx)
+    with pytest.raises(ValueError, match="activation"):
+        bundled_sparse_ffn(x, cache, idx, activation="gelu")
+    with pytest.raises(ValueError, match="idx"):
+        bundled_sparse_ffn(x, cache, idx.float())
+    with pytest.raises(ValueError, match="up"):
+        bundled_sparse_ffn(x.float(), cache, idx)
+    with pytest.raises(ValueError, match="bias"):
+        bundled_sparse_ffn(x, torch.zeros(20, 48, dtype=torch.float16), idx, gated=True,
+                           bias=torch.zeros(20, dtype=torch.float16))
+
+
+def test_backend_choice():
+    t = torch.zeros(2)
+    assert backend_for(t) == "interpret"
+    assert backend_for(t, "torch") == "torch"
+    with pytest.raises(ValueError, match="impl"):
+        backend_for(t, "cuda")
+
+
+# -- predictor ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("threshold", [-1e9, 0.8, 1e9], ids=["all", "some", "none"])
+def test_predictor_matches_float64(tokens, threshold, dtype):
+    g = _gen(tokens)
+    d_model, rank, d_ff = 136, 24, 333
+    x = torch.randn(tokens, d_model, generator=g).to(dtype)
+    A = (torch.randn(d_model, rank, generator=g) / math.sqrt(d_model)).to(dtype)
+    B = (torch.randn(rank, d_ff, generator=g) / math.sqrt(rank)).to(dtype)
+    idx, count = predict_active(x, A, B, threshold)
+    assert idx.dtype == torch.int32 and count.dtype == torch.int32 and idx.shape == (d_ff,)
+    got = active_list(idx, count)
+    assert torch.equal(got, torch.unique(got)), "an index was written twice"
+    scores = predict_scores_reference(x.double(), A.double(), B.double())
+    want = active_list(*predict_active_reference(x.double(), A.double(), B.double(), threshold))
+    # a neuron may only flip where its float64 score is within rounding of the threshold (tokens > 1 round the
+    # rank-r projection to dtype before the tensor-core product, hence the dtype's eps)
+    margin = rel_tol(dtype, d_model) * scores.abs().max()
+    for i in set(got.tolist()) ^ set(want.tolist()):
+        assert (scores[:, i] - threshold).abs().min() <= margin, f"neuron {i} misclassified"
+    if threshold > 1e8:
+        assert int(count) == 0
+    if threshold < -1e8:
+        assert int(count) == d_ff
+
+
+def test_predictor_feeds_sparse_ffn_without_host_count():
+    g = _gen(21)
+    d_model, rank, d_ff = 64, 16, 200
+    x = torch.randn(1, d_model, generator=g).to(torch.float16)
+    A = (torch.randn(d_model, rank, generator=g) / 8).to(torch.float16)
+    B = (torch.randn(rank, d_ff, generator=g) / 4).to(torch.float16)
+    cache = (torch.randn(d_ff, 2 * d_model, generator=g) / 8).to(torch.float16)
+    idx, count = predict_active(x, A, B, 0.5)
+    assert 0 < int(count) < d_ff
+    for method in ("fused", "two_phase"):
+        y = bundled_sparse_ffn(x, cache, idx, count=count, method=method)
+        assert_close(y, _ref(x, cache, active_list(idx, count), None, False), torch.float16, d_model)
+
+
+# -- fused add + norm ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 300), (5, 64), (2, 3, 129)], ids=["1x300", "5x64", "2x3x129"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_add_norm_matches_float64(norm, shape, dtype):
+    g = _gen(len(shape) * 100 + shape[-1])
+    x = torch.randn(*shape, generator=g).to(dtype)
+    r = (3 * torch.randn(*shape, generator=g) + 1).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    b = torch.randn(shape[-1], generator=g).to(dtype)
+    if norm == "layer":
+        out, new_res = add_layer_norm(x, r, w, b)
+        s = (x + r).double()  # the reference normalises the same rounded sum that the kernel returns
+        ref = torch.nn.functional.layer_norm(s, shape[-1:], w.double(), b.double(), 1e-5)
+        ref_out, ref_res = add_layer_norm_reference(x, r, w, b)
+    else:
+        out, new_res = add_rms_norm(x, r, w)
+        s = (x + r).double()
+        ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+        ref_out, ref_res = add_rms_norm_reference(x, r, w)
+    assert torch.equal(new_res, x + r), "new residual must equal torch's x + residual exactly"
+    assert torch.equal(ref_res, new_res)
+    assert_close(out, ref, dtype, shape[-1])
+    assert_close(ref_out, ref, dtype, shape[-1])
+
+
+def test_add_norm_rejects_mismatch():
+    x = torch.zeros(2, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="residual"):
+        add_layer_norm(x, torch.zeros(2, 9, dtype=torch.float16))
+    with pytest.raises(ValueError, match="weight"):
+        add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
