@@ -51,7 +51,7 @@ def load_results(paths: Iterable[str | Path]) -> pd.DataFrame:
         else:
             raise ConfigError("RESULTS", f"{p} does not exist", "give results.csv files or sweep directories")
     df = frame(pd.concat(tables, ignore_index=True).to_dict("records")) if tables else frame([])
-    df["study"] = df["study"].fillna("").astype(str)
+    df["study"] = df["study"].astype(object).fillna("").astype(str)
     return df
 
 
@@ -110,7 +110,7 @@ def run_experiment(name: str, out: Path, tokens: int | None = None, extra: Seque
     from experiments.sweep import run_multirun
     overrides = [f"+experiment={name}", *([f"tokens={tokens}"] if tokens else []), *extra]
     df = run_multirun(overrides, out / "sweeps" / name)
-    df["study"] = df["study"].fillna("").astype(str)
+    df["study"] = df["study"].astype(object).fillna("").astype(str)
     return figures_from_results(df, out, flash=False)
 
 

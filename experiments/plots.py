@@ -13,6 +13,7 @@ import pandas as pd
 
 PARTS = [("io_ms", "flash I/O", "#c44e52"), ("mem_ms", "memory management", "#ccb974"),
          ("compute_ms", "compute", "#4c72b0")]
+KNOBS = ["window", "chunk_kib", "memory_budget", "sparsity", "reads_in_flight"]
 POLICY_ORDER = ["naive", "predictor", "windowing", "windowing_bundling"]
 
 
@@ -80,7 +81,12 @@ def breakdown_by_model(df: pd.DataFrame, title: str = ""):
     groups = list(df.groupby(["model", "hardware"], sort=False))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 0.8, 4.2), squeeze=False)
     for ax, ((model, hw), g) in zip(axes[0], groups):
-        g = g.set_index("policy").loc[_policy_sorted(g["policy"])]
+        order = {p: i for i, p in enumerate(_policy_sorted(g["policy"]))}
+        g = g.assign(_o=g["policy"].map(order)).sort_values(["_o", *KNOBS]).reset_index(drop=True)
+        varying = [k for k in KNOBS if g[k].nunique() > 1]   # several runs per policy: say which
+        g.index = [p.replace("_", "\n") + "".join(f"\n{k}={v}" for k, v in zip(varying, vals))
+                   for p, *vals in g[["policy", *varying]].itertuples(index=False)]
+        naive = g.loc[g["policy"] == "naive", "latency_ms"]
         x = np.arange(len(g))
         bottom = np.zeros(len(g))
         for col, name, color in PARTS:
@@ -89,11 +95,11 @@ def breakdown_by_model(df: pd.DataFrame, title: str = ""):
             bottom += vals
         lat = g["latency_ms"].astype(float).to_numpy()
         ax.scatter(x, lat, marker="_", s=500, color="black", zorder=3, label="latency")
-        if "naive" in g.index:
+        if len(naive):
             for xi, v in zip(x, lat):
-                ax.annotate(f"{g.loc['naive', 'latency_ms'] / v:.1f}x", (xi, max(v, bottom[xi])), ha="center",
+                ax.annotate(f"{naive.iloc[0] / v:.1f}x", (xi, max(v, bottom[xi])), ha="center",
                             va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(x, [p.replace("_", "\n") for p in g.index], fontsize=7)
+        ax.set_xticks(x, g.index, fontsize=7)
         ax.set_title(f"{model} ({hw})", fontsize=9)
         ax.set_ylabel("per-token time (ms)")
         ax.set_ylim(0, max(bottom.max(), lat.max()) * 1.15)
