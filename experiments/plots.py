@@ -18,8 +18,11 @@ POLICY_ORDER = ["naive", "predictor", "windowing", "windowing_bundling"]
 
 
 def _plt():
+    import sys
+
     import matplotlib
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # headless by default; keep a notebook's inline backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 

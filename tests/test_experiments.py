@@ -180,7 +180,6 @@ def test_figures_cli_rejects_missing_input(tmp_path, capsys):
     assert "RESULTS" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_backend_both_rows_give_predicted_vs_measured_figure(tmp_path):
     pytest.importorskip("torch")
     sweep = tmp_path / "both"
