@@ -199,7 +199,9 @@ def _record_block(parts: list[Any], record_bytes: int) -> np.ndarray:
 def _write_layer(dst: Path, layout: FlashLayout, layer: int, chunk: MatrixChunk) -> list[dict[str, Any]]:
     """Write one layer's FFN file(s); returns their manifest entries."""
     spec = layout.spec
-    n_per = max(1, CHUNK_BYTES // (layout.record_bytes * (1 if layout.bundled else 1)))
+    n_per = max(1, CHUNK_BYTES // layout.record_bytes)
+    if n_per > RANDOM_BLOCK:
+        n_per -= n_per % RANDOM_BLOCK      # whole random blocks per chunk (no block drawn twice)
     groups = [list(range(len(layout.matrices)))] if layout.bundled else [[m] for m in range(len(layout.matrices))]
     entries = []
     for g, mats in enumerate(groups):
@@ -313,6 +315,7 @@ def convert_model(model: Any, dst: str | Path, layout: str = "bundled", dtype: s
                   name: str | None = None, progress: bool = False) -> FlashDir:
     """Convert a transformers model built in memory (e.g. ``OPTForCausalLM(OPTConfig(...))``)."""
     config = model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     source = TensorSource.from_state_dict(dict(model.state_dict()))
     return convert_source(source, config, dst, layout, dtype, name or config.get("model_type", "model"), progress)
 
@@ -346,13 +349,44 @@ def _resident_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def _random_rows(seed: int, key: tuple[int, ...], shape: tuple[int, ...], dtype: str, std: float) -> Any:
+RANDOM_BLOCK = 256   # random rows are drawn per block of neurons, so weights do not depend on the layout
+
+
+_NORMAL_TABLES: dict[tuple[str, float], np.ndarray] = {}
+
+
+def _normal_table(dtype: str, std: float) -> np.ndarray:
+    """65536 N(0, std) quantiles, stored as the dtype's raw bits: a uniform 16-bit draw indexes
+    it, which gives normal weights at memory speed (drawing normals directly took minutes for 8 GB)."""
+    import torch
+
+    key = (dtype, std)
+    if key not in _NORMAL_TABLES:
+        p = (torch.arange(65536, dtype=torch.float64) + 0.5) / 65536
+        q = (torch.special.ndtri(p) * std).to(getattr(torch, dtype))
+        bits = torch.uint16 if q.element_size() == 2 else torch.uint32
+        _NORMAL_TABLES[key] = q.view(bits).numpy() if bits is torch.uint16 else q.numpy()
+    return _NORMAL_TABLES[key]
+
+
+def _random_block(seed: int, key: tuple[int, ...], shape: tuple[int, ...], dtype: str, std: float) -> Any:
     import torch
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, *key]))
-    x = rng.standard_normal(shape, dtype=np.float32)
-    x *= std
-    return torch.from_numpy(x).to(getattr(torch, dtype))
+    table = _normal_table(dtype, std)
+    vals = np.take(table, rng.integers(0, 65536, size=shape, dtype=np.uint16))
+    t = torch.from_numpy(vals)
+    return t.view(getattr(torch, dtype)) if table.dtype == np.uint16 else t
+
+
+def _random_rows(seed: int, layer: int, matrix: int, a: int, b: int, spec: ModelSpec, std: float) -> Any:
+    import torch
+
+    first, last = a // RANDOM_BLOCK, (b - 1) // RANDOM_BLOCK
+    blocks = [_random_block(seed, (layer, matrix, k), (RANDOM_BLOCK, spec.d_model), spec.dtype, std)
+              for k in range(first, last + 1)]
+    rows = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    return rows[a - first * RANDOM_BLOCK:b - first * RANDOM_BLOCK]
 
 
 def write_random_flash(spec: ModelSpec, dst: str | Path, layout: str = "bundled", seed: int = 0,
@@ -368,8 +402,7 @@ def write_random_flash(spec: ModelSpec, dst: str | Path, layout: str = "bundled"
     ffn_tensors = []
     bar = _progress(spec.n_layers + int(resident), f"random {spec.name} ({layout})", progress)
     for l in range(spec.n_layers):
-        files += _write_layer(dst, flash, l, lambda m, a, b: _random_rows(
-            seed, (l, m, a, b), (b - a, spec.d_model), spec.dtype, std))
+        files += _write_layer(dst, flash, l, lambda m, a, b: _random_rows(seed, l, m, a, b, spec, std))
         ffn_tensors.append({m: f"random:layer{l}.{m}" for m in names})
         bar.update(1)
     if resident:
@@ -379,7 +412,7 @@ def write_random_flash(spec: ModelSpec, dst: str | Path, layout: str = "bundled"
                 rows = max(1, CHUNK_BYTES // (4 * int(np.prod(shape[1:], dtype=np.int64))))
                 for a in range(0, shape[0], rows):
                     b = min(shape[0], a + rows)
-                    t = _random_rows(seed, (1 << 20, i, a), (b - a, *shape[1:]), spec.dtype, std)
+                    t = _random_block(seed, (1 << 20, i, a), (b - a, *shape[1:]), spec.dtype, std)
                     yield t.view(__import__("torch").uint8).numpy().reshape(-1)
             entries.append(TensorEntry(n, DTYPE_TO_ST[spec.dtype], shape, produce))
         nbytes, digest = write_safetensors(dst / RESIDENT, entries, {"format": "pt", "random_seed": str(seed)})

@@ -14,6 +14,7 @@ naming the file and offset; a failed batch returns nothing, so no torn or stale 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import mmap
@@ -21,6 +22,7 @@ import os
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +31,11 @@ import numpy as np
 
 from real.flash_dir import FlashDir
 from sim.layout import ALIGN, Reads
+
+# Opt-in: reads up to ``bounce_max`` bytes land in a small per-thread buffer that stays in cache and
+# are then copied into staging. It helped on one virtual disk (the CPU dev VM) and hurt on the H100
+# machine (benchmarks/loader-run1.txt), so it is off by default (docs/storage.md).
+BOUNCE_MAX = 0
 
 PreadFn = Callable[[int, memoryview, int], int]   # (fd, destination, file offset) -> bytes read
 
@@ -125,97 +132,171 @@ def open_flash_file(path: str | Path, direct: bool = True, probe: HostBuffer | N
 
 
 # ---- the thread pool -----------------------------------------------------------------------------
-class ReadPool:
-    """Runs a batch of reads with up to ``depth`` in flight: ``depth - 1`` persistent workers plus
-    the calling thread, all pulling indices from one shared counter (no per-read task objects)."""
+class ReadJob:
+    """One submitted batch of reads; ``ReadPool.wait`` returns when all are in ``dest``."""
 
-    def __init__(self, depth: int, pread: PreadFn | None = None):
+    __slots__ = ("files", "dest", "file_idx", "fds", "dst_off", "offset", "length", "n", "claim", "finished",
+                 "done", "errors", "t_submit", "t_done")
+
+    def __init__(self, files, dest, file_idx, dst_off, offset, length):
+        self.files, self.dest, self.file_idx = files, dest, file_idx
+        fd_of = [f.fd for f in files]
+        self.fds = [fd_of[k] for k in file_idx]
+        self.dst_off, self.offset, self.length = dst_off, offset, length
+        self.n = len(offset)
+        self.claim = itertools.count()      # next(claim): the index a thread reads next (atomic under the GIL)
+        self.finished = itertools.count(1)  # next(finished) == n: this thread completed the last read
+        self.done = threading.Event()
+        self.errors: list[BaseException] = []
+        self.t_submit = time.perf_counter()
+        self.t_done = self.t_submit
+        if self.n == 0:
+            self.done.set()
+
+
+class ReadPool:
+    """Keeps up to ``depth`` reads in flight: ``depth - 1`` persistent workers, plus the thread that
+    waits on a job, all claiming read indices from the oldest unfinished job through a shared counter
+    (no per-read task objects, no barrier between jobs: the next job's reads start as soon as a
+    thread runs out of the previous one's, so back-to-back jobs keep the device busy)."""
+
+    def __init__(self, depth: int, pread: PreadFn | None = None, bounce_max: int = 0):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         self.pread = pread or default_pread
-        self._start = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._done = threading.Event()
+        self.bounce_max = bounce_max     # reads up to this size land in a per-thread buffer, then memmove
+        self._tls = threading.local()
+        self._cond = threading.Condition()
+        self._queue: deque[ReadJob] = deque()
         self._closed = False
-        self._active = 0
-        self._batch: tuple = ()
         self._workers = [threading.Thread(target=self._worker, daemon=True, name=f"flash-read-{i}")
                          for i in range(depth - 1)]
         for t in self._workers:
             t.start()
 
-    def run(self, files: Sequence[FlashFile], dest: memoryview, file_idx: list[int], dst_off: list[int],
-            offset: list[int], length: list[int]) -> None:
-        """Read ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
-        ``dest[dst_off[i]:]``; returns when all are done, raises the first error."""
-        n = len(offset)
-        if n == 0:
-            return
-        self._errors: list[BaseException] = []
-        self._batch = (files, dest, file_idx, dst_off, offset, length, n, itertools.count())
-        helpers = min(self.depth, n) - 1
-        self._done.clear()
-        self._active = helpers
-        if helpers == 0:
-            self._done.set()
-        for _ in range(helpers):
-            self._start.release()
-        self._work()
-        self._done.wait()
-        self._batch = ()
-        if self._errors:
-            raise self._errors[0]
+    def submit(self, files: Sequence[FlashFile], dest: memoryview, file_idx: list[int], dst_off: list[int],
+               offset: list[int], length: list[int]) -> ReadJob:
+        """Queue reads of ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
+        ``dest[dst_off[i]:]``; returns at once."""
+        job = ReadJob(files, dest, file_idx, dst_off, offset, length)
+        if job.n:
+            with self._cond:
+                self._queue.append(job)
+                self._cond.notify(min(job.n, len(self._workers)))
+        return job
+
+    def wait(self, job: ReadJob) -> None:
+        """Help with the job's reads, then block until all are done; raise its first error."""
+        if not job.done.is_set():
+            self._work(job)
+            job.done.wait()
+        if job.errors:
+            raise job.errors[0]
+
+    def run(self, *args) -> None:
+        """submit + wait: one synchronous batch."""
+        self.wait(self.submit(*args))
 
     def _worker(self) -> None:
+        cond, queue = self._cond, self._queue
         while True:
-            self._start.acquire()
-            if self._closed:
-                return
-            self._work()
-            with self._lock:
-                self._active -= 1
-                if self._active == 0:
-                    self._done.set()
+            with cond:
+                while not queue and not self._closed:
+                    cond.wait()
+                if self._closed:
+                    return
+                job = queue[0]
+            if not self._work(job):
+                with cond:
+                    if queue and queue[0] is job:
+                        queue.popleft()
 
-    def _work(self) -> None:
-        files, dest, file_idx, dst_off, offset, length, n, counter = self._batch
-        errors = self._errors
-        while not errors:
-            i = next(counter)
+    def _bounce(self, want: int) -> tuple[memoryview, int]:
+        """This thread's small aligned buffer (reused, so it stays in cache) and its address."""
+        tls = self._tls
+        buf = getattr(tls, "buf", None)
+        if buf is None or buf.nbytes < want:
+            tls.mm = mmap.mmap(-1, max(want, self.bounce_max))
+            tls.buf = buf = memoryview(tls.mm)
+            tls.addr = ctypes.addressof(ctypes.c_char.from_buffer(tls.mm))
+        return buf, tls.addr
+
+    def _work(self, job: ReadJob) -> bool:
+        """The hot loop: one preadv per read; anything unusual goes to ``_finish_read``.
+        Returns False once the job has no reads left to claim."""
+        files, dest, file_idx, fds = job.files, job.dest, job.file_idx, job.fds
+        dst_off, offset, length, n = job.dst_off, job.offset, job.length, job.n
+        claim, finished, errors = job.claim, job.finished, job.errors
+        custom, pread, preadv = self.pread is not default_pread, self.pread, os.preadv
+        bounce_max = self.bounce_max
+        dest_addr = ctypes.addressof(ctypes.c_char.from_buffer(dest)) if bounce_max else 0
+        memmove = ctypes.memmove
+        while True:
+            i = next(claim)
             if i >= n:
-                return
-            try:
-                self._read_one(files[file_idx[i]], dest, dst_off[i], offset[i], length[i])
-            except BaseException as e:  # noqa: BLE001 -- re-raised by run() in the caller's thread
-                errors.append(e)
-                return
+                return False
+            if not errors:
+                d, want = dst_off[i], length[i]
+                try:
+                    bounce = want <= bounce_max
+                    if bounce:
+                        buf, addr = self._bounce(want)
+                        target = buf[:want]
+                    else:
+                        target = dest[d:d + want]
+                    try:
+                        r = pread(fds[i], target, offset[i]) if custom else preadv(fds[i], (target,), offset[i])
+                    except OSError as e:
+                        self._finish_read(files[file_idx[i]], fds[i], dest, d, offset[i], want, 0, e)
+                    else:
+                        if bounce and r > 0:
+                            memmove(dest_addr + d, addr, min(r, want))   # releases the GIL
+                        if r != want:
+                            self._finish_read(files[file_idx[i]], fds[i], dest, d, offset[i], want, r, None)
+                except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
+                    errors.append(e)
+            if next(finished) == n:
+                job.t_done = time.perf_counter()
+                job.done.set()
 
-    def _read_one(self, f: FlashFile, dest: memoryview, d: int, off: int, want: int) -> None:
-        got, fd = 0, f.fd
-        while got < want:
-            try:
-                r = self.pread(fd, dest[d + got:d + want], off + got)
-            except OSError as e:
-                if e.errno == errno.EINVAL and fd != f.buffered_fd:
+    def _finish_read(self, f: FlashFile, fd: int, dest: memoryview, d: int, off: int, want: int, got: int,
+                     err: OSError | None) -> None:
+        """Complete a read after a short count or an error: continue short reads (through the
+        buffered fd when the remainder is off-alignment), fall back from O_DIRECT on EINVAL, and
+        raise FlashIOError on any other error or on end-of-file."""
+        while True:
+            if err is not None:
+                if err.errno == errno.EINVAL and fd != f.buffered_fd:
                     warn_once("odirect-einval", f"O_DIRECT read of {f.path} failed with EINVAL: "
                               "falling back to buffered reads for it (page cache not bypassed)")
                     fd = f.fd = f.buffered_fd
                     f.direct = False
-                    continue
-                raise FlashIOError(f.path, off + got, want - got, e.strerror or str(e), e.errno or errno.EIO) \
-                    from e
-            if r <= 0:
+                else:
+                    raise FlashIOError(f.path, off + got, want - got, err.strerror or str(err),
+                                       err.errno or errno.EIO) from err
+            else:
+                if got < 0 or got > want:
+                    raise FlashIOError(f.path, off, want, f"read returned {got} bytes")
+                if got == want:
+                    return
+                if got % ALIGN and fd != f.buffered_fd:
+                    fd = f.buffered_fd   # an O_DIRECT continuation off-alignment would fail with EINVAL
+            try:
+                r = self.pread(fd, dest[d + got:d + want], off + got)
+                err = None
+            except OSError as e:
+                err = e
+                continue
+            if r == 0:
                 raise FlashIOError(f.path, off + got, want - got,
                                    "unexpected end of file (truncated? run python -m real.convert --verify-only)")
             got += r
-            if got < want and (got % ALIGN) and fd != f.buffered_fd:
-                fd = f.buffered_fd   # an O_DIRECT continuation off-alignment would fail with EINVAL
 
     def close(self) -> None:
-        self._closed = True
-        for _ in self._workers:
-            self._start.release()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
         for t in self._workers:
             t.join(timeout=1)
 
@@ -251,7 +332,8 @@ def io_uring_unavailable_reason() -> str | None:
 # ---- the engine-facing loader ----------------------------------------------------------------------
 @dataclass
 class LoaderStats:
-    io_seconds: float = 0.0       # wall time of the read phases (submit to last byte in staging)
+    io_seconds: float = 0.0       # wall time with reads in flight (submit to last byte in staging;
+                                  # overlapping loads counted once)
     map_seconds: float = 0.0      # host time to issue H2D copy + unpad/scatter (not the GPU's time)
     bytes: int = 0
     reads: int = 0
@@ -268,7 +350,24 @@ class _Slot:
     raw: Any                 # device uint8 buffer (the staging tensor itself on CPU)
     out: Any                 # [d_ff, ffn_matrices * d_model] in the model dtype
     event: Any = None        # CUDA event: this slot's copy and scatter are done
-    copy_done: Any = None
+    pending: bool = False    # reads submitted, not yet waited for
+
+
+@dataclass
+class PendingLoad:
+    """A submitted load (``FlashLoader.submit``); pass it to ``FlashLoader.wait``."""
+
+    layer: int
+    slot: int
+    job: ReadJob
+    n: int
+    nbytes: int
+    n_reads: int
+    rec_group: np.ndarray
+    hit: np.ndarray
+    out_row: np.ndarray
+    identity: bool
+    out: Any
 
 
 class FlashLoader:
@@ -283,7 +382,8 @@ class FlashLoader:
 
     def __init__(self, flash: FlashDir | str | Path, device: str = "cpu", depth: int = 32,
                  max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
-                 pread: PreadFn | None = None, backend: str = "threads"):
+                 pread: PreadFn | None = None, backend: str = "threads",
+                 bounce_max: int = BOUNCE_MAX):
         import torch
 
         self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
@@ -311,60 +411,45 @@ class FlashLoader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.files = [open_flash_file(p, direct, self.slots[0].staging) for p in self.flash.ffn_paths]
         self.direct = all(f.direct for f in self.files)
-        self.pool = ReadPool(depth, pread)
+        self.pool = ReadPool(depth, pread, bounce_max)
         self.stats = LoaderStats()
+        self._io_until = 0.0
 
-    # -- reads into host staging --
-    def read_into_staging(self, reads: Reads, slot: int | None = None) -> tuple[np.ndarray, int]:
-        """Run ``reads`` into a staging buffer, packed in read order; returns (bytes, slot index).
-
-        The bytes are valid until that slot is used again."""
-        s = self._slot if slot is None else slot
-        st = self.slots[s]
-        if st.event is not None:
-            st.event.synchronize()   # the slot's previous H2D copy must be done before overwriting
-        length = np.asarray(reads.length, dtype=np.int64)
-        total = int(length.sum())
-        if total > self.capacity:
-            raise ValueError(f"a batch of {total} bytes exceeds the loader's staging capacity {self.capacity}; "
-                             "construct FlashLoader(max_batch_bytes=...) larger or split the reads")
-        if np.any(np.asarray(reads.offset) % ALIGN) or np.any(length % ALIGN):
-            raise ValueError("reads must be 4 KiB-aligned in offset and length (use sim.layout.FlashLayout)")
-        dst_off = np.concatenate(([0], np.cumsum(length)[:-1])) if len(length) else length
-        t0 = time.perf_counter()
-        self.pool.run(self.files, st.staging.view, reads.file.tolist(), dst_off.tolist(),
-                      np.asarray(reads.offset).tolist(), length.tolist())
-        self.stats.io_seconds += time.perf_counter() - t0
-        self.stats.bytes += total
-        self.stats.reads += len(length)
-        self.stats.batches += 1
-        return st.staging.array[:total], s
-
-    # -- the engine's call --
+    # -- the engine's calls --
     def load(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None) -> Any:
         """Read ``reads`` (of ``layer``) and return the neurons' rows, in ``neurons`` order.
 
         ``neurons`` defaults to the order in which the reads cover them. Every neuron in
-        ``neurons`` must be covered by the reads (for each matrix); extra records are dropped."""
-        import torch
+        ``neurons`` must be covered by the reads (for each matrix); extra records are dropped.
+        ``out`` (optional, ``[n, ffn_matrices * d_model]``) receives the rows instead of a slot buffer."""
+        return self.wait(self.submit(layer, reads, neurons, out))
 
+    def submit(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None
+               ) -> "PendingLoad":
+        """Start the reads and return at once; ``wait`` gives the rows. Up to ``slots`` loads may be
+        pending, so the reads of the next layer can start while this one is consumed."""
         lay, spec = self.layout, self.spec
         fpl = lay.files_per_layer
         file = np.asarray(reads.file, dtype=np.int64)
         if file.size and np.any(file // fpl != layer):
             raise ValueError(f"reads name files of layers {sorted(set((file // fpl).tolist()))}, not layer {layer}")
-        counts = np.asarray(reads.length, dtype=np.int64) // lay.record_bytes
+        length = np.asarray(reads.length, dtype=np.int64)
+        offset = np.asarray(reads.offset, dtype=np.int64)
+        if np.any(offset % ALIGN) or np.any(length % lay.record_bytes):
+            raise ValueError("reads must start on 4 KiB and span whole records (use sim.layout.FlashLayout)")
+        total = int(length.sum())
+        if total > self.capacity:
+            raise ValueError(f"a batch of {total} bytes exceeds the loader's staging capacity {self.capacity}; "
+                             "construct FlashLoader(max_batch_bytes=...) larger or split the reads")
+        counts = length // lay.record_bytes
         rec_neuron = (np.repeat(np.asarray(reads.neuron_start, dtype=np.int64), counts)
                       + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
         rec_group = np.repeat(file % fpl, counts)
-        if neurons is None:
-            neurons = rec_neuron[rec_group == 0]
-        neurons = np.asarray(neurons, dtype=np.int64)
+        neurons = rec_neuron[rec_group == 0] if neurons is None else np.asarray(neurons, dtype=np.int64)
         n = neurons.size
         # position of each record's neuron in ``neurons`` (-1 if not asked for)
         order = np.argsort(neurons, kind="stable")
-        pos = np.searchsorted(neurons[order], rec_neuron)
-        pos = np.minimum(pos, max(n - 1, 0))
+        pos = np.minimum(np.searchsorted(neurons[order], rec_neuron), max(n - 1, 0))
         hit = (neurons[order][pos] == rec_neuron) if n else np.zeros(rec_neuron.size, dtype=bool)
         out_row = np.where(hit, order[pos] if n else 0, -1)
         for g in range(fpl):
@@ -374,33 +459,63 @@ class FlashLoader:
                 missing = neurons[~covered][:5].tolist()
                 raise ValueError(f"layer {layer}: reads do not cover neurons {missing} "
                                  f"(matrix {lay.matrices[g] if fpl > 1 else 'bundle'})")
-
-        host, s = self.read_into_staging(reads)
-        st = self.slots[s]
-        self._slot = (s + 1) % len(self.slots)
-        t0 = time.perf_counter()
         width = spec.ffn_matrices * spec.d_model
-        if out is None:
-            out = st.out[:n]
-        elif tuple(out.shape) != (n, width) or out.dtype != self.dtype:
+        if out is not None and (tuple(out.shape) != (n, width) or out.dtype != self.dtype):
             raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
-        nbytes = host.size
-        row_bytes = (spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes)
-        k = width if lay.bundled else spec.d_model
+
+        s = self._slot
+        st = self.slots[s]
+        if st.pending:
+            raise RuntimeError(f"all {len(self.slots)} loader slots have loads pending: wait() for one first")
+        if st.event is not None:
+            st.event.synchronize()   # the slot's previous H2D copy must be done before its staging is reused
+        st.pending = True
+        self._slot = (s + 1) % len(self.slots)
+        dst_off = np.cumsum(length) - length
+        job = self.pool.submit(self.files, st.staging.view, file.tolist(), dst_off.tolist(), offset.tolist(),
+                               length.tolist())
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
+        return PendingLoad(layer, s, job, n, total, len(length), rec_group, hit, out_row, identity, out)
+
+    def wait(self, p: "PendingLoad") -> Any:
+        """Finish a submitted load: wait for its reads, queue the H2D copy and the unpad/scatter on
+        the loader's stream, and make the caller's current stream wait for them (the host does not)."""
+        import torch
+
+        lay, spec = self.layout, self.spec
+        st = self.slots[p.slot]
+        try:
+            self.pool.wait(p.job)
+        finally:
+            st.pending = False
+        io_from = max(p.job.t_submit, self._io_until)        # overlapping loads are not counted twice
+        self.stats.io_seconds += max(0.0, p.job.t_done - io_from)
+        self._io_until = max(self._io_until, p.job.t_done)
+        self.stats.bytes += p.nbytes
+        self.stats.reads += p.n_reads
+        self.stats.batches += 1
+        t0 = time.perf_counter()
+        n, out = p.n, p.out
+        own_out = out is None
+        if own_out:
+            out = st.out[:n]
+        row_bytes = spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes
+        k = spec.ffn_matrices * spec.d_model if lay.bundled else spec.d_model
         ctx = torch.cuda.stream(self.stream) if self.cuda else _null_ctx()
         with ctx:
             if self.cuda:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
-                st.raw[:nbytes].copy_(st.staging.tensor[:nbytes], non_blocking=True)
-            recs = st.raw[:nbytes].view(-1, lay.record_bytes)[:, :row_bytes].view(self.dtype)
-            if identity:
+                st.raw[:p.nbytes].copy_(st.staging.tensor[:p.nbytes], non_blocking=True)
+            recs = st.raw[:p.nbytes].view(-1, lay.record_bytes)[:, :row_bytes].view(self.dtype)
+            if p.identity and own_out and lay.record_bytes == row_bytes:
+                out = recs                      # records are the rows: no copy (same validity as st.out)
+            elif p.identity:
                 out.copy_(recs, non_blocking=True)
             else:
-                for g in range(fpl):
-                    sel = np.flatnonzero((rec_group == g) & hit)
+                for g in range(lay.files_per_layer):
+                    sel = np.flatnonzero((p.rec_group == g) & p.hit)
                     src = torch.as_tensor(sel).to(self.device, non_blocking=True)
-                    dst = torch.as_tensor(out_row[sel]).to(self.device, non_blocking=True)
+                    dst = torch.as_tensor(p.out_row[sel]).to(self.device, non_blocking=True)
                     out[:, g * k:(g + 1) * k].index_copy_(0, dst, recs.index_select(0, src))
             if self.cuda:
                 st.event.record(self.stream)

@@ -1,0 +1,261 @@
+"""real.loader: executes Reads exactly, completes short reads, fails loudly, never returns stale bytes."""
+
+import errno
+import mmap
+import os
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+import real.loader as loader_mod  # noqa: E402
+from real.convert import write_random_flash  # noqa: E402
+from real.flash_dir import FlashDir  # noqa: E402
+from real.loader import FlashIOError, FlashLoader, ReadPool, open_flash_file  # noqa: E402
+from sim.layout import ALIGN, FlashLayout, Reads  # noqa: E402
+from sim.model_spec import ModelSpec  # noqa: E402
+
+# float16, d_model 1024: a bundled record is exactly 4 KiB (no padding), unbundled 2 KiB padded to 4 KiB
+SPEC = ModelSpec.from_dict({**ModelSpec.preset("opt-tiny").to_dict(), "d_model": 1024, "n_heads": 8,
+                            "d_ff": 512, "dtype": "float16", "n_layers": 3})
+
+
+@pytest.fixture(scope="module")
+def flash_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash")
+    return {lay: write_random_flash(SPEC, root / lay, lay, seed=7, resident=False, progress=False)
+            for lay in ("bundled", "unbundled")}
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(loader_mod, "_warned", set())
+
+
+def reference_rows(flash: FlashDir, layer: int) -> torch.Tensor:
+    """All neurons of ``layer`` read with plain buffered file I/O, independent of the loader."""
+    lay, spec = flash.layout, flash.spec
+    dt = np.float16
+    parts = []
+    for g in range(lay.files_per_layer):
+        raw = np.fromfile(flash.ffn_paths[lay.file_index(layer, g)], dtype=np.uint8).reshape(spec.d_ff, -1)
+        width = spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes
+        parts.append(raw[:, :width].copy().view(dt))
+    return torch.from_numpy(np.concatenate(parts, axis=1))
+
+
+def poison(loader: FlashLoader) -> None:
+    for st in loader.slots:
+        st.staging.array[:] = 0xAB
+        st.out.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("chunk_kib", [4, 12, 64])
+def test_loads_match_reference_in_requested_order(flash_dirs, layout, chunk_kib):
+    flash = flash_dirs[layout]
+    rng = np.random.default_rng(chunk_kib)
+    with FlashLoader(flash, depth=6) as loader:
+        poison(loader)
+        for layer in range(SPEC.n_layers):
+            ref = reference_rows(flash, layer)
+            ids = np.sort(rng.choice(SPEC.d_ff, 150, replace=False))
+            order = rng.permutation(ids)
+            reads = flash.layout.reads_for(layer, ids, chunk_kib * 1024)
+            rows = loader.load(layer, reads, order)
+            assert rows.shape == (150, 2 * SPEC.d_model) and rows.dtype == torch.float16
+            assert torch.equal(rows, ref[order])
+            assert torch.equal(loader.load(layer, reads), ref[ids])   # default: the reads' own order
+        assert loader.stats.batches == 2 * SPEC.n_layers and loader.stats.io_seconds > 0
+        assert loader.stats.bytes == 2 * SPEC.n_layers * 150 * flash.layout.bytes_per_neuron
+
+
+def test_submit_ahead_and_slot_reuse_give_no_stale_rows(flash_dirs):
+    flash = flash_dirs["bundled"]
+    ref = reference_rows(flash, 2)
+    with FlashLoader(flash, depth=4, slots=2) as loader:
+        a, b = np.arange(0, 100), np.arange(300, 420)
+        pa = loader.submit(2, flash.layout.reads_for(2, a, 8192), a)
+        pb = loader.submit(2, flash.layout.reads_for(2, b, 8192), b)
+        with pytest.raises(RuntimeError, match="slots have loads pending"):
+            loader.submit(2, flash.layout.reads_for(2, a, 8192), a)
+        assert torch.equal(loader.wait(pa), ref[a])
+        assert torch.equal(loader.wait(pb), ref[b])
+        c = np.arange(5, 40)   # smaller batch into a reused slot: nothing left over from before
+        assert torch.equal(loader.load(2, flash.layout.reads_for(2, c, 4096), c), ref[c])
+        out = torch.empty(len(c), 2 * SPEC.d_model, dtype=torch.float16)
+        assert loader.load(2, flash.layout.reads_for(2, c, 4096), c, out=out) is out and torch.equal(out, ref[c])
+
+
+def test_bad_requests_are_refused(flash_dirs):
+    flash = flash_dirs["unbundled"]
+    with FlashLoader(flash, depth=2, max_batch_bytes=64 * ALIGN) as loader:
+        with pytest.raises(ValueError, match="not layer 0"):
+            loader.load(0, flash.layout.reads_for(1, np.arange(4), 4096))
+        with pytest.raises(ValueError, match="do not cover neurons"):
+            loader.load(0, flash.layout.reads_for(0, np.arange(4), 4096), np.arange(5))
+        with pytest.raises(ValueError, match="staging capacity"):
+            loader.load(0, flash.layout.reads_for(0, np.arange(100), 4096))
+
+
+# ---- fault injection ------------------------------------------------------------------------------
+def short_pread(seed: int):
+    """A pread that delivers only part of each request (sometimes off-alignment), like a flaky fs."""
+    rng, lock = random.Random(seed), threading.Lock()
+    calls = [0]
+
+    def pread(fd: int, dst: memoryview, off: int) -> int:
+        tmp = memoryview(mmap.mmap(-1, max(len(dst), ALIGN)))[:len(dst)]
+        got = os.preadv(fd, [tmp], off)
+        with lock:
+            calls[0] += 1
+            cut = rng.choice([got, max(1, got // 2), rng.randint(1, max(1, got)), ALIGN if got > ALIGN else got])
+        dst[:cut] = tmp[:cut]
+        return cut
+    pread.calls = calls
+    return pread
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_short_reads_are_completed(flash_dirs, layout):
+    flash = flash_dirs[layout]
+    pread = short_pread(1)
+    ids = np.sort(np.random.default_rng(0).choice(SPEC.d_ff, 200, replace=False))
+    with FlashLoader(flash, depth=5, pread=pread) as loader:
+        poison(loader)
+        rows = loader.load(1, flash.layout.reads_for(1, ids, 32 * 1024), ids)
+        assert torch.equal(rows, reference_rows(flash, 1)[ids])
+    assert pread.calls[0] > len(flash.layout.reads_for(1, ids, 32 * 1024))   # shortness really happened
+
+
+def test_eio_names_file_and_offset_then_loader_recovers(flash_dirs):
+    flash = flash_dirs["bundled"]
+    bad_offset = 37 * flash.layout.record_bytes
+    armed = [True]
+
+    def pread(fd, dst, off):
+        if armed[0] and off <= bad_offset < off + len(dst):
+            raise OSError(errno.EIO, "Input/output error")
+        return os.preadv(fd, [dst], off)
+
+    ids = np.arange(0, 64)
+    reads = flash.layout.reads_for(2, ids, 16 * 1024)
+    with FlashLoader(flash, depth=4, pread=pread) as loader:
+        with pytest.raises(FlashIOError) as info:
+            loader.load(2, reads, ids)
+        e = info.value
+        assert e.errno == errno.EIO and e.path.endswith("layer002.ffn.bin")
+        assert "layer002.ffn.bin" in str(e) and f"at offset {36 * flash.layout.record_bytes}" in str(e)
+        armed[0] = False       # the fault clears: the next load is whole and correct
+        assert torch.equal(loader.load(2, reads, ids), reference_rows(flash, 2)[ids])
+
+
+def test_truncated_file_is_an_error_not_stale_data(tmp_path):
+    flash = write_random_flash(SPEC, tmp_path / "f", "bundled", seed=1, resident=False, progress=False)
+    with FlashLoader(flash, depth=3) as loader:
+        poison(loader)
+        os.truncate(flash.ffn_paths[0], 100 * flash.layout.record_bytes)    # behind the loader's back
+        with pytest.raises(FlashIOError, match=r"layer000\.ffn\.bin: read of \d+ bytes at offset \d+ .*end of file"):
+            loader.load(0, flash.layout.reads_for(0, np.arange(90, 140), 64 * 1024))
+
+
+def test_pool_raises_for_any_exception_in_a_worker(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(64 * ALIGN))
+    f = open_flash_file(path)
+
+    armed = [True]
+
+    def pread(fd, dst, off):
+        if armed[0] and off == 40 * ALIGN:
+            raise RuntimeError("boom")
+        return os.preadv(fd, [dst], off)
+
+    pool = ReadPool(8, pread)
+    buf = memoryview(mmap.mmap(-1, 64 * ALIGN))
+    offs = [i * ALIGN for i in range(64)]
+    with pytest.raises(RuntimeError, match="boom"):
+        pool.run([f], buf, [0] * 64, offs, offs, [ALIGN] * 64)
+    armed[0] = False
+    buf[:] = b"\0" * len(buf)
+    pool.run([f], buf, [0] * 64, offs, offs, [ALIGN] * 64)   # still usable, every byte delivered
+    assert bytes(buf) == path.read_bytes()
+    pool.close()
+    f.close()
+
+
+# ---- O_DIRECT fallback ------------------------------------------------------------------------------
+def test_odirect_unsupported_falls_back_once_with_a_warning(flash_dirs, monkeypatch):
+    flash = flash_dirs["bundled"]
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.warns(RuntimeWarning, match="falling back to buffered") as rec:
+        loader = FlashLoader(flash, depth=2)
+    assert len([w for w in rec if "buffered" in str(w.message)]) == 1       # once, not per file
+    assert not loader.direct
+    ids = np.arange(10, 50)
+    assert torch.equal(loader.load(0, flash.layout.reads_for(0, ids, 8192), ids), reference_rows(flash, 0)[ids])
+    loader.close()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
+def test_tmpfs_loads_with_or_without_odirect(tmp_path):
+    """tmpfs lacked O_DIRECT before Linux 6.6: then the loader must say so; either way rows are right."""
+    import tempfile
+    import warnings
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        flash = write_random_flash(SPEC, Path(shm) / "f", "unbundled", seed=2, resident=False, progress=False)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            loader = FlashLoader(flash, depth=2)
+        assert loader.direct or any("O_DIRECT" in str(w.message) for w in rec)
+        ids = np.arange(0, 512, 5)
+        assert torch.equal(loader.load(1, flash.layout.reads_for(1, ids, 4096), ids), reference_rows(flash, 1)[ids])
+        loader.close()
+
+
+def test_einval_at_read_time_switches_to_buffered(flash_dirs):
+    flash = flash_dirs["unbundled"]
+    direct_fds = set()
+
+    def pread(fd, dst, off):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return os.preadv(fd, [dst], off)
+
+    loader = FlashLoader(flash, depth=3, pread=pread)
+    direct_fds.update(f.fd for f in loader.files if f.direct)
+    ids = np.arange(100, 180)
+    with pytest.warns(RuntimeWarning, match="EINVAL"):
+        rows = loader.load(2, flash.layout.reads_for(2, ids, 16384), ids)
+    assert torch.equal(rows, reference_rows(flash, 2)[ids])
+    loader.close()
+
+
+def test_io_uring_backend_reports_why_it_is_skipped(flash_dirs):
+    why = loader_mod.io_uring_unavailable_reason()
+    if why is None:
+        pytest.skip("io_uring usable here")
+    with pytest.warns(RuntimeWarning, match="io_uring backend unavailable"):
+        FlashLoader(flash_dirs["bundled"], depth=2, backend="auto").close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_rows_match(flash_dirs):
+    flash = flash_dirs["unbundled"]
+    ids = np.random.default_rng(3).permutation(SPEC.d_ff)[:100]
+    with FlashLoader(flash, device="cuda", depth=8) as loader:
+        rows = loader.load(0, flash.layout.reads_for(0, np.sort(ids), 8192), ids)
+        torch.cuda.synchronize()
+        assert rows.is_cuda and torch.equal(rows.cpu(), reference_rows(flash, 0)[ids])
