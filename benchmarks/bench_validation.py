@@ -1,0 +1,136 @@
+"""Validation of the simulator against this machine: the ``validation`` experiment (32 backend=both
+points over policy x chunk x window x sparsity x memory budget), then calibration of the
+simulator's free timing constants on half of the points and the error on the other half.
+
+    python benchmarks/bench_validation.py --model opt-6.7b --hardware h100-vda --cache-dir /root/flash
+
+Writes (under --out, default benchmarks/):
+  validation.md                      the human-readable table (per point, and the summary)
+  results/validation.json            [{device, date, model, n_fit, n_heldout, median_abs_err_pct,
+                                       max_abs_err_pct, ...}] (held-out error after calibration)
+  validation/results.csv             the sweep's rows; validation/<n>/ each run's result.json and
+                                       .hydra/config.yaml (enough to re-simulate: calibrate_sim)
+  validation/<hardware>-fit.yaml     the fitted profile; validation/calibration.json its report
+  validation/validation_heldout.png/.pdf   held-out predicted vs measured, before / after
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import plots  # noqa: E402
+from experiments.calibrate_sim import fit, format_report, load_points, pairs_table  # noqa: E402
+from experiments.sweep import run_multirun  # noqa: E402
+from sim.hardware import HardwareProfile  # noqa: E402
+
+
+def device_name() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def keep_run_files(sweep: Path, dest: Path) -> None:
+    """The sweep's table and, per run, what re-simulating needs (no logs, no flash data)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy(sweep / "results.csv", dest / "results.csv")
+    for res in sweep.glob("*/result.json"):
+        run = dest / res.parent.name
+        (run / ".hydra").mkdir(parents=True)
+        shutil.copy(res, run / "result.json")
+        shutil.copy(res.parent / ".hydra" / "config.yaml", run / ".hydra" / "config.yaml")
+        if (res.parent / "real_tokens.csv").exists():
+            shutil.copy(res.parent / "real_tokens.csv", run / "real_tokens.csv")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="opt-6.7b")
+    ap.add_argument("--hardware", default="h100-vda", help="the sim side's profile, and the fit's start")
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--cache-dir", default="cache/flash", help="where the flash weights are built (big)")
+    ap.add_argument("--sweep-dir", default=None, help="default: a scratch dir; reuse one to resume")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--seed", type=int, default=0, help="fit / held-out split")
+    ap.add_argument("--jobs", type=int, default=4, help="processes re-simulating during the fit")
+    ap.add_argument("--max-evals", type=int, default=300)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    sweep = Path(args.sweep_dir or f"/tmp/flashlab-validation-{args.model}")
+    t0 = time.perf_counter()
+    run_multirun(["+experiment=validation", f"model={args.model}", f"hardware={args.hardware}",
+                  f"tokens={args.tokens}", f"warmup={args.warmup}", f"backend.cache_dir={args.cache_dir}",
+                  *args.overrides], sweep)
+    t_sweep = time.perf_counter() - t0
+    keep_run_files(sweep, out / "validation")
+
+    points = load_points([out / "validation" / "results.csv"])
+    base = HardwareProfile.preset(args.hardware)
+    t1 = time.perf_counter()
+    cal = fit(points, base, seed=args.seed, jobs=args.jobs, max_evals=args.max_evals, name=f"{args.hardware}-fit")
+    t_fit = time.perf_counter() - t1
+    report = cal.report
+    print(format_report(report))
+    cal.profile.to_yaml(out / "validation" / f"{args.hardware}-fit.yaml")
+    (out / "validation" / "calibration.json").write_text(json.dumps(report, indent=1))
+    pairs = pairs_table(points, cal)
+    fig = plots.predicted_vs_measured(pairs, title=f"{args.model} on {device_name()}: held-out points, "
+                                                   f"before / after calibration")
+    plots.save(fig, out / "validation", "validation_heldout")
+
+    device, date = device_name(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    held = report["heldout_after"]
+    record = {"device": device, "date": date, "model": args.model, "n_fit": report["n_fit"],
+              "n_heldout": report["n_heldout"], "median_abs_err_pct": round(held["median_abs_err_pct"], 3),
+              "max_abs_err_pct": round(held["max_abs_err_pct"], 3),
+              "median_abs_err_pct_before": round(report["heldout_before"]["median_abs_err_pct"], 3),
+              "max_abs_err_pct_before": round(report["heldout_before"]["max_abs_err_pct"], 3),
+              "base_hardware": args.hardware, "tokens": args.tokens, "warmup": args.warmup, "seed": args.seed,
+              "sweep_s": round(t_sweep, 1), "fit_s": round(t_fit, 1)}
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / "validation.json").write_text(json.dumps([record], indent=1) + "\n")
+
+    lines = [f"# Simulator validation: {args.model} on {device} ({date})", "",
+             f"{len(points)} backend=both points (conf/experiment/validation.yaml), {args.tokens} tokens each "
+             f"({args.warmup} warm-up). Sim profile before: `{args.hardware}`; fitted on {report['n_fit']} points "
+             f"(seed {args.seed}), judged on the other {report['n_heldout']}.", "",
+             "| split | profile | median abs err % | max abs err % | mean err % |", "|---|---|---|---|---|"]
+    for key, split, prof in (("fit_before", "fit", "base"), ("fit_after", "fit", "fitted"),
+                             ("heldout_before", "held-out", "base"), ("heldout_after", "held-out", "fitted")):
+        s = report[key]
+        lines.append(f"| {split} | {prof} | {s['median_abs_err_pct']:.2f} | {s['max_abs_err_pct']:.2f} | {s['mean_err_pct']:.2f} |")
+    lines += ["", "Fitted constants: " + ", ".join(f"{k}={v:.4g}" for k, v in report["values"].items())
+              + f", overlap={report['overlap']}", "",
+              "| held-out point | measured ms | predicted before | predicted after | err before % | err after % |",
+              "|---|---|---|---|---|---|"]
+    for i in cal.heldout_idx:
+        m = points[i].measured_ms
+        lines.append(f"| {points[i].label} | {m:.2f} | {m * (1 + cal.before_pct[i] / 100):.2f} | "
+                     f"{m * (1 + cal.after_pct[i] / 100):.2f} | {cal.before_pct[i]:+.1f} | {cal.after_pct[i]:+.1f} |")
+    lines.append(f"\nsweep {t_sweep:.0f} s, fit {t_fit:.0f} s ({report['evaluations']} profile evaluations)")
+    (out / "validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(cal.heldout_idx) - 12:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
