@@ -1,0 +1,50 @@
+"""real.calibrate: a quick run on a tiny file yields a profile the simulator and Hydra presets accept."""
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+import sim.presets  # noqa: E402
+from real import calibrate as cal  # noqa: E402
+from sim.hardware import HardwareProfile  # noqa: E402
+
+
+def test_quick_calibration_writes_a_valid_profile(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    out = conf / "hardware" / "tiny-test.yaml"
+    rc = cal.main([str(tmp_path / "disk"), "--quick", "--name", "tiny-test", "--out", str(out), "--file-mib", "16",
+                   "--sizes-kib", "4,64,256", "--depths", "1,4", "--no-progress"])
+    assert rc == 0
+    prof = HardwareProfile.from_yaml(out)
+    assert prof.name == "tiny-test" and prof.read_kib == [4.0, 64.0, 256.0] and prof.depths == [1, 4]
+    table = np.asarray(prof.read_gbps)
+    assert table.shape == (3, 2) and np.all(table > 0) and np.all(np.isfinite(table))
+    assert prof.read_latency_us > 0 and prof.seq_gbps > 0 and prof.mem_gbps > 0 and prof.compute_gbps > 0
+    assert prof.row_op_us > 0 and prof.op_overhead_us > 0 and prof.memory_gib > 0
+    assert "real.calibrate --quick" in prof.source and "O_DIRECT" in prof.source.upper()
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert not (tmp_path / "disk" / cal.TEST_FILE).exists()        # the test file is removed
+    # the simulator can use it, and it loads as a preset of the hardware group (hardware=tiny-test)
+    assert prof.read_batch_seconds(np.full(8, 16384), 4) > 0
+    monkeypatch.setattr(sim.presets, "CONF_DIR", conf)
+    assert HardwareProfile.preset("tiny-test") == prof
+    assert yaml.safe_load(out.read_text())["depths"] == [1, 4]
+
+
+def test_probe_counts_bytes_it_really_read(tmp_path):
+    path = tmp_path / "f.bin"
+    cal.make_test_file(path, 8 << 20)
+    g = cal.random_read_gbps(path, 64 << 10, 2, seconds=0.05, min_reads=10)
+    assert 0 < g < 1000
+    with pytest.raises(ValueError, match="smaller than one"):
+        cal.random_read_gbps(path, 16 << 20, 1, seconds=0.01)
+
+
+def test_batch_overhead_and_row_cost_are_measured(tmp_path):
+    path = tmp_path / "f.bin"
+    cal.make_test_file(path, 8 << 20)
+    assert cal.batch_overhead_us(path, reads=20) >= 0
+    assert 0 < cal.row_op_us(d_ff=2048, rounds=5) < 1000
