@@ -189,3 +189,14 @@ def test_backend_both_rows_give_predicted_vs_measured_figure(tmp_path):
     out = tmp_path / "figs"
     assert figures_main([str(sweep), "--out", str(out)]) == 0
     assert (out / "runs_predicted_vs_measured.png").exists() and (out / "runs_predicted_vs_measured.pdf").exists()
+
+
+def test_collect_writes_results_of_an_unfinished_sweep(tmp_path):
+    from experiments.collect import main as collect_main
+    sweep = tmp_path / "s"
+    run_multirun([*SMALL, "policy=naive,windowing_bundling"], sweep, launcher="basic")
+    (sweep / "results.csv").unlink()
+    (sweep / "0" / "result.json").unlink()                  # as if run 0 never finished
+    assert collect_main([str(sweep)]) == 0
+    assert list(pd.read_csv(sweep / "results.csv")["policy"]) == ["windowing_bundling"]
+    assert collect_main([str(tmp_path / "empty")]) == 1
