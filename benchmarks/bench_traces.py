@@ -50,13 +50,15 @@ def texts(split: str, tokens: int, seq: int) -> list[np.ndarray]:
     return [s for s in seqs if len(s) == seq]
 
 
-def plot(path: Path, summary: dict, fit, pred_curve: list[tuple[float, float]], paper: dict) -> None:
+def plot(path: Path, summary: dict, fit, pred_curve: list[tuple[float, float]], paper: dict,
+         chosen: tuple[float, float]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     L = summary["layers"]
     ax[0].bar(range(L), [100 * s for s in summary["sparsity"]], color="tab:blue")
+    ax[0].set_xticks(range(L))
     ax[0].set(xlabel="layer", ylabel="sparsity (% of FFN neurons = 0)", title="small-relu-opt, held-out text",
               ylim=(min(100 * min(summary["sparsity"]) - 5, 90), 100))
     for l, s in enumerate(summary["sparsity"]):
@@ -69,7 +71,9 @@ def plot(path: Path, summary: dict, fit, pred_curve: list[tuple[float, float]], 
               title=f"reuse curve (calibrated max rel. err {100 * fit.max_rel_err:.1f}%)")
     ax[1].legend()
     reads, rec = zip(*pred_curve)
-    ax[2].plot(reads, rec, "o-")
+    ax[2].plot(reads, rec, "o-", label="threshold offset -3..+3")
+    ax[2].plot(*chosen, "r*", ms=14, label="threshold for recall 0.95 on training text")
+    ax[2].legend(loc="lower right")
     ax[2].axhline(0.9, color="grey", ls=":")
     ax[2].axvline(2.0, color="grey", ls=":")
     ax[2].set(xlabel="reads per token / oracle's", ylabel="recall (held-out)",
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ptrace = generate_trace(ModelSpec.preset("opt-6.7b"), SyntheticTraceConfig.from_dict(pp))
     paper = {"sparsity": float(ptrace.sparsity().mean()), "curve": ptrace.new_neurons_curve(WINDOWS).tolist()}
 
-    plot(ROOT / "benchmarks" / "traces.png", summary, fit, sweep, paper)
+    plot(ROOT / "benchmarks" / "traces.png", summary, fit, sweep, paper,
+         (main_metrics["reads_vs_oracle"], main_metrics["recall"]))
     date = dt.date.today().isoformat()
     dev = device_name()
     m = main_metrics
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{r['rank']:4d}  {r['recall']:.4f}  {r['precision']:.4f}     {r['fnr']:.4f}  "
                      f"{r['reads_per_token']:11.1f}  {r['oracle_reads_per_token']:6.1f}  {r['reads_vs_oracle']:12.2f}  "
                      f"{r['random_recall']:13.3f}  {r['ppl_predicted']:8.4f}  {r['acc_predicted']:.4f}")
+    lines.append(f"rank {a.main_rank} per layer: recall " + " ".join(f"{v:.3f}" for v in m["recall_per_layer"])
+                 + "; reads/oracle " + " ".join(f"{v:.2f}" for v in m["reads_vs_oracle_per_layer"]))
     lines += [f"dense model:  ppl {lm_dense['ppl']:.4f}  next-byte accuracy {lm_dense['accuracy']:.4f}",
               f"rank {a.main_rank}: ppl {lm_dense['ppl']:.4f} -> {m['ppl_predicted']:.4f} "
               f"({100 * (m['ppl_predicted'] / lm_dense['ppl'] - 1):+.2f}%), accuracy {lm_dense['accuracy']:.4f} -> "

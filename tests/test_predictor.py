@@ -75,7 +75,10 @@ def test_masked_ffn_keeps_only_predicted_neurons():
         masked = language_model_scores(model, seqs)
         seen, _ = record(model, seqs, save_inputs=False)
     p0 = pred.predict_all(inputs)[:, 0]
-    assert np.array_equal(seen[:, 0], active[:, 0] & p0)
+    differ = seen[:, 0] != (active[:, 0] & p0)
+    # numpy and torch round the logits differently: disagreements only right at the threshold
+    margin = np.abs(pred.logits(0, inputs[:, 0]) - pred.threshold[0])
+    assert differ.sum() <= 3 and np.all(margin[differ] < 1e-4)
     assert stats["kept"] > 0 and masked["nll"] != dense["nll"]
     # the written trace carries the prediction for policy.predictor=trace
     tr = Trace(active=active, predicted=pred.predict_all(inputs))
