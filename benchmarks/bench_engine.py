@@ -56,8 +56,9 @@ STEPS = [  # (label, policy preset, overrides, token group)
     ("windowing_bundling", "windowing_bundling", {}, "main"),
     ("wb+depth64", "windowing_bundling", {"reads_in_flight": 64}, "main"),
     ("wb+depth128", "windowing_bundling", {"reads_in_flight": 128}, "main"),
+    ("wb+lru", "windowing_bundling", {"eviction": "lru"}, "main"),
     ("wb+lru+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lru"}, "main"),
-    ("wb+lru+depth128", "windowing_bundling", {"reads_in_flight": 128, "eviction": "lru"}, "main"),
+    ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
 ]
 
 

@@ -20,10 +20,12 @@ Two drivers share ``FlashFFN``:
   simulator timed); attention, norms, embeddings, head and predictor are ``SyntheticBody`` random
   weights of the real sizes, so a 7B-class token costs what it would with a checkpoint.
 
-Per-token parts (``sim.simulator.TokenCost``): ``io_s`` = from submitting a layer's reads until the
-last read landed plus the host-to-device copy, summed over layers (it overlaps compute, as in the
-simulator); ``mem_s`` = memory management; ``compute_s`` = latency - mem - the time the host was
-blocked waiting for reads (everything else: attention, predictor, FFN, head, Python)."""
+Per-token parts (``sim.simulator.TokenCost``): ``io_s`` = per layer, from submitting the reads until
+the last read landed, plus the copy to the device, summed over layers (it overlaps compute, as in
+the simulator); ``mem_s`` = memory management (evict, move, insert); ``compute_s`` = attention,
+predictor, FFN and head. Parts are device time (CUDA events) on a GPU and wall time on the CPU; in
+model mode, where HF's code runs between the FFN sites, ``compute_s`` = latency - mem - the time the
+host was blocked waiting for reads."""
 
 from __future__ import annotations
 
@@ -87,11 +89,34 @@ def ffn_rows(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, gate: tor
 
 
 class Clock:
-    """Wall time with device synchronisation where the device runs asynchronously."""
+    """Wall time, and spans of work: CUDA events on a GPU (no host synchronisation, so the host keeps
+    queueing work), ``perf_counter`` on the CPU. ``settle`` adds the GPU spans after a sync."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
+        self._open: list = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, part: str, start, tc: TokenCost) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._open.append((tc, part, start, e))
+        else:
+            setattr(tc, part, getattr(tc, part) + time.perf_counter() - start)
+
+    def settle(self) -> None:
+        """Call after a device sync: credit every recorded GPU span to its token's part."""
+        for tc, part, a, b in self._open:
+            setattr(tc, part, getattr(tc, part) + a.elapsed_time(b) / 1e3)
+        self._open.clear()
 
     def sync(self) -> None:
         if self.cuda:
@@ -247,38 +272,55 @@ class FlashFFN:
 
     # ---- one layer -------------------------------------------------------------------------
     def run_layer(self, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
-        """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]."""
-        l, st, clock = plan.layer, self.stats, self.clock
-        cache = self.caches[l]
-        load = plan.load
-        pending = self.loads.submit(plan) if load.size else None
+        """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model].
+
+        CPU: submit the reads, compute over the resident neurons meanwhile, then memory management.
+        GPU: queue the resident FFN and the evictions/moves on the device first (they need no new
+        rows), then submit the reads, so the host only waits (and helps read) while they are in
+        flight and does not compete with the reader threads for the interpreter."""
+        l, st, clock, dev = plan.layer, self.stats, self.clock, self.device
+        cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
+        pending = self.loads.submit(plan) if load.size and not gpu else None
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         y = None
-        if res.size:                                          # overlaps the reads
+        if res.size:
+            s = clock.start()
             rows = cache.rows_for(res)
             if rows.size == cache.n_rows and rows[0] == 0 and rows[-1] == rows.size - 1 and \
                     np.array_equal(rows, np.arange(rows.size)):
                 y = self._ffn(x, cache.view(), cache.bias[: cache.n_rows] if self.b1 is not None else None, None)
             else:
-                idx = torch.from_numpy(rows).to(self.device)
+                idx = torch.from_numpy(rows).to(dev)
                 y = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx)
+            clock.stop("compute_s", s, st)
+        if gpu:
+            s = clock.start()
+            cache.evict(plan)
+            clock.stop("mem_s", s, st)
+        load_idx = torch.from_numpy(load).to(dev) if load.size and self.b1 is not None else None
+        if load.size and gpu:
+            pending = self.loads.submit(plan)
         new_rows = new_bias = None
         if pending is not None:
             t_wait = time.perf_counter()
             t_submit, t_done = self.loads.wait_reads(pending)
             self.io_wait_s += time.perf_counter() - t_wait
-            t_copy = time.perf_counter()
-            new_rows = self.loads.rows(pending)
-            t_end = clock.now(sync=True)
-            st.io_s += (t_done - t_submit) + (t_end - t_copy)
-            if self.b1 is not None:
-                new_bias = self.b1[l].index_select(0, torch.from_numpy(load).to(self.device))
-        t_mem = clock.now(sync=True)
-        cache.apply(plan, new_rows, new_bias)
-        st.mem_s += clock.now(sync=True) - t_mem
+            st.io_s += t_done - t_submit
+            s = clock.start()
+            new_rows = self.loads.rows(pending)              # to the device
+            clock.stop("io_s", s, st)
+            if load_idx is not None:
+                new_bias = self.b1[l].index_select(0, load_idx)
+        s = clock.start()
+        if not gpu:
+            cache.evict(plan)
+        cache.insert(plan, new_rows, new_bias)
+        clock.stop("mem_s", s, st)
         if new_rows is not None:
+            s = clock.start()
             y_new = self._ffn(x, new_rows, new_bias, None)
             y = y_new if y is None else y + y_new
+            clock.stop("compute_s", s, st)
         if y is None:
             y = torch.zeros_like(x)
         if self.b2 is not None:
@@ -367,15 +409,19 @@ class TraceEngine:
         t0 = clock.now(sync=True)
         h = body.embed(t)
         for p in layer_plans:
+            s = clock.start()
             h = body.attention(p.layer, h, t)
             x = body.ffn_input(p.layer, h)
             if self.policy.sparse:
                 body.predictor(p.layer, x)
+            clock.stop("compute_s", s, tc)
             clock.sync()                   # a real predictor's mask must reach the host before reads
             h = h + ffn.run_layer(p, x)
+        s = clock.start()
         body.head(h)
+        clock.stop("compute_s", s, tc)
         tc.latency_s = clock.now(sync=True) - t0
-        tc.compute_s = tc.latency_s - tc.mem_s - ffn.io_wait_s
+        clock.settle()
         return tc
 
 
@@ -459,7 +505,8 @@ class OPTFlashModel:
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.past, use_cache=True)
         logits = out.logits[:, -1]
         tc.latency_s = self.clock.now(sync=True) - t0
-        tc.compute_s = tc.latency_s - tc.mem_s - self.ffn.io_wait_s
+        self.clock.settle()
+        tc.compute_s = tc.latency_s - tc.mem_s - self.ffn.io_wait_s   # HF's own code is not spanned
         self.past = out.past_key_values
         self.engine.next_token()
         return logits, tc

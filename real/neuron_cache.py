@@ -37,6 +37,7 @@ class NeuronCache:
         self.neuron_at = np.full(max(capacity, 1), -1, dtype=np.int64)
         self.n_rows = 0
         self.rows_copied = 0      # total rows moved or copied by memory management so far
+        self._keep = None
 
     @property
     def nbytes(self) -> int:
@@ -56,14 +57,14 @@ class NeuronCache:
         return self.data[: self.n_rows]
 
     def apply(self, plan: LayerPlan, new_rows: torch.Tensor | None, new_bias: torch.Tensor | None = None) -> None:
-        """Execute the plan's memory management: evict, move, insert.
+        """Execute the plan's memory management: evict, move, insert (``evict`` then ``insert``)."""
+        self.evict(plan)
+        self.insert(plan, new_rows, new_bias)
 
-        ``new_rows`` [len(plan.load), width] are the loaded neurons in ``plan.load`` order (on the
-        cache's device); those with ``insert_rows >= 0`` are written into the cache. ``new_bias``
-        [len(plan.load)] is their up-projection bias, kept row-aligned so kernels index both alike."""
-        insert_mask = plan.insert_rows >= 0
-        ins_rows = plan.insert_rows[insert_mask]
-        ins_neurons = plan.load[insert_mask]
+    def evict(self, plan: LayerPlan) -> None:
+        """Drop ``plan.evict`` and fill the holes with ``plan.moves``. Needs none of the new rows,
+        so the engine may run it while the plan's reads are in flight (after the FFN over the
+        resident neurons has read the cache: same device stream)."""
         evict = plan.evict
         gaps = np.sort(self.row_of[evict]) if evict.size else np.zeros(0, np.int64)
         if gaps.size and gaps.min() < 0:
@@ -87,29 +88,44 @@ class NeuronCache:
                 self.neuron_at[dst] = moved
                 self.row_of[moved] = dst
                 self.rows_copied += int(src.size)
+            self._keep = None
+        else:  # concat: remember the kept rows in order; insert() rebuilds the matrix
+            keep = np.flatnonzero(self.neuron_at[:n] >= 0)
+            kept_neurons = self.neuron_at[keep]
+            self._keep = torch.from_numpy(keep).to(self.device)
+            self.rows_copied += int(keep.size)
+            self.neuron_at[:] = -1
+            self.neuron_at[: keep.size] = kept_neurons
+            self.row_of[kept_neurons] = np.arange(keep.size)
+        self.n_rows = m
+
+    def insert(self, plan: LayerPlan, new_rows: torch.Tensor | None, new_bias: torch.Tensor | None = None) -> None:
+        """Write the loaded neurons with ``insert_rows >= 0`` at the end (after ``evict``).
+
+        ``new_rows`` [len(plan.load), width] are the loaded neurons in ``plan.load`` order (on the
+        cache's device); ``new_bias`` [len(plan.load)] their up-projection bias, kept row-aligned
+        so kernels index both alike."""
+        insert_mask = plan.insert_rows >= 0
+        ins_rows = plan.insert_rows[insert_mask]
+        ins_neurons = plan.load[insert_mask]
+        m = self.n_rows
+        sel = slice(None) if insert_mask.all() else torch.from_numpy(np.flatnonzero(insert_mask)).to(self.device)
+        if ins_rows.size and (ins_rows[0] != m or ins_rows[-1] != m + ins_rows.size - 1):
+            raise RuntimeError(f"layer {plan.layer}: inserts must fill rows {m}.. in order")
+        if self.strategy == "preallocated":
             if ins_rows.size:
-                if ins_rows.size != ins_rows[-1] - ins_rows[0] + 1 or ins_rows[0] != m:
-                    raise RuntimeError(f"layer {plan.layer}: inserts must fill rows {m}.. in order")
-                sel = slice(None) if insert_mask.all() else torch.from_numpy(np.flatnonzero(insert_mask)).to(self.device)
                 self.data[m: m + ins_rows.size] = new_rows[sel]
                 if new_bias is not None:
                     self.bias[m: m + ins_rows.size] = new_bias[sel]
-        else:  # concat: a new matrix of the kept rows in order, then the new ones
-            keep = np.flatnonzero(self.neuron_at[:n] >= 0)
-            kept_neurons = self.neuron_at[keep]
-            k = torch.from_numpy(keep).to(self.device)
-            parts, bparts = [self.data.index_select(0, k)], [self.bias.index_select(0, k)]
+        else:
+            keep = self._keep
+            parts, bparts = [self.data.index_select(0, keep)], [self.bias.index_select(0, keep)]
             if ins_rows.size:
-                sel = slice(None) if insert_mask.all() else torch.from_numpy(np.flatnonzero(insert_mask)).to(self.device)
                 parts.append(new_rows[sel])
                 bparts.append(new_bias[sel] if new_bias is not None else
                               torch.zeros(ins_rows.size, dtype=self.bias.dtype, device=self.device))
             self.data = torch.cat(parts)
             self.bias = torch.cat(bparts)
-            self.rows_copied += int(keep.size)
-            self.neuron_at[:] = -1
-            self.neuron_at[: keep.size] = kept_neurons
-            self.row_of[kept_neurons] = np.arange(keep.size)
         self.neuron_at[m: m + ins_rows.size] = ins_neurons
         self.row_of[ins_neurons] = np.arange(m, m + ins_rows.size)
         self.n_rows = m + ins_rows.size
