@@ -27,7 +27,7 @@ def linear_relu_data(tokens=3000, layers=2, d=32, F=256, rank=6, seed=0):
 def test_trained_predictor_beats_random_at_equal_reads():
     x, active = linear_relu_data()
     cut = 2400
-    pred = train_predictor(x[:cut], active[:cut], rank=8, target_recall=0.95, steps=1500)
+    pred = train_predictor(x[:cut], active[:cut], rank=8, target_recall=0.95, steps=900)
     p = pred.predict_all(x[cut:])
     m = prediction_metrics(p, active[cut:])
     reads = p.sum(axis=(0, 2)) / p.shape[0]
