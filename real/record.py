@@ -206,7 +206,7 @@ def trace_meta(model, model_dir: str | Path | None, seqs: Sequence[np.ndarray], 
             "model_dir": str(model_dir or ""), "hf_architecture": type(model).__name__,
             "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
             "d_ff": getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", None),
-            "tokenizer": tokenizer, "sequences": [int(len(s)) for s in seqs], "prompts": prompts, "seed": 0}
+            "tokenizer": tokenizer, "sequences": [int(len(s)) for s in seqs], "prompts": prompts}
 
 
 def record_trace(model, model_dir, seqs, tokenizer: str, save_inputs_flag: bool = False,
