@@ -185,6 +185,42 @@ def warm_kernels(spec: ModelSpec, device: torch.device, kernel: str) -> float:
     return time.perf_counter() - t
 
 
+def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw, final: bool = False) -> None:
+    """Table and JSON records; written after every step so a cut-off run still leaves its rows."""
+    naive = next((r["latency_ms"] for r in records if r["policy"] == "naive"), None)
+    for r in records:
+        r["speedup_vs_naive"] = round(naive / r["latency_ms"], 2) if naive else None
+    out = Path(args.out_dir)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / "engine.json").write_text(json.dumps(records, indent=1))
+    head = ["policy", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
+            "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
+            "sim_error_pct"]
+    lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
+             f"{args.memory_budget}, synthetic trace (sparsity {trace.sparsity().mean():.3f}, "
+             f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5)",
+             f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
+             f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
+             f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
+             f"(same run, same loader); sim = simulator on the same plans, hardware {hw.name}",
+             "# " + "; ".join(notes), ""]
+    widths = [max(len(h), 10) for h in head]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for r in records:
+        cells = []
+        for h, w in zip(head, widths):
+            v = r.get(h)
+            cells.append((f"{v:.1f}" if isinstance(v, float) and h != "latency_over_bound" else str(v)).rjust(w))
+        lines.append("  ".join(cells))
+    lines.append("")
+    lines.append("probe GB/s per (layout, depth): " + "; ".join(
+        f"{'bundled' if k[0][0] else 'unbundled'} depth {k[0][1]} {k[1] // 1024} KiB: {v:.3f}"
+        for k, v in sorted(probes.items())))
+    (out / "engine.txt").write_text("\n".join(lines) + "\n")
+    if final:
+        print("\n".join(lines), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="opt-6.7b")
@@ -276,38 +312,9 @@ def main(argv=None) -> int:
         log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "
             f"{rec['compute_ms']:.1f}), {rec['bytes_per_token'] / 1e6:.1f} MB/token, bound "
             f"{rec['io_lower_bound_ms']:.1f} ms (probe {probe_gbps}), sim {rec['sim_latency_ms']:.1f} ms")
+        write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw)
 
-    naive = next((r["latency_ms"] for r in records if r["policy"] == "naive"), None)
-    for r in records:
-        r["speedup_vs_naive"] = round(naive / r["latency_ms"], 2) if naive else None
-    out = Path(args.out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / "engine.json").write_text(json.dumps(records, indent=1))
-    head = ["policy", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
-            "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
-            "sim_error_pct"]
-    lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
-             f"{args.memory_budget}, synthetic trace (sparsity {trace.sparsity().mean():.3f}, "
-             f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5)",
-             f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
-             f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
-             f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
-             f"(same run, same loader); sim = simulator on the same plans, hardware {hw.name}",
-             "# " + "; ".join(notes), ""]
-    widths = [max(len(h), 10) for h in head]
-    lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    for r in records:
-        cells = []
-        for h, w in zip(head, widths):
-            v = r.get(h)
-            cells.append((f"{v:.1f}" if isinstance(v, float) and h != "latency_over_bound" else str(v)).rjust(w))
-        lines.append("  ".join(cells))
-    lines.append("")
-    lines.append("probe GB/s per (layout, depth): " + "; ".join(
-        f"{'bundled' if k[0][0] else 'unbundled'} depth {k[0][1]} {k[1] // 1024} KiB: {v:.3f}"
-        for k, v in sorted(probes.items())))
-    (out / "engine.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw, final=True)
     log(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 
