@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--naive-tokens", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5, help="warm-up tokens (window filling), excluded")
     ap.add_argument("--memory-budget", type=float, default=0.5)
-    ap.add_argument("--steps", default="", help="comma-separated labels to run (default: all)")
+    ap.add_argument("--steps", default="", help="comma-separated labels to run, in this order (default: all)")
     ap.add_argument("--kernel", default="auto", choices=("auto", "torch"))
     ap.add_argument("--loader", default="auto", choices=("auto", "loader", "simple"))
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     log(f"device {dev_name}; {spec.name} {spec.dtype}: FFN {spec.ffn_bytes / 1e9:.2f} GB, total "
         f"{spec.total_bytes / 1e9:.2f} GB; trace sparsity {trace.sparsity().mean():.4f}, new at window 5 "
         f"{trace.new_neurons_curve([5])[0] * 100:.2f}%")
-    steps = [s for s in STEPS if not args.steps or s[0] in args.steps.split(",")]
+    by_label = {s[0]: s for s in STEPS}
+    steps = [by_label[x] for x in args.steps.split(",")] if args.steps else STEPS   # in the order given
     cache_dir = Path(args.flash_dir)
     flash = {}
     notes = []
