@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments import plots  # noqa: E402
 from experiments.calibrate_sim import fit, format_report, load_points, pairs_table  # noqa: E402
+from experiments.results import collect, write_csv  # noqa: E402
 from experiments.sweep import run_multirun  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 
@@ -49,7 +50,7 @@ def keep_run_files(sweep: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    shutil.copy(sweep / "results.csv", dest / "results.csv")
+    write_csv(collect(sweep), dest / "results.csv")     # also when the sweep was cut short
     for res in sweep.glob("*/result.json"):
         run = dest / res.parent.name
         (run / ".hydra").mkdir(parents=True)
@@ -71,15 +72,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="fit / held-out split")
     ap.add_argument("--jobs", type=int, default=4, help="processes re-simulating during the fit")
     ap.add_argument("--max-evals", type=int, default=300)
+    ap.add_argument("--skip-sweep", action="store_true",
+                    help="calibrate and report from the runs already in --sweep-dir (e.g. a sweep cut short on the "
+                         "device, copied back); the device is the one recorded in SWEEP_DIR/device.txt")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     sweep = Path(args.sweep_dir or f"/tmp/flashlab-validation-{args.model}")
     t0 = time.perf_counter()
-    run_multirun(["+experiment=validation", f"model={args.model}", f"hardware={args.hardware}",
-                  f"tokens={args.tokens}", f"warmup={args.warmup}", f"backend.cache_dir={args.cache_dir}",
-                  *args.overrides], sweep)
+    if not args.skip_sweep:
+        sweep.mkdir(parents=True, exist_ok=True)
+        (sweep / "device.txt").write_text(device_name())
+        run_multirun(["+experiment=validation", f"model={args.model}", f"hardware={args.hardware}",
+                      f"tokens={args.tokens}", f"warmup={args.warmup}", f"backend.cache_dir={args.cache_dir}",
+                      *args.overrides], sweep)
+    device = (sweep / "device.txt").read_text().strip() if (sweep / "device.txt").exists() else device_name()
     t_sweep = time.perf_counter() - t0
     keep_run_files(sweep, out / "validation")
 
@@ -93,25 +101,27 @@ def main(argv=None) -> int:
     cal.profile.to_yaml(out / "validation" / f"{args.hardware}-fit.yaml")
     (out / "validation" / "calibration.json").write_text(json.dumps(report, indent=1))
     pairs = pairs_table(points, cal)
-    fig = plots.predicted_vs_measured(pairs, title=f"{args.model} on {device_name()}: held-out points, "
+    fig = plots.predicted_vs_measured(pairs, title=f"{args.model} on {device}: held-out points, "
                                                    f"before / after calibration")
     plots.save(fig, out / "validation", "validation_heldout")
 
-    device, date = device_name(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = (sweep / "device.txt").stat().st_mtime if (sweep / "device.txt").exists() else time.time()
+    date = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # of the measurement
+    tokens, warmup = points[0].config["tokens"], points[0].config["warmup"]
     held = report["heldout_after"]
     record = {"device": device, "date": date, "model": args.model, "n_fit": report["n_fit"],
               "n_heldout": report["n_heldout"], "median_abs_err_pct": round(held["median_abs_err_pct"], 3),
               "max_abs_err_pct": round(held["max_abs_err_pct"], 3),
               "median_abs_err_pct_before": round(report["heldout_before"]["median_abs_err_pct"], 3),
               "max_abs_err_pct_before": round(report["heldout_before"]["max_abs_err_pct"], 3),
-              "base_hardware": args.hardware, "tokens": args.tokens, "warmup": args.warmup, "seed": args.seed,
+              "base_hardware": args.hardware, "tokens": tokens, "warmup": warmup, "seed": args.seed,
               "sweep_s": round(t_sweep, 1), "fit_s": round(t_fit, 1)}
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / "validation.json").write_text(json.dumps([record], indent=1) + "\n")
 
     lines = [f"# Simulator validation: {args.model} on {device} ({date})", "",
-             f"{len(points)} backend=both points (conf/experiment/validation.yaml), {args.tokens} tokens each "
-             f"({args.warmup} warm-up). Sim profile before: `{args.hardware}`; fitted on {report['n_fit']} points "
+             f"{len(points)} backend=both points (conf/experiment/validation.yaml), {tokens} tokens each "
+             f"({warmup} warm-up). Sim profile before: `{args.hardware}`; fitted on {report['n_fit']} points "
              f"(seed {args.seed}), judged on the other {report['n_heldout']}.", "",
              "| split | profile | median abs err % | max abs err % | mean err % |", "|---|---|---|---|---|"]
     for key, split, prof in (("fit_before", "fit", "base"), ("fit_after", "fit", "fitted"),
@@ -126,7 +136,8 @@ def main(argv=None) -> int:
         m = points[i].measured_ms
         lines.append(f"| {points[i].label} | {m:.2f} | {m * (1 + cal.before_pct[i] / 100):.2f} | "
                      f"{m * (1 + cal.after_pct[i] / 100):.2f} | {cal.before_pct[i]:+.1f} | {cal.after_pct[i]:+.1f} |")
-    lines.append(f"\nsweep {t_sweep:.0f} s, fit {t_fit:.0f} s ({report['evaluations']} profile evaluations)")
+    lines.append(f"\nsweep {t_sweep:.0f} s{' (not run here: --skip-sweep)' if args.skip_sweep else ''}, "
+                 f"fit {t_fit:.0f} s ({report['evaluations']} profile evaluations)")
     (out / "validation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-len(cal.heldout_idx) - 12:]))
     return 0
