@@ -2,9 +2,8 @@
 threads (one read per thread in flight, so ``threads`` = reads in flight) into an aligned staging
 buffer, asynchronously, so the engine computes over resident neurons while the reads run.
 
-This is the engine's small internal read interface (``submit`` -> handle with ``wait``). The
-storage issue's ``real.loader`` is the fuller loader; ``open_reader`` uses it when it offers the
-same ``submit`` interface and falls back to this module otherwise.
+This is the engine's fallback reader (``backend.loader=simple``); by default the engine uses the
+storage issue's ``real.loader.FlashLoader`` (see ``real.engine.open_loads``).
 
 Page cache: files are opened with O_DIRECT, so every read hits the device. Where the filesystem
 refuses O_DIRECT (tmpfs, some overlay mounts) the reader warns once, opens buffered and drops each
@@ -119,6 +118,5 @@ class FlashReader:
 
 
 def open_reader(paths: list[str | Path], threads: int, direct: bool = True) -> FlashReader:
-    """The engine's reader. (The storage issue's ``real.loader`` plugs in here once it exposes the
-    same ``submit(reads, dest, dest_offset)`` interface.)"""
+    """The engine's fallback reader."""
     return FlashReader(paths, threads=threads, direct=direct)
