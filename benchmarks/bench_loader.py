@@ -280,6 +280,50 @@ def main() -> int:
         nbytes = sum(r.total_bytes for _, r, _ in batches)
         return nbytes, nbytes / gbps_fn(batches) / 1e9
 
+    def write_results(final: bool) -> None:
+
+        def agg(v):
+            return sum(b for b, _ in v) / sum(t for _, t in v) / 1e9 if v else None
+
+        records = []
+        lines = [f"# Loader vs raw O_DIRECT probe: GB/s into {'GPU' if cuda else 'host'} memory. Per cell {args.pairs} "
+                 f"loader/probe pairs of {args.segment_mib} MiB segments, alternating which goes first, fresh random",
+                 f"# offsets each segment, page cache dropped before each; {args.batch_mib} MiB per load call. "
+                 "GB/s = bytes / time summed over the segments; pair ratios give the spread.",
+                 *[f"# {n}" for n in notes],
+                 f"# measured in {time.perf_counter() - t_start:.0f} s" + ("" if final else " (PARTIAL: run cut short)"),
+                 "",
+                 f"{'read_kib':>8} {'depth':>5} {'loader':>8} {'probe':>8} {'ratio':>6} {'c_probe':>8} "
+                 f"{'kvikio':>8} {'loader_io':>9}  pair ratios (min..max)"]
+        for (size, q), m in sorted(meas.items()):
+            g = {k: agg(v) for k, v in m.items()}
+            pair_ratios = [(lb / lt) / (pb / pt) for (lb, lt), (pb, pt) in zip(m["loader"], m["probe"])]
+            rec = {"device": dev_name, "date": date, "read_kib": size // KIB, "depth": q,
+                   "loader_gbps": round(g["loader"], 4), "probe_gbps": round(g["probe"], 4),
+                   "ratio": round(g["loader"] / g["probe"], 4), "loader_io_gbps": round(g["loader_io"], 4),
+                   "pairs": args.pairs, "segment_mib": args.segment_mib,
+                   "pair_ratio_min": round(min(pair_ratios), 4), "pair_ratio_max": round(max(pair_ratios), 4)}
+            if g["c_probe"] is not None:
+                rec["c_probe_gbps"] = round(g["c_probe"], 4)
+            if g["kvikio"] is not None:
+                rec["kvikio_gbps"] = round(g["kvikio"], 4)
+            records.append(rec)
+
+            def f(x):
+                return f"{x:8.3f}" if x is not None else f"{'-':>8}"
+            lines.append(f"{size // KIB:8d} {q:5d} {f(g['loader'])} {f(g['probe'])} {rec['ratio']:6.2f} "
+                         f"{f(g['c_probe'])} {f(g['kvikio'])} {g['loader_io']:9.3f}  "
+                         f"{min(pair_ratios):.2f}..{max(pair_ratios):.2f}")
+        worst = min(records, key=lambda r: r["ratio"])
+        lines += ["", f"worst loader/probe ratio: {worst['ratio']:.2f} at {worst['read_kib']} KiB, depth {worst['depth']}"]
+        out = Path(args.out_dir)
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        (out / "loader.txt").write_text("\n".join(lines) + "\n")
+        (out / "results" / "loader.json").write_text(json.dumps(records, indent=1) + "\n")
+        if final:
+            print("\n".join(lines))
+
+
     for size in sizes:
         for q in depths:
             m = meas.setdefault((size, q), {"loader": [], "probe": [], "c_probe": [], "kvikio": [], "loader_io": []})
@@ -309,48 +353,10 @@ def main() -> int:
                     kvikio = None
             print(f"{size // KIB:5d} KiB q={q:3d}: " + ", ".join(
                 f"{k} {sum(b for b, _ in v) / sum(t for _, t in v) / 1e9:.3f}" for k, v in m.items() if v), flush=True)
+            write_results(False)   # partial results survive a time limit
     for l in loaders.values():
         l.close()
-
-    def agg(v):
-        return sum(b for b, _ in v) / sum(t for _, t in v) / 1e9 if v else None
-
-    records = []
-    lines = [f"# Loader vs raw O_DIRECT probe: GB/s into {'GPU' if cuda else 'host'} memory. Per cell {args.pairs} "
-             f"loader/probe pairs of {args.segment_mib} MiB segments, alternating which goes first, fresh random",
-             f"# offsets each segment, page cache dropped before each; {args.batch_mib} MiB per load call. "
-             "GB/s = bytes / time summed over the segments; pair ratios give the spread.",
-             *[f"# {n}" for n in notes],
-             f"# measured in {time.perf_counter() - t_start:.0f} s",
-             "",
-             f"{'read_kib':>8} {'depth':>5} {'loader':>8} {'probe':>8} {'ratio':>6} {'c_probe':>8} "
-             f"{'kvikio':>8} {'loader_io':>9}  pair ratios (min..max)"]
-    for (size, q), m in sorted(meas.items()):
-        g = {k: agg(v) for k, v in m.items()}
-        pair_ratios = [(lb / lt) / (pb / pt) for (lb, lt), (pb, pt) in zip(m["loader"], m["probe"])]
-        rec = {"device": dev_name, "date": date, "read_kib": size // KIB, "depth": q,
-               "loader_gbps": round(g["loader"], 4), "probe_gbps": round(g["probe"], 4),
-               "ratio": round(g["loader"] / g["probe"], 4), "loader_io_gbps": round(g["loader_io"], 4),
-               "pairs": args.pairs, "segment_mib": args.segment_mib,
-               "pair_ratio_min": round(min(pair_ratios), 4), "pair_ratio_max": round(max(pair_ratios), 4)}
-        if g["c_probe"] is not None:
-            rec["c_probe_gbps"] = round(g["c_probe"], 4)
-        if g["kvikio"] is not None:
-            rec["kvikio_gbps"] = round(g["kvikio"], 4)
-        records.append(rec)
-
-        def f(x):
-            return f"{x:8.3f}" if x is not None else f"{'-':>8}"
-        lines.append(f"{size // KIB:8d} {q:5d} {f(g['loader'])} {f(g['probe'])} {rec['ratio']:6.2f} "
-                     f"{f(g['c_probe'])} {f(g['kvikio'])} {g['loader_io']:9.3f}  "
-                     f"{min(pair_ratios):.2f}..{max(pair_ratios):.2f}")
-    worst = min(records, key=lambda r: r["ratio"])
-    lines += ["", f"worst loader/probe ratio: {worst['ratio']:.2f} at {worst['read_kib']} KiB, depth {worst['depth']}"]
-    out = Path(args.out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "loader.txt").write_text("\n".join(lines) + "\n")
-    (out / "results" / "loader.json").write_text(json.dumps(records, indent=1) + "\n")
-    print("\n".join(lines))
+    write_results(True)
     return 0
 
 
