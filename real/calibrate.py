@@ -93,9 +93,14 @@ def make_test_file(path: str | Path, nbytes: int, chunk: int = 64 * MIB) -> floa
 
 
 def random_read_gbps(path: str | Path, size: int, depth: int, seconds: float, min_reads: int = 0,
-                     seed: int = 0) -> float:
+                     seed: int = 0, staged_bytes: int = 0) -> float:
     """The raw probe: ``depth`` threads, each issuing O_DIRECT preads of ``size`` bytes at random
-    4 KiB-aligned offsets back to back; aggregate GB/s over the wall time."""
+    4 KiB-aligned offsets back to back; aggregate GB/s over the wall time.
+
+    By default each thread reuses one buffer (as fio does). With ``staged_bytes`` the reads land in
+    successive places of a pre-touched buffer of that size (split among the threads), as a loader's
+    staging does: on some virtualized disks that is markedly faster for large reads
+    (docs/storage.md), so a profile for the real backend there should be measured this way."""
     fd, _ = open_direct(path)
     try:
         span = (os.fstat(fd).st_size - size) // ALIGN
@@ -107,15 +112,20 @@ def random_read_gbps(path: str | Path, size: int, depth: int, seconds: float, mi
         stop_at = [0.0]
         errors: list[BaseException] = []
 
+        slots = max(1, staged_bytes // depth // size)
+
         def worker(k: int) -> None:
-            buf = aligned_buffer(size)
+            buf = aligned_buffer(size * slots)
+            if slots > 1:
+                buf[:] = b"\1" * buf.nbytes          # pre-touched, like a staging buffer in use
+            views = [buf[j * size:(j + 1) * size] for j in range(slots)]
             rng = np.random.default_rng([seed, size, depth, k])
             offs = (rng.integers(0, span + 1, size=4096) * ALIGN).tolist()
             start.wait()
             n, i, deadline = 0, 0, stop_at[0]
             try:
                 while n < per_thread or time.perf_counter() < deadline:
-                    got = os.preadv(fd, [buf], offs[i])
+                    got = os.preadv(fd, [views[n % slots]], offs[i])
                     if got != size:
                         raise OSError(errno.EIO, f"short read {got} of {size} at {offs[i]}")
                     n += 1
@@ -292,7 +302,7 @@ def row_op_us(d_ff: int = 16384, rounds: int = 50) -> float:
 # ---- the whole run -------------------------------------------------------------------------------------
 def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: int | None = None,
               read_kib: list[int] | None = None, depths: list[int] | None = None, keep_file: bool = False,
-              progress: bool = True, log=print) -> tuple[HardwareProfile, dict]:
+              progress: bool = True, log=print, staged_mib: int = 0) -> tuple[HardwareProfile, dict]:
     """Run every probe; returns the profile and the raw measurements (for the plot and notes)."""
     effort = QUICK if quick else FULL
     read_kib = read_kib or READ_KIB
@@ -311,7 +321,8 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
         bar = tqdm(total=table.size, desc="random reads", unit="cell", disable=not progress)
         for i, kib in enumerate(read_kib):
             for j, q in enumerate(depths):
-                table[i, j] = random_read_gbps(path, kib * KIB, q, effort.cell_seconds, min_reads=2 * q, seed=i * 97 + j)
+                table[i, j] = random_read_gbps(path, kib * KIB, q, effort.cell_seconds, min_reads=2 * q,
+                                               seed=i * 97 + j, staged_bytes=staged_mib * MIB)
                 bar.update(1)
         bar.close()
         lat = read_latency_us(path, effort.latency_reads)
@@ -325,7 +336,8 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     host = socket.gethostname()
     source = (f"python -m real.calibrate{' --quick' if quick else ''} on {host} ({mc['device']}), {date}; "
-              f"file {fbytes // MIB} MiB in {directory}, {'O_DIRECT' if direct else 'BUFFERED (page cache!)'}; "
+              f"file {fbytes // MIB} MiB in {directory}, {'O_DIRECT' if direct else 'BUFFERED (page cache!)'}"
+              f"{f' into a {staged_mib} MiB staging buffer' if staged_mib else ', one reused buffer per thread'}; "
               f"buffered write {write_gbps:.2f} GB/s"
               + (f"; pageable H2D {mc['h2d_pageable_gbps']:.1f} GB/s" if "h2d_pageable_gbps" in mc else ""))
     profile = HardwareProfile(
@@ -388,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-mib", type=int, default=None, help="test file size (default 512 quick / 4096)")
     ap.add_argument("--sizes-kib", default=None, help="comma list of read sizes (default 4..4096)")
     ap.add_argument("--depths", default=None, help="comma list of reads in flight (default 1..64)")
+    ap.add_argument("--staged-mib", type=int, default=0,
+                    help="reads land in distinct places of a buffer this big (as the loader's staging) instead "
+                         "of one reused buffer per thread")
     ap.add_argument("--keep-file", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -396,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes_kib.split(",")] if args.sizes_kib else None
     depths = [int(x) for x in args.depths.split(",")] if args.depths else None
     profile, raw = calibrate(args.dir, name, args.quick, args.file_mib, sizes, depths, args.keep_file,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, staged_mib=args.staged_mib)
     png = save_profile(profile, out, raw)
     t = np.asarray(profile.read_gbps)
     print(f"wrote {out} and {png} in {raw['seconds']:.1f} s")

@@ -39,6 +39,7 @@ def test_probe_counts_bytes_it_really_read(tmp_path):
     cal.make_test_file(path, 8 << 20)
     g = cal.random_read_gbps(path, 64 << 10, 2, seconds=0.05, min_reads=10)
     assert 0 < g < 1000
+    assert 0 < cal.random_read_gbps(path, 64 << 10, 2, seconds=0.05, min_reads=10, staged_bytes=1 << 20) < 1000
     with pytest.raises(ValueError, match="smaller than one"):
         cal.random_read_gbps(path, 16 << 20, 1, seconds=0.01)
 
