@@ -228,21 +228,20 @@ def memory_and_compute(repeats: int, quick: bool) -> dict[str, float]:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out: dict[str, float] = {}
     n = (1 * GIB if cuda else 128 * MIB) // (2 if quick else 1)
-    a = torch.empty(n, dtype=torch.uint8, device=dev).random_()
-    b = torch.empty_like(a)
-    out["mem_gbps"] = 2 * n / _median_seconds(lambda: b.copy_(a), repeats, sync) / 1e9
-    del a, b
+    bufs = [torch.empty(n, dtype=torch.uint8, device=dev).random_(), torch.empty(n, dtype=torch.uint8, device=dev)]
+    out["mem_gbps"] = 2 * n / _median_seconds(lambda: bufs[1].copy_(bufs[0]), repeats, sync) / 1e9
+    bufs.clear()
     dtype = torch.float16 if cuda else torch.float32
     rows = 8192 if cuda else 4096
-    w = torch.randn(rows, rows, dtype=dtype, device=dev)
-    x = torch.randn(rows, dtype=dtype, device=dev)
-    t = _median_seconds(lambda: torch.mv(w, x), repeats * 5, sync)
-    out["compute_gbps"] = w.numel() * w.element_size() / t / 1e9
+    mv = [torch.randn(rows, rows, dtype=dtype, device=dev), torch.randn(rows, dtype=dtype, device=dev)]
+    t = _median_seconds(lambda: torch.mv(mv[0], mv[1]), repeats * 5, sync)
+    out["compute_gbps"] = rows * rows * mv[0].element_size() / t / 1e9
+    mv.clear()
     m = 8192 if cuda else 1024
-    p = torch.randn(m, m, dtype=dtype, device=dev)
-    t = _median_seconds(lambda: p @ p, max(3, repeats // 2), sync)
+    mm = [torch.randn(m, m, dtype=dtype, device=dev)]
+    t = _median_seconds(lambda: mm[0] @ mm[0], max(3, repeats // 2), sync)
     out["compute_tflops"] = 2 * m ** 3 / t / 1e12
-    del w, p
+    mm.clear()
     tiny = torch.zeros(16, device=dev)
     launches = 2000
 

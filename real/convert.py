@@ -23,7 +23,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -129,7 +129,7 @@ class TensorSource:
         files = sorted(src.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            why = f"holds no *.safetensors file" + (f" (only pickle files {pickles[:3]})" if pickles else "")
+            why = "holds no *.safetensors file" + (f" (only pickle files {pickles[:3]})" if pickles else "")
             raise ConfigError(str(src), why, "pickle checkpoints are never loaded; get or export the "
                               "checkpoint as safetensors (e.g. model.save_pretrained(dir, safe_serialization=True))")
         handles = [safe_open(str(f), framework="pt") for f in files]

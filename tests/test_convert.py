@@ -58,8 +58,9 @@ def test_roundtrip_checkpoint_bit_exact(tmp_path, layout):
     state = model.state_dict()
     model.save_pretrained(tmp_path / "hf")
     flash = convert_checkpoint(tmp_path / "hf", tmp_path / "flash", layout, progress=False)
-    spec = flash.spec
-    assert (spec.n_layers, spec.d_model, spec.d_ff, spec.dtype) == (2, 64, 256, "float32")
+    spec, preset = flash.spec, ModelSpec.preset("opt-tiny")
+    assert (spec.n_layers, spec.d_model, spec.d_ff, spec.dtype) == (preset.n_layers, preset.d_model, preset.d_ff,
+                                                                   "float32")
     assert flash.manifest["layout"] == layout and flash.layout.bundled == (layout == "bundled")
     rng = np.random.default_rng(1)
     with FlashLoader(flash, depth=4) as loader:
@@ -101,7 +102,8 @@ def test_in_memory_gated_model(tmp_path, layout):
 def test_manifest_describes_files(tmp_path):
     flash = convert_model(tiny_opt(), tmp_path / "flash", "bundled")
     m = json.loads((tmp_path / "flash" / MANIFEST).read_text())
-    assert m["record_bytes"] == 4096 and m["neuron_bytes"] == 2 * 64 * 4 and m["dtype"] == "float32"
+    d_model = ModelSpec.preset("opt-tiny").d_model
+    assert m["record_bytes"] == 4096 and m["neuron_bytes"] == 2 * d_model * 4 and m["dtype"] == "float32"
     assert ModelSpec.from_dict(m["model"]) == flash.spec
     for f in m["files"]:
         assert os.path.getsize(tmp_path / "flash" / f["name"]) == f["bytes"] and len(f["sha256"]) == 64
@@ -161,9 +163,11 @@ def test_unknown_architecture_and_pickle_only(tmp_path):
     with pytest.raises(ConfigError, match=r"model_type.*unknown architecture 'mamba'"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out", progress=False)
     # wrong geometry in config.json: the shape error names the tensor
-    cfg["model_type"], cfg["ffn_dim"] = "opt", 128
+    d_ff, d_model = cfg["ffn_dim"], cfg["hidden_size"]
+    cfg["model_type"], cfg["ffn_dim"] = "opt", d_ff // 2
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"fc1\.weight.*shape \(256, 64\) is not \(128, 64\)"):
+    shape_error = rf"fc1\.weight.*shape \({d_ff}, {d_model}\) is not \({d_ff // 2}, {d_model}\)"
+    with pytest.raises(ConfigError, match=shape_error):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out", progress=False)
     pk = tmp_path / "pickled"
     pk.mkdir()

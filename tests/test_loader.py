@@ -17,7 +17,7 @@ import real.loader as loader_mod  # noqa: E402
 from real.convert import write_random_flash  # noqa: E402
 from real.flash_dir import FlashDir  # noqa: E402
 from real.loader import FlashIOError, FlashLoader, ReadPool, open_flash_file  # noqa: E402
-from sim.layout import ALIGN, FlashLayout, Reads  # noqa: E402
+from sim.layout import ALIGN  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 
 # float16, d_model 1024: a bundled record is exactly 4 KiB (no padding), unbundled 2 KiB padded to 4 KiB
