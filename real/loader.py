@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -396,7 +397,7 @@ class FlashLoader:
             why = io_uring_unavailable_reason()
             if why:
                 warn_once("io_uring", f"io_uring backend unavailable ({why}); using the thread pool")
-            # even where usable, the binding adds nothing over preadv threads here: threads remain the backend
+            # the only PyPI binding cannot read into aligned/pinned memory, so no io_uring path exists yet
         self.dtype = getattr(torch, self.spec.dtype)
         cap = max_batch_bytes or self.spec.d_ff * self.layout.bytes_per_neuron
         self.capacity = -(-cap // ALIGN) * ALIGN
@@ -501,7 +502,7 @@ class FlashLoader:
             out = st.out[:n]
         row_bytes = spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes
         k = spec.ffn_matrices * spec.d_model if lay.bundled else spec.d_model
-        ctx = torch.cuda.stream(self.stream) if self.cuda else _null_ctx()
+        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
         with ctx:
             if self.cuda:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
@@ -540,10 +541,3 @@ class FlashLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-class _null_ctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
