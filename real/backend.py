@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from real.engine import LOADERS, FlashFFN, OPTFlashModel, SyntheticBody, TraceEngine, resolve_device
 from real.flash_cache import build_opt, flash_dir_for, is_small_opt
 from sim.errors import ConfigError, require
-from sim.plan import LayerPlan, ffn_cache_neurons
+from sim.plan import LayerPlan, ffn_cache_neurons, predictor_rank
 from sim.simulator import SimResult, TokenCost
 
 log = logging.getLogger("flashlab")
@@ -85,7 +85,7 @@ def run_trace(setup, plans: list[list[LayerPlan]], opts: RealOptions, progress: 
     device = resolve_device(opts.device)
     flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed, progress=progress)
     body = SyntheticBody(spec, device, max_tokens=len(plans), seed=setup.seed,
-                         predictor_rank=policy.predictor_rank if policy.sparse else 0)
+                         predictor_rank=predictor_rank(spec, policy))
     ffn = FlashFFN(flash, ffn_cache_neurons(spec, policy), strategy=policy.mem_strategy, device=device,
                    threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel, loader=opts.loader)
     bar = tqdm(total=len(plans), desc="real tokens", leave=False, disable=not progress)

@@ -20,10 +20,16 @@ from sim.policy import Policy
 from sim.trace import Trace
 
 
-def predictor_bytes(spec: ModelSpec, policy: Policy) -> int:
+def predictor_rank(spec: ModelSpec, policy: Policy) -> int:
+    """The rank actually used: ``policy.predictor_rank``, capped at d_model / 4 (a "low-rank"
+    predictor as wide as the layer would cost as much as the FFN it is meant to spare); 0 for naive."""
     if not policy.sparse:
         return 0
-    return spec.n_layers * policy.predictor_rank * (spec.d_model + spec.d_ff) * spec.dtype_bytes
+    return min(policy.predictor_rank, max(1, spec.d_model // 4))
+
+
+def predictor_bytes(spec: ModelSpec, policy: Policy) -> int:
+    return spec.n_layers * predictor_rank(spec, policy) * (spec.d_model + spec.d_ff) * spec.dtype_bytes
 
 
 def ffn_cache_neurons(spec: ModelSpec, policy: Policy) -> int:

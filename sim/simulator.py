@@ -22,7 +22,7 @@ import simpy
 from sim.hardware import GB, HardwareProfile
 from sim.layout import Reads
 from sim.model_spec import ModelSpec
-from sim.plan import LayerPlan, PolicyEngine
+from sim.plan import LayerPlan, PolicyEngine, predictor_rank
 from sim.policy import Policy
 from sim.trace import Trace
 
@@ -94,7 +94,7 @@ class CostModel:
     def predictor(self) -> float:
         if not self.policy.sparse:
             return 0.0
-        s, r = self.spec, self.policy.predictor_rank
+        s, r = self.spec, predictor_rank(self.spec, self.policy)
         w = r * (s.d_model + s.d_ff) * s.dtype_bytes
         return self.op(w, 2 * self.batch * w / s.dtype_bytes)
 

@@ -15,7 +15,7 @@ from sim.plan import PolicyEngine  # noqa: E402
 from sim.policy import Policy  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
-SPEC = ModelSpec.preset("opt-tiny")   # 2 layers, d_model 64, d_ff 256, 4 heads, vocab 512, float32
+SPEC = ModelSpec.preset("opt-tiny")   # 2 layers, d_model 64, d_ff 512, 4 heads, vocab 256, float32
 EPS = torch.finfo(torch.float32).eps
 
 
@@ -55,7 +55,7 @@ def test_flash_logits_equal_dense(tmp_path_factory, name, kw):
     try:
         assert all(not hasattr(layer.fc1, "weight") for layer in m.model.model.decoder.layers), \
             "the FFN weights must live on flash only"
-        prompt = [2, 17, 301, 45, 9]
+        prompt = [2, 17, 201, 45, 9]
         ids, logits, costs = m.generate(prompt, new_tokens=10)
     finally:
         m.close()
