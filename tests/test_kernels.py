@@ -8,6 +8,8 @@ row (each row carries about 1/sqrt(n_active) of ||y||, i.e. >= 6% here) fails by
 
 import math
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see real/kernels/_launch.py)
 
@@ -21,8 +23,25 @@ from real.kernels import (active_list, add_layer_norm, add_layer_norm_reference,
                           predict_active, predict_active_reference, predict_scores_reference, sparse_ffn,
                           sparse_ffn_reference, split_bundles)
 
-if not interpreting():
-    pytest.skip("TRITON_INTERPRET is not 1 here, so the kernels cannot run on CPU", allow_module_level=True)
+# If another test module imported triton first (real.engine imports the kernels), triton is compiled-only in
+# this process: then every test here is skipped and `test_all_in_fresh_process` runs this file in a fresh
+# interpreter-mode process instead, so the kernels are still tested whatever the collection order.
+READY = interpreting()
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if not READY and request.node.name != "test_all_in_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_all_in_fresh_process runs this test")
+
+
+def test_all_in_fresh_process():
+    if READY:
+        pytest.skip("the kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -95,9 +114,9 @@ def test_bundled_ffn_matches_float64(shape, tokens, frac, dtype):
     assert_close(y, _ref(x, cache, idx, bias, gated=False), dtype, d_model)
 
 
-@pytest.mark.parametrize("method", ["fused", "two_phase"])
+@pytest.mark.parametrize("method", ["fused", "two_phase", "fused_tc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
 def test_methods_and_gated(gated, tokens, dtype, method):
     cache, x, idx, bias = _ffn_inputs(7 + tokens, 150, 72, tokens, 0.5, dtype, gated, with_bias=not gated)
@@ -105,16 +124,31 @@ def test_methods_and_gated(gated, tokens, dtype, method):
     assert_close(y, _ref(x, cache, idx, bias, gated), dtype, 72)
 
 
-@pytest.mark.parametrize("config", [
-    {"BLOCK_R": 2, "BLOCK_D": 128, "WHOLE_ROW": True},   # one tile spans the row (d_model 72 <= 128)
-    {"BLOCK_R": 4, "BLOCK_D": 16, "WHOLE_ROW": False},   # many D chunks, ragged last one
-    {"BLOCK_R": 32, "BLOCK_D": 32, "WHOLE_ROW": False},  # more rows per program than some sets have
-], ids=["whole-row", "narrow", "wide"])
+@pytest.mark.parametrize("config,tokens", [
+    ({"BLOCK_R": 2, "BLOCK_D": 128, "WHOLE_ROW": True}, 1),   # one tile spans the row (d_model 72 <= 128)
+    ({"BLOCK_R": 4, "BLOCK_D": 16, "WHOLE_ROW": False}, 1),   # many D chunks, ragged last one
+    ({"BLOCK_R": 32, "BLOCK_D": 32, "WHOLE_ROW": False}, 1),  # more rows per program than some sets have
+    ({"BLOCK_R": 4, "BLOCK_D": 128, "WHOLE_ROW": True}, 3),   # several tokens per whole-row program
+    ({"BLOCK_R": 1, "BLOCK_D": 128, "WHOLE_ROW": True}, 9),
+], ids=["whole-row", "narrow", "wide", "whole-row-3tok", "whole-row-9tok"])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
-def test_block_configs(config, gated):
-    cache, x, idx, bias = _ffn_inputs(11, 90, 72, 1, 0.3, torch.float16, gated, with_bias=not gated)
+def test_block_configs(config, tokens, gated):
+    cache, x, idx, bias = _ffn_inputs(11, 90, 72, tokens, 0.3, torch.float16, gated, with_bias=not gated)
     y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, config=config)
     assert_close(y, _ref(x, cache, idx, bias, gated), torch.float16, 72)
+
+
+def test_wide_rows_fall_back_to_one_launch_per_token():
+    """d_model > 8192 does not fit a whole-row tile: tokens go one launch each, same function."""
+    cache, x, idx, bias = _ffn_inputs(13, 6, 8200, 2, 0.5, torch.float16, False, with_bias=True)
+    y = bundled_sparse_ffn(x, cache, idx, bias=bias)
+    assert_close(y, _ref(x, cache, idx, bias, False), torch.float16, 8200)
+
+
+def test_whole_row_config_must_cover_the_row():
+    cache, x, idx, _ = _ffn_inputs(2, 40, 72, 1, 0.5, torch.float16, False, with_bias=False)
+    with pytest.raises(ValueError, match="WHOLE_ROW"):
+        bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 64, "WHOLE_ROW": True})
 
 
 def test_relu2_down_bias_and_token_batches():

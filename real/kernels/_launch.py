@@ -22,13 +22,13 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
 
 def interpreting() -> bool:
-    """True when CPU tensors go through the Triton interpreter (TRITON_INTERPRET=1 before importing triton)."""
+    """True when CPU tensors go through the Triton interpreter: TRITON_INTERPRET=1, set before triton was
+    first imported (if it was set later, triton's own functions are compiled-only and CPU tensors take the
+    torch reference instead)."""
     if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
     if not isinstance(tl.standard.sum, InterpretedFunction):
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton had been imported, so triton's own functions "
-                           "are compiled-only and the interpreter cannot run. Fix: set TRITON_INTERPRET=1 in the "
-                           "environment (or at the top of the test module) before anything imports triton")
+        return False
     _fix_interpreter()
     return True
 
@@ -90,8 +90,9 @@ def backend_for(t: torch.Tensor, impl: str = "auto") -> str:
     if interpreting():
         return "interpret"
     if impl == "triton":
-        raise RuntimeError("impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (the Triton interpreter). "
-                           "Fix: set TRITON_INTERPRET=1, move the tensors to CUDA, or use impl='auto'")
+        raise RuntimeError("impl='triton' on a CPU tensor needs the Triton interpreter: TRITON_INTERPRET=1 set "
+                           "before triton is first imported. Fix: set it in the environment, move the tensors "
+                           "to CUDA, or use impl='auto'")
     return "torch"
 
 

@@ -10,14 +10,24 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   accumulator again, so no memset or cast kernel runs before or after: the accumulator is a cached workspace
   per (device, stream) that every launch leaves as it found it (all zeros).
 * ``two_phase``: kernel 1 writes h [tokens, n_active] (fp32, tiny); kernel 2 splits the output columns and the
-  rows over programs (few atomics), finishing the same way. Kept as the measured alternative.
+  rows over programs (few atomics), finishing the same way. Kept as the measured alternative. With 2..16
+  tokens it uses the tensor-core tiles of ``fused_tc`` (checked on the device on small shapes only).
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
 bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
 see `split_bundles`. A column-strided `down` (e.g. ``fc2.weight.t()``) is correct but slow (uncoalesced).
 
-Numerics: products and sums in fp32. The one-token path keeps h in fp32; the tensor-core path (2..16 tokens)
-rounds h to the weight dtype before the second product, as a dense PyTorch FFN does when it stores h.
+Paths of the fused kernel (block sizes autotuned per d_model, active-count bucket and token count):
+* whole-row (the default wherever d_model <= 8192): each program loads the up, gate and down tiles of 1-4 full
+  rows at once, then for each of the 1..16 tokens computes h on CUDA cores and adds h * down into the
+  accumulator; weights are read once for all tokens. For one token a tiled variant (up phase over D chunks,
+  then down phase) competes in the autotuning.
+* ``method="fused_tc"`` (2..16 tokens on tensor cores, tokens padded to 16, h rounded to the weight dtype
+  before the second product): EXPERIMENTAL -- in the first device run (H100, 2026-11-23) it gave relative
+  errors of 0.15-0.4 at OPT-6.7B shapes with the autotuned configs, though it matched on small shapes and
+  under the interpreter. Not used unless asked for; see benchmarks/kernels_notes.md.
+
+Numerics: products and sums in fp32; h stays fp32 on the CUDA-core paths.
 The order of the fp32 atomic additions varies between runs, so results vary in the last fp32 bits
 (well below the fp16/bf16 output rounding).
 """
@@ -29,8 +39,9 @@ import torch
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
 
 ACTIVATIONS = {"relu": 0, "relu2": 1}
-METHODS = ("fused", "two_phase")
-MAX_TOKENS_PER_LAUNCH = 16  # the tensor-core path pads tokens to 16 rows; more tokens are split into launches
+METHODS = ("fused", "two_phase", "fused_tc")
+MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
+MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,25 +197,29 @@ if triton is not None:
         pid = tl.program_id(0)
         rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
                                       BLOCK_R)
-        if WHOLE_ROW:  # only one-token configs set it
-            # one token, whole rows (BLOCK_D >= D): the up, gate and down tiles are all requested before any
-            # arithmetic, so a program waits for memory about twice (index, then weights) instead of once per
-            # D-chunk per phase
+        if WHOLE_ROW:
+            # whole rows (BLOCK_D >= D), CUDA cores, 1..BLOCK_T tokens: the up, gate and down tiles are all
+            # requested before any arithmetic, so a program waits for memory about twice (index, then
+            # weights) instead of once per D-chunk per phase; each token then reuses the tiles in registers
             if pid * BLOCK_R < n:
                 d = tl.arange(0, BLOCK_D)
                 dmask = d < D
                 m = rmask[:, None] & dmask[None, :]
                 u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
                 dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd, mask=m, other=0.0)
-                xv = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-                zu = tl.reshape(tl.sum(u.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
-                zg = zu
+                g = u
                 if GATED:
                     g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
-                    zg = tl.reshape(tl.sum(g.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
-                h = _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
-                c = tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0)
-                tl.atomic_add(acc_ptr + d, c, mask=dmask, sem="relaxed")
+                for t in tl.static_range(BLOCK_T):
+                    if t < T:
+                        xv = tl.load(x_ptr + t * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+                        zu = tl.reshape(tl.sum(u.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
+                        zg = zu
+                        if GATED:
+                            zg = tl.reshape(tl.sum(g.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
+                        h = _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
+                        c = tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0)
+                        tl.atomic_add(acc_ptr + t * D + d, c, mask=dmask, sem="relaxed")
         elif pid * BLOCK_R < n:
             h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
                         HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
@@ -283,18 +298,21 @@ if triton is not None:
         _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
-    _ROWS_ONE = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
-                 (32, 256, 8, 3)]
+    _ROWS_ONE = [(4, 1024, 4, 3), (8, 1024, 8, 3)]
     _ROWS_DOT = [(16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3),
                  (64, 64, 4, 4)]
-    _WHOLE_ONE = [(1, 4096, 4, 1), (2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1), (4, 8192, 8, 1),
-                  (2, 8192, 8, 1)]
+    # whole-row tiles; pruned to those with D <= BLOCK_D < 2 D
+    _WHOLE_ONE = [(2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1), (2, 8192, 8, 1), (4, 8192, 8, 1)]
+    _WHOLE_MULTI = [(1, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1), (1, 8192, 8, 1), (2, 8192, 8, 1)]
     _DOWN_ONE = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 3), (32, 512, 8, 3),
                  (64, 256, 8, 3)]
     _DOWN_DOT = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 8, 3), (64, 128, 8, 3), (16, 256, 4, 4)]
     _NAMES = ("BLOCK_R", "BLOCK_D")
     _KEY = ["D", "n_bucket", "BLOCK_T", "HAS_IDX", "COUNT_ON_DEVICE"]
     _DEFAULT = {"one": {"BLOCK_R": 16, "BLOCK_D": 64}, "dot": {"BLOCK_R": 16, "BLOCK_D": 32}}
+    _FUSED_DEFAULT = {"one": {"BLOCK_R": 16, "BLOCK_D": 64, "WHOLE_ROW": False},
+                      "multi": {"BLOCK_R": 2, "BLOCK_D": 256, "WHOLE_ROW": True},
+                      "dot": {"BLOCK_R": 16, "BLOCK_D": 32, "WHOLE_ROW": False}}
 
     def _fused_configs(rows, whole):
         out = configs(rows, _NAMES)
@@ -310,8 +328,9 @@ if triton is not None:
 
     FUSED = Kernel(_fused_kernel,
                    {"one": _fused_configs(_ROWS_ONE, False) + _fused_configs(_WHOLE_ONE, True),
+                    "multi": _fused_configs(_WHOLE_MULTI, True),
                     "dot": _fused_configs(_ROWS_DOT, False)},
-                   {m: {**c, "WHOLE_ROW": False} for m, c in _DEFAULT.items()}, _KEY + ["GATED"],
+                   _FUSED_DEFAULT, _KEY + ["GATED"],
                    prune=_prune_whole_rows)
     HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
@@ -395,8 +414,10 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     or None for all rows; count: optional int32 [1] device tensor (from predict_active) -- then only
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
+    method: 'fused' (default), 'two_phase', or 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
-    config: fixed {'BLOCK_R', 'BLOCK_D', ['num_warps', 'num_stages']} instead of autotuning (tests).
+    config: fixed {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (fused), ['num_warps', 'num_stages']} instead of
+    autotuning (tests); WHOLE_ROW needs BLOCK_D >= d_model.
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
@@ -420,16 +441,28 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     n_cap = n_rows if idx is None else idx.numel()
     y = torch.empty_like(x)
     acc, sem = _workspace(x.device, T * D)
-    block_t = 1 if T == 1 else 16
-    mode = "one" if block_t == 1 else "dot"
+    if method == "fused" and T > 1:
+        if D > MAX_WHOLE_ROW:  # rows do not fit a register tile: one launch per token (T x the bytes)
+            return torch.cat([_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count,
+                                      method, config) for t in range(T)])
+        block_t, mode = next_pow2(T), "multi"
+    else:
+        block_t = 1 if T == 1 else 16
+        mode = "one" if block_t == 1 else "dot"
+    if config is None and backend == "interpret" and method != "two_phase":
+        config = dict(FUSED.default[mode])
+        if config["WHOLE_ROW"]:
+            config["BLOCK_D"] = max(config["BLOCK_D"], next_pow2(D))
+    if config is not None and config.get("WHOLE_ROW") and config["BLOCK_D"] < D:
+        raise ValueError(f"config: WHOLE_ROW needs BLOCK_D >= d_model={D}, got {config['BLOCK_D']}")
     g = up if gate is None else gate
     dummy = x
     flags = dict(HAS_IDX=idx is not None, COUNT_ON_DEVICE=count is not None, BLOCK_T=block_t)
     common = (idx if idx is not None and n_cap > 0 else dummy, count if count is not None else dummy, n_cap)
     n_bucket = next_pow2(n_cap)
     act = ACTIVATIONS[activation]
-    block_e = min(next_pow2(D), 2048)
-    if method == "fused":
+    block_e = min(next_pow2(D), 4096)
+    if method in ("fused", "fused_tc"):
         grid = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
         FUSED.launch(backend, mode, grid, x, x.stride(0), up, up.stride(0), up.stride(1), g, g.stride(0),
                      g.stride(1), down, down.stride(0), down.stride(1),
