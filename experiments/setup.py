@@ -73,13 +73,20 @@ def build_run(cfg: DictConfig) -> RunSetup:
     require(trace_cfg.get("kind") in ("synthetic", "file"), "trace.kind",
             f"unknown trace kind {trace_cfg.get('kind')!r}", "use trace=synthetic or trace=file trace.path=FILE")
     if trace_cfg["kind"] == "synthetic":
-        SyntheticTraceConfig.from_dict({k: v for k, v in trace_cfg.items() if k != "kind"})
+        knobs = SyntheticTraceConfig.from_dict({k: v for k, v in trace_cfg.items() if k != "kind"})
+        require(policy.predictor != "trace" or knobs.predictor_recall < 1 or knobs.predictor_fp > 0,
+                "policy.predictor", "is 'trace' but this synthetic trace has a perfect predictor (no predicted sets)",
+                "use policy.predictor=oracle, or set trace.predictor_recall<1 / trace.predictor_fp>0")
     else:
         require(bool(trace_cfg.get("path")) and trace_cfg["path"] != "???", "trace.path", "is not set",
                 "give trace.path=/path/to/trace.npz")
     backend = _section(cfg, "backend")
     require(backend.get("name") in BACKENDS, "backend.name", f"unknown backend {backend.get('name')!r}",
             f"use backend={'|'.join(BACKENDS)}")
+    require(backend["name"] != "both" or backend.get("threads", 0) in (0, None, policy.reads_in_flight),
+            "backend.threads", f"= {backend.get('threads')} would read at another depth than the simulated "
+            f"policy.reads_in_flight={policy.reads_in_flight}, so error_pct would compare different runs",
+            "leave backend.threads=0 and set policy.reads_in_flight instead")
     for key in ("tokens", "warmup", "seed"):
         v = cfg.get(key)
         require(isinstance(v, int) and v >= 0, key, f"must be an integer >= 0, got {v!r}", f"e.g. {key}=10")

@@ -124,7 +124,7 @@ def measure(setup, trace, plans: list[list[LayerPlan]], run_dir: Path) -> dict[s
             log.warning("backend.mode=model makes its own plans from the model's activations; the sim row timed "
                         "the trace's plans, so error_pct compares different work (use mode=trace to compare)")
         tokens = run_model(setup, opts, progress=setup.progress)
-    warm = min(setup.warmup, max(len(tokens) - 1, 0))
+    warm = setup.warmup if len(tokens) > setup.warmup else 0  # as SimResult.summary counts them
     log.info("real backend: %d tokens executed, the first %d (warm-up, cache filling) excluded from the means",
              len(tokens), warm)
     write_tokens_csv(Path(run_dir) / "real_tokens.csv", tokens, setup.warmup)

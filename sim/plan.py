@@ -147,7 +147,13 @@ class PolicyEngine:
 
     def plan_trace(self, trace: Trace) -> Iterator[list[LayerPlan]]:
         trace.check_matches(self.spec)
-        use = trace.predicted if (self.policy.predictor == "trace" and trace.predicted is not None) else trace.active
+        use = trace.active
+        if self.policy.predictor == "trace":
+            if trace.predicted is None:
+                raise ConfigError("policy.predictor", "is 'trace' but the trace holds no predicted sets",
+                                  "use policy.predictor=oracle, a trace recorded with a predictor (real.predictor), "
+                                  "or a synthetic predictor (trace.predictor_recall<1 or trace.predictor_fp>0)")
+            use = trace.predicted
         for t in range(trace.tokens):
             yield self.plan_token(use[t])
 

@@ -1,10 +1,11 @@
 """The SimPy simulator: times the policy engine's plans on a HardwareProfile.
 
-Per layer, the same steps and overlap as the real engine:
+Per layer, the same steps and overlap as the real engine (real/engine.py):
 
-    attention -> predictor -> +-- flash reads of the new neurons (+ host-to-device copy) --+
-                              +-- FFN over the active neurons already resident ------------+
-                           -> memory management (row moves + inserts) -> FFN over the new neurons
+    attention -> predictor -> +-- flash reads of the new neurons, then their copy to the device --+
+                              +-- FFN over the active neurons already resident                     |
+                              +-- [device] evictions and row moves (they need no new rows) --------+
+                           -> [host] evictions and row moves -> inserts -> FFN over the new neurons
 
 Compute ops share one compute lane (a GPU stream or the CPU); reads share the flash device.
 A batch of reads costs sum(size / T(size, depth)) from the profile's throughput table (with
@@ -109,23 +110,31 @@ class CostModel:
         w = s.vocab * s.d_model * s.dtype_bytes
         return self.op(w, 2 * self.batch * s.vocab * s.d_model)
 
-    def memory(self, plan: LayerPlan) -> float:
-        hw, row = self.hw, self.spec.neuron_bytes
-        touched = plan.rows_copied + plan.n_inserted
-        if touched == 0 and plan.evict.size == 0:
+    def _rows(self, copied: int, touched: int) -> float:
+        """Copy ``copied`` rows (read + write) and do bookkeeping for ``touched`` neurons."""
+        if copied == 0 and touched == 0:
             return 0.0
-        copy = 2 * touched * row / (hw.mem_gbps * GB)          # read + write of every copied row
-        return hw.op_overhead_us * 1e-6 + copy + (touched + plan.evict.size) * hw.row_op_us * 1e-6
+        hw = self.hw
+        return (hw.op_overhead_us * 1e-6 + 2 * copied * self.spec.neuron_bytes / (hw.mem_gbps * GB)
+                + touched * hw.row_op_us * 1e-6)
+
+    def evict(self, plan: LayerPlan) -> float:
+        """Memory management before the new rows exist: drop evicted neurons, move rows into the gaps."""
+        return self._rows(plan.rows_copied, plan.rows_copied + plan.evict.size)
+
+    def insert(self, plan: LayerPlan) -> float:
+        """Write the newly read rows at the end of the cache matrix."""
+        return self._rows(plan.n_inserted, plan.n_inserted)
+
+    def copy_to_device(self, nbytes: int) -> float:
+        return nbytes / (self.hw.h2d_gbps * GB) if self.hw.h2d_gbps > 0 and nbytes else 0.0
 
     def io(self, reads: Reads) -> float:
-        """Flash batch plus the copy to the device, pipelined: only the last read's copy is exposed."""
+        """The flash batch, then one copy of everything it read to the device (as the loader does)."""
         if len(reads) == 0:
             return 0.0
-        flash = self.hw.read_batch_seconds(reads.length, self.policy.reads_in_flight)
-        if self.hw.h2d_gbps <= 0:
-            return flash
-        total = reads.total_bytes / (self.hw.h2d_gbps * GB)
-        return max(flash, total) + float(reads.length[-1]) / (self.hw.h2d_gbps * GB)
+        return (self.hw.read_batch_seconds(reads.length, self.policy.reads_in_flight)
+                + self.copy_to_device(reads.total_bytes))
 
 
 def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace | None = None, *,
@@ -144,6 +153,7 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
     flash = simpy.Resource(env, capacity=policy.reads_in_flight if granularity == "read" else 1)
     result = SimResult(tokens=[])
     log = result.timeline if record_timeline else None
+    on_device = hw.h2d_gbps > 0  # the cache lives on an accelerator, reads arrive over a host-to-device copy
 
     def busy(lane: simpy.Resource, seconds: float, tc: TokenCost, part: str, t: int, l: int, lane_name: str, kind: str):
         with lane.request() as req:
@@ -154,10 +164,10 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
             if log is not None and seconds > 0:
                 log.append(Event(t, l, lane_name, kind, start, env.now))
 
-    def one_read(size: int):
+    def one_read(size: int, q: int):
+        """One read while q are in flight: the q share the device's T(size, q)."""
         with flash.request() as req:
             yield req
-            q = policy.reads_in_flight
             yield env.timeout(size * q / (float(hw.read_throughput_gbps(size, q)) * GB))
 
     def io_phase(plan: LayerPlan, tc: TokenCost):
@@ -166,8 +176,9 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
             yield from busy(flash, cost.io(plan.reads), tc, "io_s", plan.token, plan.layer, "flash", "read")
             return
         if len(plan.reads):
-            yield simpy.AllOf(env, [env.process(one_read(int(s))) for s in plan.reads.length])
-            yield env.timeout(hw.io_overhead_us * 1e-6)
+            q = min(policy.reads_in_flight, len(plan.reads))
+            yield simpy.AllOf(env, [env.process(one_read(int(s), q)) for s in plan.reads.length])
+            yield env.timeout(hw.io_overhead_us * 1e-6 + cost.copy_to_device(plan.reads.total_bytes))
         tc.io_s += env.now - start
         if log is not None and env.now > start:
             log.append(Event(plan.token, plan.layer, "flash", "read", start, env.now))
@@ -181,11 +192,15 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
             io = env.process(io_phase(p, tc))
             if hw.overlap:
                 yield from busy(compute, cost.ffn(p.resident_active), tc, "compute_s", t, l, "compute", "ffn_resident")
+                if on_device:  # the GPU engine queues evictions/moves before the reads land
+                    yield from busy(compute, cost.evict(p), tc, "mem_s", t, l, "mem", "evict")
                 yield io
             else:
                 yield io
                 yield from busy(compute, cost.ffn(p.resident_active), tc, "compute_s", t, l, "compute", "ffn_resident")
-            yield from busy(compute, cost.memory(p), tc, "mem_s", t, l, "mem", "memory")
+            if not (hw.overlap and on_device):
+                yield from busy(compute, cost.evict(p), tc, "mem_s", t, l, "mem", "evict")
+            yield from busy(compute, cost.insert(p), tc, "mem_s", t, l, "mem", "insert")
             yield from busy(compute, cost.ffn(p.load.size), tc, "compute_s", t, l, "compute", "ffn_new")
             tc.bytes += p.bytes
             tc.reads += p.n_reads

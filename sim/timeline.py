@@ -8,7 +8,7 @@ from pathlib import Path
 
 LANE_ORDER = ["compute", "mem", "flash"]
 COLORS = {"attention": "#4c72b0", "predictor": "#8172b2", "ffn_resident": "#55a868", "ffn_new": "#64b5cd",
-          "head": "#937860", "memory": "#ccb974", "read": "#c44e52"}
+          "head": "#937860", "evict": "#ccb974", "insert": "#da8bc3", "read": "#c44e52"}
 
 
 def save_timeline(events, out_dir: str | Path, title: str = "", max_tokens: int = 3) -> tuple[Path, Path]:

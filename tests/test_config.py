@@ -61,6 +61,8 @@ def test_every_hardware_preset_loads(name):
     (["trace=file"], "trace.path"),
     (["tokens=3", "warmup=5"], "tokens"),
     (["+policy.windw=3"], "policy.windw"),
+    (["policy.predictor=trace"], "policy.predictor"),          # the default synthetic trace predicts perfectly
+    (["backend=both", "backend.threads=3"], "backend.threads"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, key):
     with pytest.raises(ConfigError) as err:

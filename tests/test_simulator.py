@@ -63,6 +63,17 @@ def test_batch_model_agrees_with_per_read_processes(trace):
     assert a["io_ms"] == pytest.approx(b["io_ms"], rel=0.10)
 
 
+def test_batch_model_agrees_with_per_read_processes_on_small_batches():
+    """A handful of reads per layer (fewer than reads_in_flight): both models run them at their own depth."""
+    tiny = generate_trace(SPEC, SyntheticTraceConfig(tokens=20, sparsity=0.999, seed=5))
+    hw = HardwareProfile.preset("h100-vda")
+    pol = Policy(window=1, reads_in_flight=32)
+    a = simulate(SPEC, hw, pol, tiny, granularity="batch").summary(3)
+    b = simulate(SPEC, hw, pol, tiny, granularity="read").summary(3)
+    assert 0 < a["reads_per_token"] / SPEC.n_layers < 8
+    assert a["io_ms"] == pytest.approx(b["io_ms"], rel=0.10)
+
+
 def test_breakdown_and_counts_are_consistent(trace):
     hw = HardwareProfile.preset("m1-max")
     pol = Policy.preset("windowing_bundling")
@@ -75,7 +86,7 @@ def test_breakdown_and_counts_are_consistent(trace):
         assert tc.latency_s <= tc.io_s + tc.mem_s + tc.compute_s + 1e-9
         assert tc.latency_s >= tc.compute_s + tc.mem_s - 1e-9
     kinds = {e.kind for e in res.timeline}
-    assert {"attention", "predictor", "read", "memory", "ffn_new"} <= kinds
+    assert {"attention", "predictor", "read", "evict", "insert", "ffn_new"} <= kinds
 
 
 def test_windowing_bundling_beats_naive_on_paper_cpu_setting():
