@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
@@ -192,7 +193,7 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
         r["speedup_vs_naive"] = round(naive / r["latency_ms"], 2) if naive else None
     out = Path(args.out_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / "engine.json").write_text(json.dumps(records, indent=1))
+    atomic_write_text(out / "results" / "engine.json", json.dumps(records, indent=1))
     head = ["policy", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
             "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
             "sim_error_pct"]

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from real.kernels import (add_layer_norm, add_rms_norm, bundled_sparse_ffn, predict_active,  # noqa: E402
                           predict_active_reference, active_list, sparse_ffn_reference, split_bundles)
 # the package exports functions named like its modules; import_module returns the modules themselves
@@ -519,16 +520,14 @@ def main():
     if "ffn" in sections:
         for model in args.models.split(","):
             guarded(bench_sparse_ffn, log)(model, peak, stamp, log, records, args.quick)
-            with open(os.path.join(args.out, "results", "kernels.json"), "w") as f:
-                json.dump(records, f, indent=1)
+            atomic_write_text(os.path.join(args.out, "results", "kernels.json"), json.dumps(records, indent=1))
     dense = {r["batch"]: r["dense_ms"] for r in records
              if r["op"] == "sparse_ffn" and r["model"] == "opt-6.7b" and r["sparsity"] == 0}
     if "predictor" in sections:
         guarded(bench_predictor, log)(peak, stamp, log, records, dense)
     if "add_norm" in sections:
         guarded(bench_add_norm, log)(peak, stamp, log, records)
-    with open(os.path.join(args.out, "results", "kernels.json"), "w") as f:
-        json.dump(records, f, indent=1)
+    atomic_write_text(os.path.join(args.out, "results", "kernels.json"), json.dumps(records, indent=1))
     log("issue 5 acceptance:")
     checks = must_show(records, log)
     write_table(os.path.join(args.out, "kernels.txt"), records, stamp, peak, checks)

@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from real.convert import convert_model, write_random_flash  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
 from real.loader import FlashLoader, io_uring_unavailable_reason  # noqa: E402
@@ -319,7 +320,7 @@ def main() -> int:
         out = Path(args.out_dir)
         (out / "results").mkdir(parents=True, exist_ok=True)
         (out / "loader.txt").write_text("\n".join(lines) + "\n")
-        (out / "results" / "loader.json").write_text(json.dumps(records, indent=1) + "\n")
+        atomic_write_text(out / "results" / "loader.json", json.dumps(records, indent=1) + "\n")
         if final:
             print("\n".join(lines))
 

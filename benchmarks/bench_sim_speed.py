@@ -14,6 +14,7 @@ import platform
 import time
 from pathlib import Path
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from sim.hardware import HardwareProfile
 from sim.model_spec import ModelSpec
 from sim.plan import PolicyEngine
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{policy_name:20s} tokens={tokens:4d} layers={layers:3d}  {wall:6.2f} s", flush=True)
 
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "sim_speed.json").write_text(json.dumps(records, indent=1))
+    atomic_write_text(HERE / "results" / "sim_speed.json", json.dumps(records, indent=1))
     head = next(r for r in records if r["policy"] == "windowing_bundling" and r["tokens"] == 100 and r["layers"] == 32)
     lines = [f"Simulator speed ({records[0]['device']}, {date}); best of 3; plan + simulate, trace excluded",
              "", f"{'policy':20s} {'tokens':>6s} {'layers':>6s} {'wall_s':>7s} {'ms/token-layer':>15s}"]

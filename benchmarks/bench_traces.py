@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from real.corpus import stdlib_bytes  # noqa: E402
 from real.predictor import (language_model_scores, prediction_metrics, predicted_ffn,  # noqa: E402
                             random_predictor, train_predictor)
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--main-rank", type=int, default=32)
+    ap.add_argument("--write-preset", action="store_true", help="rewrite conf/trace/small-relu-opt.yaml from this run")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--heldout-tokens", type=int, default=16384)
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
               f"trace: new-neurons curve over windows 1..8 within {100 * fit.max_rel_err:.1f}% (measured on a "
               f"regenerated trace).\npredictor_recall / predictor_fp: the rank-{a.main_rank} low-rank predictor "
               f"measured on the same text.")
-    (ROOT / "conf" / "trace" / "small-relu-opt.yaml").write_text(preset_yaml(cfg, header))
+    if a.write_preset:  # the committed preset changes only when asked
+        atomic_write_text(ROOT / "conf" / "trace" / "small-relu-opt.yaml", preset_yaml(cfg, header))
 
     # 4. the OPT-6.7B paper preset, measured on a generated trace
     pp = load_preset("trace", "opt-6.7b-paper")
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_rec = {"device": dev, "date": date, "model": "opt-6.7b-paper (synthetic preset)",
                  "mean_sparsity": paper["sparsity"], "new_fraction_window5": paper["curve"][4], "kind": "paper_preset"}
     out = ROOT / "benchmarks" / "results" / "traces.json"
-    out.write_text(json.dumps([record] + extra + [paper_rec], indent=1))
+    atomic_write_text(out, json.dumps([record] + extra + [paper_rec], indent=1))
 
     L = held.n_layers
     lines = [f"# Traces and predictors: small-relu-opt ({L} layers, d_model {model.config.hidden_size}, "

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sim.atomic import atomic_write_text  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.calibrate_sim import fit, format_report, load_points, pairs_table  # noqa: E402
 from experiments.results import collect, write_csv  # noqa: E402
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
               "base_hardware": args.hardware, "tokens": tokens, "warmup": warmup, "seed": args.seed,
               "sweep_s": round(t_sweep, 1), "fit_s": round(t_fit, 1)}
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / "validation.json").write_text(json.dumps([record], indent=1) + "\n")
+    atomic_write_text(out / "results" / "validation.json", json.dumps([record], indent=1) + "\n")
 
     lines = [f"# Simulator validation: {args.model} on {device} ({date})", "",
              f"{len(points)} backend=both points (conf/experiment/validation.yaml), {tokens} tokens each "

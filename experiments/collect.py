@@ -14,14 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     if not dirs:
         print(__doc__, file=sys.stderr)
         return 2
+    status = 0
     for d in map(Path, dirs):
         df = collect(d)
         if df.empty:
             print(f"{d}: no result.json found", file=sys.stderr)
-            return 1
+            status = 1
+            continue
         print(format_table(df))
         print(f"results: {write_csv(df, d / 'results.csv')} ({len(df)} rows)")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

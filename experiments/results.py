@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
+
+from sim.atomic import atomic_write_text
 
 COLUMNS = [
     "model", "hardware", "policy", "backend", "window", "bundling", "chunk_kib", "memory_budget",
@@ -47,22 +48,6 @@ def add_error_pct(predicted: dict[str, Any], measured: dict[str, Any]) -> None:
     """Signed relative error of the prediction, written on both rows of a backend=both run."""
     err = (predicted["latency_ms"] - measured["latency_ms"]) / measured["latency_ms"] * 100.0
     predicted["error_pct"] = measured["error_pct"] = round(err, 3)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 HASH_IGNORED = ("hydra", "progress", "timeline")  # keys that never change a result
@@ -112,7 +97,12 @@ def collect(sweep_dir: str | Path) -> pd.DataFrame:
     """Every result.json under ``sweep_dir`` as one table (one row per run and backend)."""
     rows = []
     for p in sorted(Path(sweep_dir).rglob("result.json")):
-        for row in json.loads(p.read_text()):
+        try:
+            found = json.loads(p.read_text())
+        except (OSError, ValueError) as e:  # one damaged run must not hide the others
+            warnings.warn(f"skipping unreadable {p}: {e}")
+            continue
+        for row in found:
             row.setdefault("run_dir", str(p.parent))
             rows.append(row)
     return frame(rows)

@@ -356,12 +356,10 @@ def save_profile(profile: HardwareProfile, out: str | Path, raw: dict) -> Path:
     """The YAML (with a comment header saying how it was measured) and a PNG plot beside it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    profile.to_yaml(out)
     header = (f"# Measured by python -m real.calibrate ({raw['date']}, {raw['seconds']:.0f} s): {raw['device']}.\n"
               f"# read_gbps[size][depth]: O_DIRECT random reads{'' if raw['direct'] else ' (BUFFERED)'}; "
               "plot beside this file.\n")
-    out.write_text(header + out.read_text())
-    HardwareProfile.from_yaml(out)   # round-trip: the simulator must accept what we wrote
+    profile.to_yaml(out, header=header)  # validated, then written atomically
     png = out.with_suffix(".png")
     plot_profile(profile, png)
     return png

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from sim.atomic import atomic_path
 from sim.errors import require
 from sim.trace import Trace
 
@@ -67,7 +68,8 @@ class LowRankPredictor:
             tensors[f"layer.{l}.A"] = self.A[l].astype(np.float32)
             tensors[f"layer.{l}.B"] = self.B[l].astype(np.float32)
             tensors[f"layer.{l}.bias"] = self.bias[l].astype(np.float32)
-        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta)})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta)})
         return path
 
     @classmethod

@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sim.atomic import atomic_path
 from sim.errors import ConfigError, require
 from sim.trace import Trace
 from sim.trace_stats import format_summary, summarize
@@ -186,8 +187,9 @@ def save_inputs(trace_path: str | Path, inputs: np.ndarray) -> Path:
     from safetensors.numpy import save_file
     path = inputs_path(trace_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"ffn_input": np.ascontiguousarray(inputs, dtype=np.float32)}, str(path),
-              metadata={"layout": "tokens, layers, d_model", "trace": Path(trace_path).name})
+    with atomic_path(path) as tmp:
+        save_file({"ffn_input": np.ascontiguousarray(inputs, dtype=np.float32)}, str(tmp),
+                  metadata={"layout": "tokens, layers, d_model", "trace": Path(trace_path).name})
     return path
 
 

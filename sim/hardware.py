@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from sim.atomic import atomic_write_text
 from sim.errors import reject_unknown, require
 from sim.presets import load_preset
 
@@ -81,8 +82,11 @@ class HardwareProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self, path: str | Path, header: str = "") -> None:
+        """Write atomically, after checking that the text loads back as this profile."""
+        text = header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+        HardwareProfile.from_dict(yaml.safe_load(text))
+        atomic_write_text(path, text)
 
     def with_changes(self, **changes: Any) -> "HardwareProfile":
         d = self.to_dict()

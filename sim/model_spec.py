@@ -36,9 +36,9 @@ class ModelSpec:
         require(self.d_model % self.n_heads == 0, "model.n_heads",
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
                 "use the checkpoint's head count")
-        require(0 <= self.n_kv_heads <= self.n_heads, "model.n_kv_heads",
-                f"must be between 0 and n_heads={self.n_heads}, got {self.n_kv_heads}",
-                "use 0 for plain multi-head attention")
+        require(0 <= self.n_kv_heads <= self.n_heads and (self.n_kv_heads == 0 or self.n_heads % self.n_kv_heads == 0),
+                "model.n_kv_heads", f"must be 0 or a divisor of n_heads={self.n_heads}, got {self.n_kv_heads}",
+                "use 0 for plain multi-head attention, or the checkpoint's key/value head count")
         require(self.dtype in DTYPE_BYTES, "model.dtype", f"unknown dtype {self.dtype!r}",
                 f"use one of {sorted(DTYPE_BYTES)}")
         require(self.activation in ACTIVATIONS, "model.activation",

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sim.errors import reject_unknown, require
+from sim.errors import ConfigError, reject_unknown, require
 from sim.model_spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -95,15 +95,21 @@ class Trace:
         path = Path(path)
         require(path.exists(), "trace.path", f"{path} does not exist",
                 "give a trace written by Trace.save / real.record, or use trace=synthetic")
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            require(meta.get("format_version") == FORMAT_VERSION, "trace.path",
-                    f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}",
-                    "re-record or re-generate the trace")
-            d_ff = meta["shape"][2]
-            active = np.unpackbits(z["active"], axis=-1, count=d_ff).astype(bool)
-            predicted = (np.unpackbits(z["predicted"], axis=-1, count=d_ff).astype(bool)
-                         if "predicted" in z.files else None)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                require(meta.get("format_version") == FORMAT_VERSION, "trace.path",
+                        f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}",
+                        "re-record or re-generate the trace")
+                d_ff = meta["shape"][2]
+                active = np.unpackbits(z["active"], axis=-1, count=d_ff).astype(bool)
+                predicted = (np.unpackbits(z["predicted"], axis=-1, count=d_ff).astype(bool)
+                             if "predicted" in z.files else None)
+        except (OSError, ValueError, KeyError, IndexError, EOFError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError("trace.path", f"{path} is not a readable Flashlab trace ({type(e).__name__}: {e})",
+                              "give a file written by Trace.save / real.record") from e
         return cls(active=active, predicted=predicted, meta=meta)
 
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import optimize, stats
 
+from sim.atomic import atomic_write_text
 from sim.errors import require
 from sim.model_spec import ModelSpec
 from sim.trace import SyntheticTraceConfig, Trace, generate_trace, neuron_rates
@@ -229,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print("synthetic " + " ".join(f"{100 * v:7.3f}" for v in fit.synthetic_curve))
     text = preset_yaml(cfg, header)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
+        atomic_write_text(a.out, text)
         print(f"wrote {a.out}")
     else:
         print(text)

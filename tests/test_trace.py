@@ -73,3 +73,13 @@ def test_trace_model_mismatch_is_named():
     t = generate_trace(SPEC, SyntheticTraceConfig(tokens=3))
     with pytest.raises(ConfigError, match="trace"):
         t.check_matches(ModelSpec.preset("opt-tiny"))
+
+
+def test_a_file_that_is_not_a_trace_is_named(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="trace.path"):
+        Trace.load(bad)
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ConfigError, match="trace.path"):
+        Trace.load(tmp_path / "other.npz")
