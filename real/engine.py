@@ -4,10 +4,11 @@ through the policy engine's plans; attention, embeddings and norms stay in memor
 One layer of one token, the same steps and overlap the simulator times (sim/simulator.py):
 
     attention -> predictor (the active set must reach the host: a sync)
-              -> submit the plan's reads (FlashReader threads, O_DIRECT)
-              -> FFN over the active neurons already resident   } overlapped
-              -> wait for the reads, copy them to the device    }
-              -> memory management (NeuronCache.apply: evict, move, insert)
+              -> submit the plan's reads (loader threads, O_DIRECT)
+              -> FFN over the active neurons already resident        } overlapped
+              -> [GPU] evictions and row moves (queued before the reads) }
+              -> wait for the reads, copy them to the device           }
+              -> [CPU] evictions and row moves; then inserts
               -> FFN over the new neurons (from the staging rows) -> residual add
 
 Two drivers share ``FlashFFN``:
