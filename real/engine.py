@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from real.flash_dir import FlashDir
 from real.flash_reader import aligned_buffer, open_reader
+from real.kernels.sparse_ffn import sparse_ffn, sparse_ffn_reference
 from real.neuron_cache import NeuronCache
 from sim.layout import ALIGN
 from sim.plan import LayerPlan, PolicyEngine
@@ -46,11 +47,6 @@ from sim.policy import Policy
 from sim.simulator import TokenCost
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-try:  # the kernels issue's fused sparse FFN (Triton on CUDA, torch reference elsewhere)
-    from real.kernels.sparse_ffn import sparse_ffn as _kernel_sparse_ffn
-except Exception:  # pragma: no cover - only where the kernels are missing
-    _kernel_sparse_ffn = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -62,31 +58,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _activate(z: torch.Tensor, activation: str) -> torch.Tensor:
-    z = torch.relu(z)
-    return z * z if activation == "relu2" else z
-
-
 def ffn_rows(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, gate: torch.Tensor | None = None,
              idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, activation: str = "relu",
              impl: str = "auto") -> torch.Tensor:
     """sum over rows r (all, or ``idx``) of act(x . up[r] + bias[r]) down[r]; gated: act(x . gate[r]) (x . up[r]).
 
-    Uses the kernels issue's ``sparse_ffn`` (fused Triton on CUDA for fp16/bf16) when present and
-    ``impl`` allows; else plain torch in the input dtype."""
-    fast = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-    if _kernel_sparse_ffn is not None and impl != "torch":
-        return _kernel_sparse_ffn(x, up, down, idx, gate=gate, bias=bias, activation=activation,
-                                  impl="auto" if fast else "torch")
-    pick = (lambda m: m) if idx is None else (lambda m: m.index_select(0, idx))
-    z = x @ pick(up).T
-    if gate is not None:
-        h = _activate(x @ pick(gate).T, activation) * z
-    else:
-        if bias is not None:
-            z = z + pick(bias)
-        h = _activate(z, activation)
-    return h @ pick(down)
+    The kernels' fused ``sparse_ffn`` (Triton on CUDA for fp16/bf16); its plain-torch reference
+    elsewhere, or everywhere with ``impl="torch"``."""
+    if impl == "torch" or not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, activation=activation)
+    return sparse_ffn(x, up, down, idx, gate=gate, bias=bias, activation=activation, impl="auto")
 
 
 class Clock:
