@@ -109,58 +109,72 @@ if triton is not None:
         return rows, rmask, n
 
     @triton.jit
-    def _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
-                HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """h [BLOCK_T, BLOCK_R] fp32 = act(x U^T + b) (gated: act(x G^T) * (x U^T)); 0 on masked rows."""
-        offs_d = tl.arange(0, BLOCK_D)
-        if BLOCK_T == 1:
-            # one token: elementwise products into a [BLOCK_R, BLOCK_D] accumulator, one reduction at the end
-            acc_u = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-            acc_g = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                dmask = d < D
-                m = rmask[:, None] & dmask[None, :]
-                xv = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
-                acc_u += u.to(tl.float32) * xv
-                if GATED:
-                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
-                    acc_g += g.to(tl.float32) * xv
-            zu = tl.reshape(tl.sum(acc_u, axis=1), [1, BLOCK_R])
-            zg = tl.reshape(tl.sum(acc_g, axis=1), [1, BLOCK_R])
-        else:
-            # 2..16 tokens: tensor cores, tokens padded to BLOCK_T rows
-            offs_t = tl.arange(0, BLOCK_T)
-            tmask = offs_t < T
-            zu = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-            zg = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                dmask = d < D
-                m = rmask[:, None] & dmask[None, :]
-                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + d[None, :], mask=tmask[:, None] & dmask[None, :],
-                             other=0.0)
-                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
-                zu = tl.dot(xt, tl.trans(u), zu)
-                if GATED:
-                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
-                    zg = tl.dot(xt, tl.trans(g), zg)
-        return _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
-
-    @triton.jit
-    def _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                       ACT: tl.constexpr):
-        """h = act(zg) * zu (gated) or act(zu + b); zero on masked rows. zu, zg: [BLOCK_T, BLOCK_R] fp32."""
+    def _gate_bias_act(zu, zg, b, keep, GATED: tl.constexpr, ACT: tl.constexpr):
+        """h = act(zg) * zu (gated) or act(zu + b); 0 where not keep. Shapes broadcast (1-D rows or 2-D)."""
         if GATED:
             h = _activate(zg, ACT) * zu
         else:
-            if HAS_BIAS:
-                b = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-                zu = zu + b[None, :]
-            h = _activate(zu, ACT)
-        return tl.where(rmask[None, :], h, 0.0)
+            h = _activate(zu + b, ACT)
+        return tl.where(keep, h, 0.0)
+
+    @triton.jit
+    def _row_bias(bias_ptr, rows, rmask, HAS_BIAS: tl.constexpr):
+        b = 0.0
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        return b
+
+    @triton.jit
+    def _hidden_one(x_ptr, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, D,
+                    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One token, tiled over D: h [BLOCK_R] fp32. Elementwise products go into a [BLOCK_R, BLOCK_D]
+        accumulator and are reduced once at the end. h stays a 1-D vector in the tile's row layout, so
+        h[:, None] * down_tile needs no layout conversion of the (large) down tile."""
+        offs_d = tl.arange(0, BLOCK_D)
+        acc_u = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc_g = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            dmask = d < D
+            m = rmask[:, None] & dmask[None, :]
+            xv = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+            acc_u += u.to(tl.float32) * xv
+            if GATED:
+                g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                acc_g += g.to(tl.float32) * xv
+        zu = tl.sum(acc_u, axis=1)
+        zg = zu
+        if GATED:
+            zg = tl.sum(acc_g, axis=1)
+        return _gate_bias_act(zu, zg, _row_bias(bias_ptr, rows, rmask, HAS_BIAS), rmask, GATED, ACT)
+
+    @triton.jit
+    def _hidden_tc(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
+                   HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """2..16 tokens on tensor cores (tokens padded to BLOCK_T): h [BLOCK_T, BLOCK_R] fp32."""
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_t = tl.arange(0, BLOCK_T)
+        tmask = offs_t < T
+        zu = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+        zg = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + offs_d
+            dmask = d < D
+            m = rmask[:, None] & dmask[None, :]
+            xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + d[None, :], mask=tmask[:, None] & dmask[None, :],
+                         other=0.0)
+            u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+            zu = tl.dot(xt, tl.trans(u), zu)
+            if GATED:
+                g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                zg = tl.dot(xt, tl.trans(g), zg)
+        b = _row_bias(bias_ptr, rows, rmask, HAS_BIAS)
+        if HAS_BIAS:
+            b = b[None, :]
+        return _gate_bias_act(zu, zg, b, rmask[None, :], GATED, ACT)
 
     @triton.jit
     def _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS: tl.constexpr,
@@ -210,32 +224,43 @@ if triton is not None:
                 g = u
                 if GATED:
                     g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+                b = _row_bias(bias_ptr, rows, rmask, HAS_BIAS)
                 for t in tl.static_range(BLOCK_T):
                     if t < T:
                         xv = tl.load(x_ptr + t * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-                        zu = tl.reshape(tl.sum(u.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
+                        zu = tl.sum(u.to(tl.float32) * xv, axis=1)
                         zg = zu
                         if GATED:
-                            zg = tl.reshape(tl.sum(g.to(tl.float32) * xv, axis=1), [1, BLOCK_R])
-                        h = _gate_bias_act(zu, zg, bias_ptr, rows, rmask, HAS_BIAS, GATED, ACT)
-                        c = tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0)
+                            zg = tl.sum(g.to(tl.float32) * xv, axis=1)
+                        h = _gate_bias_act(zu, zg, b, rmask, GATED, ACT)
+                        c = tl.sum(dn.to(tl.float32) * h[:, None], axis=0)
                         tl.atomic_add(acc_ptr + t * D + d, c, mask=dmask, sem="relaxed")
-        elif pid * BLOCK_R < n:
-            h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
-                        HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
-            offs_t = tl.arange(0, BLOCK_T)
-            offs_d = tl.arange(0, BLOCK_D)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                dmask = d < D
-                dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
-                             mask=rmask[:, None] & dmask[None, :], other=0.0)
-                if BLOCK_T == 1:
-                    c = tl.reshape(tl.sum(dn.to(tl.float32) * tl.trans(h), axis=0), [1, BLOCK_D])
-                else:
+        elif BLOCK_T == 1:
+            if pid * BLOCK_R < n:
+                h = _hidden_one(x_ptr, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, D,
+                                HAS_BIAS, GATED, ACT, BLOCK_R, BLOCK_D)
+                offs_d = tl.arange(0, BLOCK_D)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + offs_d
+                    dmask = d < D
+                    dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
+                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+                    c = tl.sum(dn.to(tl.float32) * h[:, None], axis=0)
+                    tl.atomic_add(acc_ptr + d, c, mask=dmask, sem="relaxed")
+        else:
+            if pid * BLOCK_R < n:
+                h = _hidden_tc(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask,
+                               T, D, HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
+                offs_t = tl.arange(0, BLOCK_T)
+                offs_d = tl.arange(0, BLOCK_D)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + offs_d
+                    dmask = d < D
+                    dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
+                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
                     c = tl.dot(h.to(dn.dtype), dn)
-                tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], c,
-                              mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
+                    tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], c,
+                                  mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
         _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
@@ -247,13 +272,18 @@ if triton is not None:
         pid = tl.program_id(0)
         rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
                                       BLOCK_R)
+        offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         if pid * BLOCK_R < n:
-            h = _hidden(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, T, D,
-                        HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
-            offs_t = tl.arange(0, BLOCK_T)
-            offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-            tl.store(h_ptr + offs_t[:, None] * n_active + offs_r[None, :], h,
-                     mask=(offs_t < T)[:, None] & rmask[None, :])
+            if BLOCK_T == 1:
+                h1 = _hidden_one(x_ptr, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask, D,
+                                 HAS_BIAS, GATED, ACT, BLOCK_R, BLOCK_D)
+                tl.store(h_ptr + offs_r, h1, mask=rmask)
+            else:
+                h = _hidden_tc(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, rows, rmask,
+                               T, D, HAS_BIAS, GATED, ACT, BLOCK_T, BLOCK_R, BLOCK_D)
+                offs_t = tl.arange(0, BLOCK_T)
+                tl.store(h_ptr + offs_t[:, None] * n_active + offs_r[None, :], h,
+                         mask=(offs_t < T)[:, None] & rmask[None, :])
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _down_kernel(h_ptr, down_ptr, s_dr, s_dd, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr,
@@ -285,16 +315,18 @@ if triton is not None:
                     rows = offs_r.to(tl.int64)
                 dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
                              mask=rmask[:, None] & dmask[None, :], other=0.0)
-                h = tl.load(h_ptr + offs_t[:, None] * n_active + offs_r[None, :],
-                            mask=tmask[:, None] & rmask[None, :], other=0.0)
                 if BLOCK_T == 1:
-                    acc1 += dn.to(tl.float32) * tl.trans(h)
+                    h1 = tl.load(h_ptr + offs_r, mask=rmask, other=0.0)
+                    acc1 += dn.to(tl.float32) * h1[:, None]
                 else:
+                    h = tl.load(h_ptr + offs_t[:, None] * n_active + offs_r[None, :],
+                                mask=tmask[:, None] & rmask[None, :], other=0.0)
                     acc = tl.dot(h.to(dn.dtype), dn, acc)
             if BLOCK_T == 1:
-                acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_D])
-            tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
-                          sem="relaxed")
+                tl.atomic_add(acc_ptr + d, tl.sum(acc1, axis=0), mask=dmask, sem="relaxed")
+            else:
+                tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
+                              sem="relaxed")
         _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
