@@ -94,6 +94,13 @@ if triton is not None:
         return z
 
     @triton.jit
+    def _row_ids(idx_ptr, offs, rmask, HAS_IDX: tl.constexpr):
+        """Cache row ids (int64) of active-list positions ``offs``: idx[offs], or the positions themselves."""
+        if HAS_IDX:
+            return tl.load(idx_ptr + offs, mask=rmask, other=0).to(tl.int64)
+        return offs.to(tl.int64)
+
+    @triton.jit
     def _active_rows(idx_ptr, count_ptr, n_active, start, HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
                      BLOCK_R: tl.constexpr):
         """(row ids as int64, mask, n): rows start..start+BLOCK_R of the active list, n active rows in all."""
@@ -102,11 +109,7 @@ if triton is not None:
             n = tl.minimum(tl.load(count_ptr), n_active)
         offs = start + tl.arange(0, BLOCK_R)
         rmask = offs < n
-        if HAS_IDX:
-            rows = tl.load(idx_ptr + offs, mask=rmask, other=0).to(tl.int64)
-        else:
-            rows = offs.to(tl.int64)
-        return rows, rmask, n
+        return _row_ids(idx_ptr, offs, rmask, HAS_IDX), rmask, n
 
     @triton.jit
     def _gate_bias_act(zu, zg, b, keep, GATED: tl.constexpr, ACT: tl.constexpr):
@@ -309,10 +312,7 @@ if triton is not None:
             for r0 in range(start, end, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 rmask = offs_r < end
-                if HAS_IDX:
-                    rows = tl.load(idx_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
-                else:
-                    rows = offs_r.to(tl.int64)
+                rows = _row_ids(idx_ptr, offs_r, rmask, HAS_IDX)
                 dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd,
                              mask=rmask[:, None] & dmask[None, :], other=0.0)
                 if BLOCK_T == 1:
