@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.kernels import (add_layer_norm, add_rms_norm, bundled_sparse_ffn, predict_active,  # noqa: E402
@@ -102,14 +103,23 @@ def peak_copy_gbps() -> float:
     src = torch.randn(n, device="cuda", dtype=DTYPE)
     dst = torch.empty_like(src)
     ms = graph_ms([lambda: dst.copy_(src)] * 4)
-    gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    gbps = 2 * src.numel() * src.element_size() / ms / 1e6  # convention: bytes read + bytes written
+    READ_PEAK["gbps"] = src.numel() * src.element_size() / graph_ms([lambda: src.sum()] * 4) / 1e6
     del src, dst
     torch.cuda.empty_cache()
     return gbps
 
 
 FAILURES: list[str] = []
-OPTIONS = {"do_bench": False, "two_phase": False}  # set from the command line
+OPTIONS = {"do_bench": False, "two_phase": False, "v1": True}  # set from the command line
+READ_PEAK: dict = {}  # read-only streaming rate (informational; the acceptance uses the copy peak)
+
+
+def _short(cfg) -> str:
+    """A triton.Config as 'BLOCK_R=2 BLOCK_D=4096 ... w8 s1' (None before any tuned run)."""
+    if cfg is None:
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def check(name, y, ref, dtype, k, log) -> bool:
@@ -130,7 +140,10 @@ def correctness_suite(log):
     # are checked on the model shapes before they are timed
     tiled = {"BLOCK_R": 16, "BLOCK_D": 64, "num_warps": 4, "num_stages": 2}
     whole = {"BLOCK_R": 2, "BLOCK_D": 256, "WHOLE_ROW": True, "num_warps": 4, "num_stages": 1}
-    variants = {"fused whole-row": ("fused", whole), "fused tiled": ("fused", dict(tiled, WHOLE_ROW=False)),
+    stream = {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 4, "PROGS_PER_SM": 1, "num_warps": 4, "num_stages": 1}
+    variants = {"fused persistent": ("fused", stream),
+                "fused persistent R1": ("fused", dict(stream, BLOCK_R=1, N_ACC=1)),
+                "per_block whole-row": ("per_block", whole), "per_block tiled": ("per_block", dict(tiled, WHOLE_ROW=False)),
                 "two_phase": ("two_phase", tiled)}
     g = torch.Generator(device="cuda").manual_seed(1)
     for dtype in (torch.float16, torch.bfloat16):
@@ -149,7 +162,7 @@ def correctness_suite(log):
                     ref = sparse_ffn_reference(x.double(), up, dn, idx, gate=gt,
                                                bias=None if bias is None else bias.double())
                     for name, (method, cfg) in variants.items():
-                        if name != "fused whole-row" and (T > 1 or dtype != torch.float16):
+                        if name in ("per_block tiled", "two_phase") and (T > 1 or dtype != torch.float16):
                             continue  # checked in the first device run; the whole-row path covers T > 1 now
                         y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, method=method, config=cfg)
                         label = f"{dtype} gated={gated} T={T} active={frac} {name}"
@@ -208,6 +221,45 @@ def diagnose_tensor_core_path(log):
         log(f"  diagnostic fused_tc T={T} {cfg}: rel errs " + ", ".join(f"{e:.2e}" for e in errs))
 
 
+@triton.jit
+def _empty_kernel(p):
+    tl.store(p + tl.program_id(0), 1)
+
+
+def diagnose_fixed_cost(log):
+    """Where the per-call fixed cost goes (log only): a one-program empty kernel in the graph (launch floor), and
+    every persistent-kernel config at batch 1, 90/95/99%, with a fixed config (no autotuning)."""
+    buf = torch.zeros(1024, device="cuda", dtype=torch.int32)
+    log(f"  empty Triton kernel, 1 program: {graph_ms([lambda: _empty_kernel[(1,)](buf)] * ROTATE) * 1e3:.2f} us; "
+        f"132 programs: {graph_ms([lambda: _empty_kernel[(132,)](buf)] * ROTATE) * 1e3:.2f} us")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for model in MODELS:
+        D, Fd, gated, has_bias = MODELS[model]
+        k = 3 if gated else 2
+        caches = [(torch.randn(Fd, k * D, device="cuda", generator=g) / D ** 0.5).to(DTYPE)
+                  for _ in range(CACHE_COPIES)]
+        bias = (0.1 * torch.randn(Fd, device="cuda", generator=g)).to(DTYPE) if has_bias else None
+        xs = [torch.randn(1, D, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
+        kept = sparse_ffn_mod._prune_stream(sparse_ffn_mod.STREAM.configs["one"], {"D": D}, GATED=gated)
+        for sp in (90, 95, 99):
+            n = round(Fd * (1 - sp / 100))
+            idxs = [torch.sort(torch.randperm(Fd, device="cuda", generator=g)[:n]).values.to(torch.int32)
+                    for _ in range(ROTATE)]
+            gt64, up64, dn64 = split_bundles(caches[0].double(), D, gated)
+            ref = sparse_ffn_reference(xs[0].double(), up64, dn64, idxs[0], gate=gt64,
+                                       bias=None if bias is None else bias.double())
+            touched = n * k * D * 2 + n * 4 + (n * 2 if has_bias else 0) + 2 * D * 2
+            for c in kept:
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                calls = [(lambda i=i: bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated,
+                                                         bias=bias, config=cfg)) for i in range(ROTATE)]
+                err = rel_err(calls[0](), ref)
+                ms = graph_ms(calls)
+                log(f"  diag {model} b1 {sp}% {_short(c)}: {ms * 1e3:.1f} us, {touched / ms / 1e6:.0f} GB/s, "
+                    f"rel err {err:.1e}")
+        del caches
+
+
 def bench_sparse_ffn(model, peak, stamp, log, records, quick):
     D, Fd, gated, has_bias = MODELS[model]
     k = 3 if gated else 2
@@ -260,11 +312,17 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                                        bias=None if bias is None else bias.double())
             ok = check(f"{model} T={T} sparsity {sp}% fused (autotuned)", ours_call(0)(), ref, DTYPE, D, log)
             check(f"{model} T={T} sparsity {sp}% gather baseline", gather_call(0)(), ref, DTYPE, D, log)
-            log_tuning(sparse_ffn_mod.FUSED, "one" if T == 1 else "dot", log)
+            mode = "one" if T == 1 else "multi"
+            log_tuning(sparse_ffn_mod.STREAM, mode, log)
             ours = [ours_call(i) for i in range(ROTATE)]
             gathers = [gather_call(i) for i in range(ROTATE)]
             ours_ms, gather_ms = graph_ms(ours), graph_ms(gathers)
             ours_db, gather_db = (dobench_ms(ours), dobench_ms(gathers)) if OPTIONS["do_bench"] else (None, None)
+            v1_ms = None
+            if T == 1 and OPTIONS["v1"]:  # the run-1 design (one program per row block), same run, same timing
+                check(f"{model} T={T} sparsity {sp}% per_block (autotuned)", ours_call(0, "per_block")(), ref, DTYPE,
+                      D, log)
+                v1_ms = graph_ms([ours_call(i, "per_block") for i in range(ROTATE)])
             two_ms = None
             if sp > 0 and T == 1 and OPTIONS["two_phase"]:
                 check(f"{model} T={T} sparsity {sp}% two_phase (autotuned)", ours_call(0, "two_phase")(), ref, DTYPE,
@@ -272,16 +330,17 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 two_ms = graph_ms([ours_call(i, "two_phase") for i in range(ROTATE)])
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
-            mode = "one" if T == 1 else "dot"
-            cfg = str(sparse_ffn_mod.FUSED.best_config(mode))
+            cfg = _short(sparse_ffn_mod.STREAM.best_config(mode))
             records.append(dict(device=stamp["device"], date=stamp["date"], op="sparse_ffn", model=model, batch=T,
                                 sparsity=sp, ours_ms=ours_ms, gather_ms=gather_ms, dense_ms=dense_ms,
-                                touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, n_active=n,
+                                touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, per_block_ms=v1_ms,
+                                read_peak_gbps=READ_PEAK.get("gbps"), n_active=n,
                                 touched_mb=touched / 1e6, dtype="float16", correct=ok, timing="cuda_graph",
                                 ours_ms_do_bench=ours_db, gather_ms_do_bench=gather_db, dense_ms_do_bench=dense_db,
                                 config=cfg))
             two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
-            log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us"
+            v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
+            log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
                 f"  two_phase {two} us  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
     del cache, caches, c64, w_up, w_down, w_gate
@@ -387,30 +446,46 @@ def must_show(records, log):
     return lines
 
 
+CONVENTIONS = [
+    "# peak = 1 GiB device-to-device copy in the same run, counted as bytes read + bytes written (2 GiB moved per "
+    "copy); read-only = torch sum over 1 GiB (bytes read), informational only",
+    "# bytes touched (sparse FFN) = HBM bytes the kernel must read or write: active rows of the cache (up [+gate] + "
+    "down, fp16) + int32 index + fp16 bias of those rows + x + y; the fp32 accumulator's atomics (L2-resident) are "
+    "not counted",
+]
+
+
 def write_table(path, records, stamp, peak, checks, source=None):
     versions = f"torch {torch.__version__}, triton {triton.__version__}" if source is None else \
         f"rendered from {source}"
-    out = [f"# Fused kernels (issue 5): {stamp['device']}, {stamp['date']}, {versions}",
-           f"# CUDA-graph replay, 16 rotated input sets, median per call; fp16; peak = 1 GiB D2D copy = {peak:.0f} GB/s", "",
-           "## sparse FFN: ours (fused) vs two-phase vs torch index_select+matmul vs dense cuBLAS FFN (us)",
-           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'2phase':>7} {'gather':>7} {'dense':>7} "
-           f"{'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5}  config"]
+    stamps = sorted({(r["device"], r["date"]) for r in records}) or [(stamp["device"], stamp["date"])]
+    reads = {r.get("read_peak_gbps") for r in records if r.get("read_peak_gbps")}
+    out = [f"# Fused kernels (issue 5): {'; '.join(f'{d}, {t}' for d, t in stamps)}, {versions}",
+           f"# CUDA-graph replay, 16 rotated input sets, median per call; fp16; copy peak {peak:.0f} GB/s" +
+           (f", read-only {max(reads):.0f} GB/s" if reads else ""), *CONVENTIONS, "",
+           "## sparse FFN: ours (fused, persistent) vs v1 (one program per row block) vs two-phase vs torch "
+           "index_select+matmul vs dense cuBLAS FFN (us)",
+           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'gather':>7} "
+           f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5}  config"]
     for r in records:
         if r["op"] != "sparse_ffn":
             continue
-        two = "-" if r["two_phase_ms"] is None else f"{r['two_phase_ms'] * 1e3:.1f}"
+        two = "-" if r.get("two_phase_ms") is None else f"{r['two_phase_ms'] * 1e3:.1f}"
+        v1 = "-" if r.get("per_block_ms") is None else f"{r['per_block_ms'] * 1e3:.1f}"
         out.append(f"{r['model']:<11} {r['batch']:>2} {r['sparsity']:>3} {r['n_active']:>6} "
-                   f"{r['ours_ms'] * 1e3:>7.1f} {two:>7} {r['gather_ms'] * 1e3:>7.1f} {r['dense_ms'] * 1e3:>7.1f} "
-                   f"{r['gather_ms'] / r['ours_ms']:>6.1f} {r['dense_ms'] / r['ours_ms']:>7.1f} "
-                   f"{r['touched_gbps']:>6.0f} {100 * r['touched_gbps'] / r['peak_gbps']:>5.0f} "
+                   f"{r['ours_ms'] * 1e3:>7.1f} {v1:>7} {two:>7} {r['gather_ms'] * 1e3:>7.1f} "
+                   f"{r['dense_ms'] * 1e3:>7.1f} {r['gather_ms'] / r['ours_ms']:>6.1f} "
+                   f"{r['dense_ms'] / r['ours_ms']:>7.1f} {r['touched_gbps']:>6.0f} "
+                   f"{100 * r['touched_gbps'] / r['peak_gbps']:>5.0f} "
                    f"{'ok' if r.get('correct', True) else 'FAIL':>5}  {r['config']}")
-    out += ["", "## predictor (rank 128, OPT-6.7B) and fused add+norm (d_model 4096) (us)",
+    out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
+            "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
             f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9}"]
     for r in records:
         if r["op"] in ("predictor", "add_norm"):
             ffn = f"{r['dense_ffn_ms'] * 1e3:.1f}" if "dense_ffn_ms" in r else "-"
-            out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {r['ours_ms'] * 1e3:>7.1f} "
-                       f"{r['dense_ms'] * 1e3:>7.1f} {ffn:>9}")
+            out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {r['ours_ms'] * 1e3:>7.2f} "
+                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9}")
     out += ["", "## issue 5 acceptance (computed from the rows above)"] + checks
     out += ["", "correctness failures: " + (", ".join(FAILURES) if FAILURES else "none")]
     with open(path, "w") as f:
@@ -437,9 +512,12 @@ def plot(path, records, peak):
                 ax.plot(*zip(*good), "o-", color="C0", label="ours (fused Triton)")
             if bad:
                 ax.plot(*zip(*bad), "rx", label="ours, FAILED float64 check (invalid)")
-            two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r["two_phase_ms"] is not None]
+            two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r.get("two_phase_ms") is not None]
             if two:
                 ax.plot(*zip(*two), "s--", color="C1", label="ours (two-phase)")
+            v1 = [(r["sparsity"], r["per_block_ms"] * 1e3) for r in rows if r.get("per_block_ms") is not None]
+            if v1:
+                ax.plot(*zip(*v1), "d--", color="C4", label="ours v1 (one program per row block)")
             ax.plot(sp, [r["gather_ms"] * 1e3 for r in rows], "^-", color="C2", label="torch index_select + matmul")
             ax.plot(sp, [r["dense_ms"] * 1e3 for r in rows], "k:", label="dense FFN (cuBLAS)")
             ax.plot(sp, [r["touched_mb"] / peak * 1e3 for r in rows], color="grey", lw=0.8,
@@ -454,10 +532,18 @@ def plot(path, records, peak):
     fig.savefig(path, dpi=120)
 
 
-def render(results_json, out):
-    """Table and plot from a results file this script wrote (e.g. after a run cut off by its time limit)."""
-    with open(results_json) as f:
-        records = json.load(f)
+def render(results_jsons, out):
+    """Table, plot and one merged results file from results files this script wrote (e.g. of several calls
+    split by --sections/--models). Records keep their own device and date; where two files hold the same
+    (op, model, batch, sparsity) the later file's record wins."""
+    merged: dict = {}
+    for path in results_jsons:
+        with open(path) as f:
+            for r in json.load(f):
+                merged[(r["op"], r["model"], r["batch"], r.get("sparsity"))] = r
+    records = list(merged.values())
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    atomic_write_text(os.path.join(out, "results", "kernels.json"), json.dumps(records, indent=1))
     first = records[0]
     stamp = {"device": first["device"], "date": first["date"]}
     checks = must_show(records, print)
@@ -465,7 +551,7 @@ def render(results_json, out):
     if bad:
         FAILURES.append("fused output failed its float64 check at " + ", ".join(bad) + " (timings not valid)")
     write_table(os.path.join(out, "kernels.txt"), records, stamp, first["peak_gbps"], checks,
-                source=os.path.basename(results_json))
+                source=", ".join(os.path.basename(p) for p in results_jsons))
     plot(os.path.join(out, "kernels.png"), records, first["peak_gbps"])
 
 
@@ -487,14 +573,16 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer sparsities (a smoke run)")
     ap.add_argument("--two-phase", action="store_true", help="also time the two-phase method (batch 1)")
     ap.add_argument("--do-bench", action="store_true", help="also time the sparse FFN with triton's do_bench")
-    ap.add_argument("--render", metavar="JSON", help="only rewrite the table and plot from a results file")
+    ap.add_argument("--render", metavar="JSON[,JSON...]",
+                    help="only rewrite the table, plot and merged results file from results files of this script")
+    ap.add_argument("--no-v1", action="store_true", help="skip timing the v1 per-block kernel (batch 1)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--sections", default="check,ffn,predictor,add_norm",
-                    help="comma-separated subset of check,ffn,predictor,add_norm (to split a run over calls)")
+                    help="comma-separated subset of check,diag,ffn,predictor,add_norm (to split a run over calls)")
     args = ap.parse_args()
-    OPTIONS.update(do_bench=args.do_bench, two_phase=args.two_phase)
+    OPTIONS.update(do_bench=args.do_bench, two_phase=args.two_phase, v1=not args.no_v1)
     if args.render:
-        render(args.render, args.out)
+        render(args.render.split(","), args.out)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU (the kernels' CPU paths are tested by tests/test_kernels.py)")
@@ -514,8 +602,12 @@ def main():
         log("correctness (float64 reference):")
         guarded(correctness_suite, log)(log)
         guarded(diagnose_tensor_core_path, log)(log)
+    if "diag" in sections:
+        log("fixed cost per call (diagnostics):")
+        guarded(diagnose_fixed_cost, log)(log)
     peak = peak_copy_gbps()
-    log(f"peak: 1 GiB device-to-device copy {peak:.0f} GB/s")
+    log(f"peak: 1 GiB device-to-device copy {peak:.0f} GB/s (bytes read + bytes written); read-only "
+        f"(torch sum over 1 GiB) {READ_PEAK['gbps']:.0f} GB/s, informational")
     records: list[dict] = []
     if "ffn" in sections:
         for model in args.models.split(","):

@@ -114,8 +114,9 @@ def test_bundled_ffn_matches_float64(shape, tokens, frac, dtype):
     assert_close(y, _ref(x, cache, idx, bias, gated=False), dtype, d_model)
 
 
-@pytest.mark.parametrize("method", ["fused", "two_phase", "fused_tc"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method,dtype", [(m, d) for m in ("fused", "two_phase", "fused_tc") for d in DTYPES]
+                         + [("per_block", torch.float16)],  # v1 kernel: shares its arithmetic with 'fused'
+                         ids=lambda v: {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(v, v))
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
 def test_methods_and_gated(gated, tokens, dtype, method):
@@ -134,8 +135,32 @@ def test_methods_and_gated(gated, tokens, dtype, method):
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
 def test_block_configs(config, tokens, gated):
     cache, x, idx, bias = _ffn_inputs(11, 90, 72, tokens, 0.3, torch.float16, gated, with_bias=not gated)
+    y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, config=config, method="per_block")
+    assert_close(y, _ref(x, cache, idx, bias, gated), torch.float16, 72)
+
+
+@pytest.mark.parametrize("config,tokens,frac", [
+    ({"BLOCK_R": 1, "BLOCK_D": 128, "N_ACC": 1, "PROGS_PER_SM": 1}, 1, 0.3),  # 27 rows over 4 programs
+    ({"BLOCK_R": 4, "BLOCK_D": 128, "N_ACC": 3, "PROGS_PER_SM": 2}, 1, 0.97),  # copies of the accumulator
+    ({"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 2, "PROGS_PER_SM": 1}, 1, 0.02),  # fewer blocks than programs
+    ({"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 2, "PROGS_PER_SM": 1}, 7, 1.0),   # all rows, several tokens
+    ({"BLOCK_R": 4, "BLOCK_D": 128, "N_ACC": 1, "PROGS_PER_SM": 8}, 2, 0.3),   # more programs than blocks
+], ids=["R1", "R4-acc3", "sparse", "all-7tok", "idle-programs"])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_persistent_configs(config, tokens, frac, gated):
+    """The persistent kernel (4 programs per 'SM' on CPU): each program loops over a share of the rows."""
+    cache, x, idx, bias = _ffn_inputs(12, 90, 72, tokens, frac, torch.float16, gated, with_bias=not gated)
     y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, config=config)
     assert_close(y, _ref(x, cache, idx, bias, gated), torch.float16, 72)
+
+
+def test_out_argument_and_its_checks():
+    cache, x, idx, bias = _ffn_inputs(14, 60, 40, 3, 0.5, torch.float16, False, with_bias=True)
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    assert bundled_sparse_ffn(x, cache, idx, bias=bias, out=out) is out
+    assert_close(out, _ref(x, cache, idx, bias, False), torch.float16, 40)
+    with pytest.raises(ValueError, match="out"):
+        bundled_sparse_ffn(x, cache, idx, bias=bias, out=out[:2])
 
 
 def test_wide_rows_fall_back_to_one_launch_per_token():
@@ -147,8 +172,11 @@ def test_wide_rows_fall_back_to_one_launch_per_token():
 
 def test_whole_row_config_must_cover_the_row():
     cache, x, idx, _ = _ffn_inputs(2, 40, 72, 1, 0.5, torch.float16, False, with_bias=False)
-    with pytest.raises(ValueError, match="WHOLE_ROW"):
-        bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 64, "WHOLE_ROW": True})
+    with pytest.raises(ValueError, match="BLOCK_D >= d_model"):
+        bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 64, "WHOLE_ROW": True},
+                           method="per_block")
+    with pytest.raises(ValueError, match="BLOCK_D >= d_model"):
+        bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 64, "N_ACC": 1, "PROGS_PER_SM": 1})
 
 
 def test_relu2_down_bias_and_token_batches():
@@ -250,7 +278,7 @@ def test_predictor_feeds_sparse_ffn_without_host_count():
     cache = (torch.randn(d_ff, 2 * d_model, generator=g) / 8).to(torch.float16)
     idx, count = predict_active(x, A, B, 0.5)
     assert 0 < int(count) < d_ff
-    for method in ("fused", "two_phase"):
+    for method in ("fused", "per_block", "two_phase"):
         y = bundled_sparse_ffn(x, cache, idx, count=count, method=method)
         assert_close(y, _ref(x, cache, active_list(idx, count), None, False), torch.float16, d_model)
 

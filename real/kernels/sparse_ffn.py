@@ -39,7 +39,7 @@ import torch
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
 
 ACTIVATIONS = {"relu": 0, "relu2": 1}
-METHODS = ("fused", "two_phase", "fused_tc")
+METHODS = ("fused", "per_block", "two_phase", "fused_tc")
 MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
 MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
 
@@ -181,8 +181,9 @@ if triton is not None:
 
     @triton.jit
     def _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS: tl.constexpr,
-                BLOCK_E: tl.constexpr):
+                BLOCK_E: tl.constexpr, N_ACC: tl.constexpr = 1):
         """Ticket: the last program to arrive writes y = acc (+ bias) in y's dtype and re-zeroes acc and the ticket.
+        With N_ACC > 1 the accumulator has N_ACC copies [N_ACC, T, D] that are summed here.
 
         The barrier + acq_rel atomic order every thread's accumulator atomics before the ticket (release), and
         the ticket before the last program's reads (acquire); the reads go to L2 (.cg), where atomics land.
@@ -197,10 +198,13 @@ if triton is not None:
                     d = d0 + offs
                     m = d < D
                     v = tl.load(acc_ptr + t * D + d, mask=m, other=0.0, cache_modifier=".cg")
+                    for k in tl.static_range(1, N_ACC):
+                        v += tl.load(acc_ptr + (k * T + t) * D + d, mask=m, other=0.0, cache_modifier=".cg")
                     if HAS_OUT_BIAS:
                         v += tl.load(out_bias_ptr + d, mask=m, other=0.0).to(tl.float32)
                     tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
-                    tl.store(acc_ptr + t * D + d, tl.zeros_like(v), mask=m)
+                    for k in tl.static_range(N_ACC):
+                        tl.store(acc_ptr + (k * T + t) * D + d, tl.zeros_like(v), mask=m)
             tl.atomic_xchg(sem_ptr, 0)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
@@ -264,7 +268,85 @@ if triton is not None:
                     c = tl.dot(h.to(dn.dtype), dn)
                     tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], c,
                                   mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1)
+
+    @triton.jit
+    def _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr, rows, rmask, d,
+                     dmask, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+        """Request the up, gate and down tiles and the biases of whole rows (no arithmetic: the loads stay in
+        flight until first use)."""
+        m = rmask[:, None] & dmask[None, :]
+        u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
+        dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd, mask=m, other=0.0)
+        g = u
+        if GATED:
+            g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
+        return u, g, dn, _row_bias(bias_ptr, rows, rmask, HAS_BIAS)
+
+    @triton.jit
+    def _whole_contrib(xv, u, g, dn, b, rmask, GATED: tl.constexpr, ACT: tl.constexpr):
+        """One token's share of y from whole-row tiles: sum_r act(x.u_r + b_r) dn_r, fp32 [BLOCK_D]."""
+        zu = tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
+        zg = zu
+        if GATED:
+            zg = tl.sum(g.to(tl.float32) * xv[None, :], axis=1)
+        h = _gate_bias_act(zu, zg, b, rmask, GATED, ACT)
+        return tl.sum(dn.to(tl.float32) * h[:, None], axis=0)
+
+    @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
+    def _stream_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
+                       bias_ptr, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr, y_ptr, stride_yt,
+                       T, D, n_bucket,
+                       HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr):
+        """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
+        contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
+        next block and the row ids of the one after are requested before the current block's arithmetic, so
+        each program keeps a block of weights in flight. One token: y's share stays in fp32 registers and is
+        flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
+        over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D."""
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        n = n_active
+        if COUNT_ON_DEVICE:
+            n = tl.minimum(tl.load(count_ptr), n_active)
+        n_blk = tl.cdiv(n, BLOCK_R)
+        start = ((pid * n_blk) // G) * BLOCK_R  # balanced: shares differ by at most one block
+        end = tl.minimum((((pid + 1) * n_blk) // G) * BLOCK_R, n)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        offs = tl.arange(0, BLOCK_R)
+        acc_out = acc_ptr + (pid % N_ACC) * T * D
+        x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        part = tl.zeros([BLOCK_D], tl.float32)
+        # prologue: row ids of blocks 0 and 1, tiles of block 0
+        m_cur = start + offs < end
+        rows_cur = _row_ids(idx_ptr, start + offs, m_cur, HAS_IDX)
+        m_nxt = start + BLOCK_R + offs < end
+        rows_nxt = _row_ids(idx_ptr, start + BLOCK_R + offs, m_nxt, HAS_IDX)
+        u, g, dn, b = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr,
+                                   rows_cur, m_cur, d, dmask, HAS_BIAS, GATED)
+        for r0 in range(start, end, BLOCK_R):
+            m_far = r0 + 2 * BLOCK_R + offs < end
+            rows_far = _row_ids(idx_ptr, r0 + 2 * BLOCK_R + offs, m_far, HAS_IDX)
+            u_n, g_n, dn_n, b_n = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
+                                               bias_ptr, rows_nxt, m_nxt, d, dmask, HAS_BIAS, GATED)
+            if BLOCK_T == 1:
+                part += _whole_contrib(x0, u, g, dn, b, m_cur, GATED, ACT)
+            else:
+                for t in tl.static_range(BLOCK_T):
+                    if t < T:
+                        xv = tl.load(x_ptr + t * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)
+                        c = _whole_contrib(xv, u, g, dn, b, m_cur, GATED, ACT)
+                        tl.atomic_add(acc_out + t * D + d, c, mask=dmask, sem="relaxed")
+            u, g, dn, b, m_cur = u_n, g_n, dn_n, b_n, m_nxt
+            rows_nxt, m_nxt = rows_far, m_far
+        if BLOCK_T == 1:
+            if start < end:
+                tl.atomic_add(acc_out + d, part, mask=dmask, sem="relaxed")
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, N_ACC)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _hidden_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, idx_ptr, count_ptr,
@@ -327,7 +409,7 @@ if triton is not None:
             else:
                 tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
                               sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E)
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1)
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
     _ROWS_ONE = [(4, 1024, 4, 3), (8, 1024, 8, 3)]
@@ -364,6 +446,26 @@ if triton is not None:
                     "dot": _fused_configs(_ROWS_DOT, False)},
                    _FUSED_DEFAULT, _KEY + ["GATED"],
                    prune=_prune_whole_rows)
+    # persistent whole-row kernel: (BLOCK_R, BLOCK_D, N_ACC, PROGS_PER_SM, num_warps, num_stages)
+    _STREAM_NAMES = ("BLOCK_R", "BLOCK_D", "N_ACC", "PROGS_PER_SM")
+    _STREAM_ONE = [(2, 4096, 1, 2, 8, 1), (2, 4096, 8, 2, 8, 1), (2, 4096, 8, 4, 4, 1), (4, 4096, 8, 1, 8, 1),
+                   (4, 4096, 8, 2, 8, 1), (1, 8192, 8, 2, 8, 1), (2, 8192, 8, 1, 8, 1)]
+    _STREAM_MULTI = [(1, 4096, 4, 4, 4, 1), (2, 4096, 4, 2, 8, 1), (4, 4096, 4, 1, 8, 1), (1, 8192, 4, 2, 8, 1),
+                     (2, 8192, 4, 1, 8, 1)]
+    _STREAM_DEFAULT = {m: {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 2, "PROGS_PER_SM": 1} for m in ("one", "multi")}
+    MAX_N_ACC = 8
+    TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 registers; more spills
+
+    def _prune_stream(configs_, named_args, **kwargs):
+        """A row must fit one tile (D <= BLOCK_D < 2 D), and the double-buffered tiles must fit the registers."""
+        D, k = named_args["D"], 3 if kwargs.get("GATED", named_args.get("GATED")) else 2
+        kept = [c for c in configs_ if D <= c.kwargs["BLOCK_D"] < 2 * D
+                and 2 * k * c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_D"] <= TILE_HALVES_PER_THREAD * 32 * c.num_warps]
+        return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_R"] * abs(c.kwargs["BLOCK_D"] - D))]
+
+    STREAM = Kernel(_stream_kernel, {"one": configs(_STREAM_ONE, _STREAM_NAMES),
+                                     "multi": configs(_STREAM_MULTI, _STREAM_NAMES)},
+                    _STREAM_DEFAULT, _KEY + ["GATED"], prune=_prune_stream)
     HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
@@ -438,7 +540,7 @@ def _check(x, up, down, idx, gate, bias, down_bias, count, method):
 
 
 def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu", count=None,
-               method="fused", impl="auto", config=None):
+               method="fused", impl="auto", config=None, out=None):
     """y = sum over active rows r of act(x . up[r] + bias[r]) * down[r] (+ down_bias); gated: act(x.gate[r]) * (x.up[r]).
 
     x: [d_model] or [tokens, d_model] (fp16/bf16, same dtype as the weights); up, down, gate: [n_rows, d_model]
@@ -446,10 +548,14 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     or None for all rows; count: optional int32 [1] device tensor (from predict_active) -- then only
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
-    method: 'fused' (default), 'two_phase', or 'fused_tc' (experimental tensor-core path, see module doc).
+    method: 'fused' (default: the persistent whole-row kernel where d_model <= 8192), 'per_block' (v1: one
+    program per row block), 'two_phase', or 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
-    config: fixed {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (fused), ['num_warps', 'num_stages']} instead of
-    autotuning (tests); WHOLE_ROW needs BLOCK_D >= d_model.
+    config: fixed block sizes instead of autotuning (tests): 'fused' takes {'BLOCK_R', 'BLOCK_D' >= d_model,
+    'N_ACC', 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
+    'num_warps', 'num_stages'.
+    out: optional preallocated result (x's shape, dtype and device, contiguous; at most 16 tokens), so that a
+    call allocates nothing (the accumulator is a cached workspace).
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
@@ -461,32 +567,50 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
         raise ValueError(f"x: the Triton kernels take float16/bfloat16, got {x.dtype}. Fix: cast, or impl='torch'")
     squeeze = x.dim() == 1
     x2 = (x.reshape(1, -1) if squeeze else x).contiguous()
+    if out is not None:
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous() \
+                or x2.shape[0] > MAX_TOKENS_PER_LAUNCH:
+            raise ValueError(f"out: expected a contiguous {x.dtype} tensor of x's shape {tuple(x.shape)} on "
+                             f"{x.device} and at most {MAX_TOKENS_PER_LAUNCH} tokens, got {out.dtype} "
+                             f"{tuple(out.shape)}. Fix: allocate it like x, or pass out=None")
+        _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
+                out.view(x2.shape))
+        return out
     outs = [_launch(backend, x2[t0:t0 + MAX_TOKENS_PER_LAUNCH], up, down, idx, gate, bias, down_bias, activation,
                     count, method, config) for t0 in range(0, x2.shape[0], MAX_TOKENS_PER_LAUNCH)]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     return y.reshape(-1) if squeeze else y
 
 
-def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config):
+def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None):
     T, D = x.shape
     n_rows = up.shape[0]
     n_cap = n_rows if idx is None else idx.numel()
-    y = torch.empty_like(x)
-    acc, sem = _workspace(x.device, T * D)
-    if method == "fused" and T > 1:
-        if D > MAX_WHOLE_ROW:  # rows do not fit a register tile: one launch per token (T x the bytes)
-            return torch.cat([_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count,
-                                      method, config) for t in range(T)])
-        block_t, mode = next_pow2(T), "multi"
+    if D > MAX_WHOLE_ROW and T > 1 and method in ("fused", "per_block"):
+        # rows do not fit a register tile: one launch per token (T x the bytes)
+        parts = [_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count, method,
+                         config, None if y is None else y[t:t + 1]) for t in range(T)]
+        return torch.cat(parts) if y is None else y
+    if y is None:
+        y = torch.empty_like(x)
+    acc, sem = _workspace(x.device, MAX_N_ACC * T * D)
+    if method == "fused" and D <= MAX_WHOLE_ROW:
+        kernel, mode = STREAM, ("one" if T == 1 else "multi")
+    elif method in ("fused", "per_block"):
+        kernel, mode = FUSED, ("one" if T == 1 else "multi")
+    elif method == "fused_tc":
+        kernel, mode = FUSED, ("one" if T == 1 else "dot")
     else:
-        block_t = 1 if T == 1 else 16
-        mode = "one" if block_t == 1 else "dot"
-    if config is None and backend == "interpret" and method != "two_phase":
-        config = dict(FUSED.default[mode])
-        if config["WHOLE_ROW"]:
+        kernel, mode = None, ("one" if T == 1 else "dot")
+    block_t = next_pow2(T) if mode == "multi" else (1 if T == 1 else 16)
+    if config is None and backend == "interpret" and kernel is not None:
+        config = dict(kernel.default[mode])
+        if kernel is STREAM or config["WHOLE_ROW"]:
             config["BLOCK_D"] = max(config["BLOCK_D"], next_pow2(D))
-    if config is not None and config.get("WHOLE_ROW") and config["BLOCK_D"] < D:
-        raise ValueError(f"config: WHOLE_ROW needs BLOCK_D >= d_model={D}, got {config['BLOCK_D']}")
+    whole = kernel is STREAM or (kernel is FUSED and (config or {}).get("WHOLE_ROW"))
+    if config is not None and whole and config["BLOCK_D"] < D:
+        raise ValueError(f"config: the whole-row kernels (method 'fused', or WHOLE_ROW=True) need BLOCK_D >= "
+                         f"d_model={D}, got {config['BLOCK_D']}")
     g = up if gate is None else gate
     dummy = x
     flags = dict(HAS_IDX=idx is not None, COUNT_ON_DEVICE=count is not None, BLOCK_T=block_t)
@@ -494,14 +618,19 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     n_bucket = next_pow2(n_cap)
     act = ACTIVATIONS[activation]
     block_e = min(next_pow2(D), 4096)
-    if method in ("fused", "fused_tc"):
-        grid = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
-        FUSED.launch(backend, mode, grid, x, x.stride(0), up, up.stride(0), up.stride(1), g, g.stride(0),
-                     g.stride(1), down, down.stride(0), down.stride(1),
-                     bias if bias is not None else dummy, down_bias if down_bias is not None else dummy,
-                     *common, acc, sem, y, y.stride(0), T, D, n_bucket,
-                     HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
-                     ACT=act, BLOCK_E=block_e, config=config, **flags)
+    if kernel is not None:
+        if kernel is STREAM:
+            sms = _sm_count(x.device)
+            grid = lambda meta: (max(1, min(triton.cdiv(n_cap, meta["BLOCK_R"]),  # noqa: E731
+                                            sms * meta["PROGS_PER_SM"])),)
+        else:
+            grid = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
+        kernel.launch(backend, mode, grid, x, x.stride(0), up, up.stride(0), up.stride(1), g, g.stride(0),
+                      g.stride(1), down, down.stride(0), down.stride(1),
+                      bias if bias is not None else dummy, down_bias if down_bias is not None else dummy,
+                      *common, acc, sem, y, y.stride(0), T, D, n_bucket,
+                      HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
+                      ACT=act, BLOCK_E=block_e, config=config, **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
