@@ -1,5 +1,7 @@
 """real.calibrate: a quick run on a tiny file yields a profile the simulator and Hydra presets accept."""
 
+import time
+
 import numpy as np
 import pytest
 import yaml
@@ -47,5 +49,22 @@ def test_probe_counts_bytes_it_really_read(tmp_path):
 def test_batch_overhead_and_row_cost_are_measured(tmp_path):
     path = tmp_path / "f.bin"
     cal.make_test_file(path, 8 << 20)
-    assert cal.batch_overhead_us(path, reads=20) >= 0
+    overhead = cal.batch_overhead_us(path, reads=20)
+    assert 0 <= overhead < 10_000            # a one-read hand-off costs microseconds, not milliseconds
+    assert 0 < cal.row_op_us(d_ff=2048, rounds=5) < 1000
+
+
+def test_batch_overhead_sees_a_slow_pool(tmp_path, monkeypatch):
+    """The probe measures the pool, not a constant: 3 ms added per batch must show up."""
+    from real.loader import ReadPool
+    path = tmp_path / "f.bin"
+    cal.make_test_file(path, 8 << 20)
+    run = ReadPool.run
+
+    def slow_run(self, *args):
+        time.sleep(0.003)
+        return run(self, *args)
+
+    monkeypatch.setattr(ReadPool, "run", slow_run)
+    assert cal.batch_overhead_us(path, reads=10) >= 2500
     assert 0 < cal.row_op_us(d_ff=2048, rounds=5) < 1000
