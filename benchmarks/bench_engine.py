@@ -186,6 +186,25 @@ def warm_kernels(spec: ModelSpec, device: torch.device, kernel: str) -> float:
     return time.perf_counter() - t
 
 
+def graph_check(body: SyntheticBody) -> str:
+    """The per-layer CUDA graph (attention over all key slots, later ones masked) against the eager
+    attention on the same input; falls back to eager (and says so) if they differ beyond fp16 rounding."""
+    spec = body.spec
+    h = (torch.randn(1, spec.d_model, device=body.device) * 0.5).to(body.emb.dtype)
+    pos = 3
+    want_h = body.attention(0, h, pos)
+    want_x = body.ffn_input(0, want_h)
+    got_h, got_x = body.front(0, h, pos, True)
+    if not body.graphs:
+        return "attention eager (CUDA graph capture failed)"
+    err = max((got_h - want_h).abs().max().item(), (got_x - want_x).abs().max().item())
+    tol = 16 * torch.finfo(want_h.dtype).eps * max(want_h.abs().max().item(), want_x.abs().max().item())
+    if err > tol:
+        body.graphs = False
+        return f"attention eager: CUDA graph differed from eager by {err:.3g} > {tol:.3g}"
+    return f"attention+predictor: one CUDA graph per layer (vs eager: max diff {err:.2g}, tol {tol:.2g})"
+
+
 def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw, final: bool = False) -> None:
     """Table and JSON records; written after every step so a cut-off run still leaves its rows."""
     naive = next((r["latency_ms"] for r in records if r["policy"] == "naive"), None)
@@ -267,6 +286,11 @@ def main(argv=None) -> int:
             notes.append(f"Triton sparse FFN failed ({type(e).__name__}: {e}); using torch")
             args.kernel = "torch"
     body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
+    if device.type == "cuda":
+        notes.append(graph_check(body))
+    from real.loader import native_drain, native_unavailable_reason
+    notes.append("reads: C loop (real/native_read.c)" if native_drain() else
+                 f"reads: Python loop ({native_unavailable_reason()})")
     log("; ".join(notes))
 
     records, probes, date = [], {}, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -60,44 +60,66 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def ffn_rows(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, gate: torch.Tensor | None = None,
              idx: torch.Tensor | None = None, bias: torch.Tensor | None = None, activation: str = "relu",
-             impl: str = "auto") -> torch.Tensor:
-    """sum over rows r (all, or ``idx``) of act(x . up[r] + bias[r]) down[r]; gated: act(x . gate[r]) (x . up[r]).
+             impl: str = "auto", down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over rows r (all, or ``idx``) of act(x . up[r] + bias[r]) down[r] (+ down_bias); gated:
+    act(x . gate[r]) (x . up[r]).
 
     The kernels' fused ``sparse_ffn`` (Triton on CUDA for fp16/bf16); its plain-torch reference
     elsewhere, or everywhere with ``impl="torch"``."""
     if impl == "torch" or not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
-        return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, activation=activation)
-    return sparse_ffn(x, up, down, idx, gate=gate, bias=bias, activation=activation, impl="auto")
+        return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
+                                    activation=activation)
+    return sparse_ffn(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias, activation=activation,
+                      impl="auto")
 
 
 class Clock:
     """Wall time, and spans of work: CUDA events on a GPU (no host synchronisation, so the host keeps
-    queueing work), ``perf_counter`` on the CPU. ``settle`` adds the GPU spans after a sync."""
+    queueing work), ``perf_counter`` on the CPU. ``settle`` adds the GPU spans after a sync. Events
+    are reused from a pool (creating two per span cost measurable host time per layer)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
         self._open: list = []
+        self._free: list = []
+
+    def _event(self):
+        if self._free:
+            return self._free.pop()
+        return torch.cuda.Event(enable_timing=True)
 
     def start(self):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
+            e = self._event()
             e.record()
             return e
         return time.perf_counter()
 
     def stop(self, part: str, start, tc: TokenCost) -> None:
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
+            e = self._event()
             e.record()
             self._open.append((tc, part, start, e))
         else:
             setattr(tc, part, getattr(tc, part) + time.perf_counter() - start)
 
+    def lap(self, part: str, start, tc: TokenCost):
+        """``stop`` that also returns the start of the next span (one event, not two, per boundary)."""
+        if self.cuda:
+            e = self._event()
+            e.record()
+            self._open.append((tc, part, start, e))
+            return e
+        now = time.perf_counter()
+        setattr(tc, part, getattr(tc, part) + now - start)
+        return now
+
     def settle(self) -> None:
         """Call after a device sync: credit every recorded GPU span to its token's part."""
         for tc, part, a, b in self._open:
             setattr(tc, part, getattr(tc, part) + a.elapsed_time(b) / 1e3)
+            self._free += (a, b)
         self._open.clear()
 
     def sync(self) -> None:
@@ -108,6 +130,50 @@ class Clock:
         if sync:
             self.sync()
         return time.perf_counter()
+
+
+class IndexUpload:
+    """Host index arrays to device int64 tensors without a host synchronisation.
+
+    ``torch.from_numpy(a).to("cuda")`` copies from pageable memory and then waits until the device
+    has finished everything queued before it, so every call stalls the host behind the GPU. Here the
+    arrays of one call are packed into one pinned buffer of a small ring and sent with one
+    asynchronous copy on the current stream (consumers on that stream see it in order); a slot is
+    reused only after its copy is done (an event). On the CPU the arrays are wrapped, not copied."""
+
+    def __init__(self, device: torch.device, capacity: int, slots: int = 8):
+        self.device, self.cuda, self.capacity = device, device.type == "cuda", capacity
+        self.slot = 0
+        if self.cuda:
+            self.host = [torch.empty(capacity, dtype=torch.int64, pin_memory=True) for _ in range(slots)]
+            self.host_np = [h.numpy() for h in self.host]
+            self.dev = [torch.empty(capacity, dtype=torch.int64, device=device) for _ in range(slots)]
+            self.done = [None] * slots
+
+    def __call__(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        if not self.cuda:
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in arrays]
+        total = sum(int(a.size) for a in arrays)
+        if total > self.capacity:       # not expected (capacity covers a layer); correct, just slower
+            return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device) for a in arrays]
+        k = self.slot
+        self.slot = (k + 1) % len(self.host)
+        if self.done[k] is not None:
+            self.done[k].synchronize()   # this slot's previous copy has left the pinned buffer
+        h, out, off = self.host_np[k], [], 0
+        for a in arrays:
+            h[off: off + a.size] = a
+            off += a.size
+        d = self.dev[k]
+        d[:total].copy_(self.host[k][:total], non_blocking=True)
+        if self.done[k] is None:
+            self.done[k] = torch.cuda.Event()
+        self.done[k].record()
+        off = 0
+        for a in arrays:
+            out.append(d[off: off + a.size])
+            off += a.size
+        return out
 
 
 # ---- reads: the storage issue's loader, or the engine's own small reader -------------------------
@@ -167,9 +233,11 @@ class SimpleLoads:
 class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
-    def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool):
+    def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
+                 native: bool | None = None):
         from real.loader import FlashLoader
-        self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct)
+        self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
+                                  native=native)
         self.direct = self.loader.direct
 
     def submit(self, plan: LayerPlan):
@@ -189,14 +257,15 @@ class LoaderLoads:
 LOADERS = ("auto", "loader", "simple")
 
 
-def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto"):
+def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
+               native: bool | None = None):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
     former where it imports, else the latter."""
     if loader not in LOADERS:
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct)
+            return LoaderLoads(flash, device, threads, direct, native)
         except ImportError:
             if loader == "loader":
                 raise
@@ -209,7 +278,8 @@ class FlashFFN:
     def __init__(self, flash: FlashDir, capacity: int, *, strategy: str = "preallocated",
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
-                 kernel: str = "auto", loader: str = "auto"):
+                 kernel: str = "auto", loader: str = "auto", reads_first: bool = True, pinned_index: bool = True,
+                 native_reads: bool | None = None):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -218,9 +288,15 @@ class FlashFFN:
         self.d, self.n_mat = spec.d_model, spec.ffn_matrices
         self.width = self.n_mat * self.d
         self.activation, self.kernel = spec.activation, kernel
-        self.caches = [NeuronCache(spec.d_ff, capacity, self.width, self.dtype, self.device, strategy)
+        # GPU: index arrays go up through pinned memory, no host sync (reads_first / pinned_index are
+        # switches so that benchmarks/profile_engine.py can measure what each bought; keep the defaults)
+        self.reads_first, self.pinned_index = reads_first, pinned_index
+        self.upload = IndexUpload(self.device, 4 * spec.d_ff + 2 * capacity + 16) if pinned_index else None
+        self.caches = [NeuronCache(spec.d_ff, capacity, self.width, self.dtype, self.device, strategy, self.upload)
                        for _ in range(spec.n_layers)]
-        self.loads = open_loads(flash, self.device, threads, direct, loader)
+        self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
+        self.mark_sync = False              # sync the device before each mark (GPU completion times)
+        self.loads = open_loads(flash, self.device, threads, direct, loader, native_reads)
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -248,65 +324,98 @@ class FlashFFN:
         return (parts[0], parts[1], parts[2]) if self.n_mat == 3 else (None, parts[0], parts[1])
 
     def _ffn(self, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
-             idx: torch.Tensor | None) -> torch.Tensor:
+             idx: torch.Tensor | None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
         gate, up, down = self._views(rows)
-        return ffn_rows(x, up, down, gate=gate, idx=idx, bias=bias, activation=self.activation, impl=self.kernel)
+        return ffn_rows(x, up, down, gate=gate, idx=idx, bias=bias, activation=self.activation, impl=self.kernel,
+                        down_bias=down_bias)
 
     # ---- one layer -------------------------------------------------------------------------
-    def run_layer(self, plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
-        """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model].
+    def mark(self, label: str) -> None:
+        if self.marks is not None:
+            if self.mark_sync:
+                self.clock.sync()
+            self.marks.append((label, time.perf_counter()))
 
-        CPU: submit the reads, compute over the resident neurons meanwhile, then memory management.
-        GPU: queue the resident FFN and the evictions/moves on the device first (they need no new
-        rows), then submit the reads, so the host only waits (and helps read) while they are in
-        flight and does not compete with the reader threads for the interpreter."""
-        l, st, clock, dev = plan.layer, self.stats, self.clock, self.device
+    def _to_dev(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        if self.upload is not None:
+            return self.upload(*arrays)
+        return [torch.from_numpy(a).to(self.device) for a in arrays]
+
+    def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]
+        (plus ``residual`` if given: one addition fewer after the reads).
+
+        The reads are submitted first: they are the critical path. While they are in flight the
+        host queues the FFN over the resident neurons (with the down bias and the residual added),
+        the bias gather of the loaded neurons and, on a GPU, the evictions/moves (they need no new
+        rows; index arrays go up through pinned memory, so nothing here waits for the device). Then
+        it waits (helping with the reads), copies the rows to the device, inserts them (CPU: evicts
+        first) and runs the FFN over the new neurons. ``reads_first=False`` queues the GPU work
+        before submitting (the old order, kept for benchmarks/profile_engine.py)."""
+        l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
-        pending = self.loads.submit(plan) if load.size and not gpu else None
+        self.mark("plan")
+        pending = self.loads.submit(plan) if load.size and (self.reads_first or not gpu) else None
+        self.mark("submit")
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
-        y = None
+        b2 = self.b2[l] if self.b2 is not None else None
+        y = residual
+        s = clock.start()
         if res.size:
-            s = clock.start()
             rows = cache.rows_for(res)
             if rows.size == cache.n_rows and rows[0] == 0 and rows[-1] == rows.size - 1 and \
                     np.array_equal(rows, np.arange(rows.size)):
-                y = self._ffn(x, cache.view(), cache.bias[: cache.n_rows] if self.b1 is not None else None, None)
+                y_res = self._ffn(x, cache.view(), cache.bias[: cache.n_rows] if self.b1 is not None else None,
+                                  None, b2)
             else:
-                idx = torch.from_numpy(rows).to(dev)
-                y = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx)
-            clock.stop("compute_s", s, st)
+                idx, = self._to_dev(rows)
+                y_res = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx, b2)
+            b2 = None                                        # added once
+            y = y_res if y is None else y + y_res
+            s = clock.lap("compute_s", s, st)
+        self.mark("ffn_resident")
         if gpu:
-            s = clock.start()
             cache.evict(plan)
+        new_bias = None
+        if load.size and self.b1 is not None:
+            load_idx, = self._to_dev(load)
+            new_bias = self.b1[l].index_select(0, load_idx)
+        if gpu:
             clock.stop("mem_s", s, st)
-        load_idx = torch.from_numpy(load).to(dev) if load.size and self.b1 is not None else None
-        if load.size and gpu:
+        self.mark("evict")
+        if load.size and pending is None:
             pending = self.loads.submit(plan)
-        new_rows = new_bias = None
+            self.mark("submit_late")
+        new_rows = None
+        s = None
         if pending is not None:
             t_wait = time.perf_counter()
             t_submit, t_done = self.loads.wait_reads(pending)
             self.io_wait_s += time.perf_counter() - t_wait
             st.io_s += t_done - t_submit
+            self.mark("wait")
             s = clock.start()
             new_rows = self.loads.rows(pending)              # to the device
-            clock.stop("io_s", s, st)
-            if load_idx is not None:
-                new_bias = self.b1[l].index_select(0, load_idx)
-        s = clock.start()
+            s = clock.lap("io_s", s, st)
+            self.mark("copy")
+        s = s if s is not None else clock.start()
         if not gpu:
             cache.evict(plan)
         cache.insert(plan, new_rows, new_bias)
-        clock.stop("mem_s", s, st)
+        self.mark("insert")
         if new_rows is not None:
-            s = clock.start()
-            y_new = self._ffn(x, new_rows, new_bias, None)
+            s = clock.lap("mem_s", s, st)
+            y_new = self._ffn(x, new_rows, new_bias, None, b2)
+            b2 = None
             y = y_new if y is None else y + y_new
             clock.stop("compute_s", s, st)
+        else:
+            clock.stop("mem_s", s, st)
         if y is None:
             y = torch.zeros_like(x)
-        if self.b2 is not None:
-            y = y + self.b2[l]
+        if b2 is not None:
+            y = y + b2
+        self.mark("ffn_new")
         st.bytes += plan.bytes
         st.reads += plan.n_reads
         st.new_neurons += int(load.size)
@@ -318,10 +427,23 @@ class FlashFFN:
 class SyntheticBody:
     """Everything but the FFN for a geometry: embeddings, per-layer pre-norm attention with a KV cache,
     the FFN pre-norm, the low-rank predictor and the LM head, with random weights. Real matmuls of
-    the real sizes, so the per-token compute is a checkpoint's; the values mean nothing."""
+    the real sizes, so the per-token compute is a checkpoint's; the values mean nothing.
 
-    def __init__(self, spec, device: torch.device, max_tokens: int, predictor_rank: int = 0, seed: int = 0):
+    ``front`` (attention + FFN norm + predictor of one layer) runs on a GPU as one CUDA graph per
+    layer (``graphs=True``): launching its ~15 kernels one by one from Python cost ~0.5-0.9 ms of
+    host time per layer on the H100 machine, against ~0.13 ms for a replay. A graph has fixed
+    shapes, so the graphed attention runs over all ``max_tokens`` key slots with the unwritten ones
+    masked (same result; the extra keys cost ~1 MB of reads per layer at 64 tokens, against 134 MB
+    of weights); the position is a device tensor, written once per token."""
+
+    def __init__(self, spec, device: torch.device, max_tokens: int, predictor_rank: int = 0, seed: int = 0,
+                 graphs: bool = True):
         self.spec, self.device = spec, device
+        self.graphs = graphs and torch.device(device).type == "cuda"
+        self._graph: dict = {}
+        self._pos = torch.zeros(1, dtype=torch.int64, device=device)
+        self._pos_value = -1
+        self._slots = torch.arange(max_tokens, device=device)
         dt = DTYPES[spec.dtype]
         g = torch.Generator(device=device).manual_seed(seed)
         d, kv = spec.d_model, spec.kv_heads * spec.head_dim
@@ -329,8 +451,9 @@ class SyntheticBody:
         self.emb = rnd(spec.vocab, d)
         self.wqkv = [rnd(d, d + 2 * kv) for _ in range(spec.n_layers)]
         self.wo = [rnd(d, d) for _ in range(spec.n_layers)]
-        self.k = torch.zeros(spec.n_layers, spec.kv_heads, max_tokens, spec.head_dim, dtype=dt, device=device)
-        self.v = torch.zeros_like(self.k)
+        # keys and values of a layer side by side, so one copy stores both per token
+        self.kv_cache = torch.zeros(spec.n_layers, 2, spec.kv_heads, max_tokens, spec.head_dim, dtype=dt,
+                                    device=device)
         self.pred = [(rnd(d, predictor_rank), rnd(predictor_rank, spec.d_ff)) for _ in range(spec.n_layers)] \
             if predictor_rank else None
         self.kv = kv
@@ -344,18 +467,77 @@ class SyntheticBody:
         return self.emb[token % self.spec.vocab].unsqueeze(0)
 
     def attention(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
-        s, d, kv = self.spec, self.spec.d_model, self.kv
+        s, d = self.spec, self.spec.d_model
         a = F.layer_norm(h, (d,))
         qkv = a @ self.wqkv[l]
         q = qkv[:, :d].view(s.n_heads, 1, s.head_dim)
-        self.k[l, :, pos] = qkv[0, d:d + kv].view(s.kv_heads, s.head_dim)
-        self.v[l, :, pos] = qkv[0, d + kv:].view(s.kv_heads, s.head_dim)
-        k, v = self.k[l, :, : pos + 1], self.v[l, :, : pos + 1]
+        self.kv_cache[l, :, :, pos] = qkv[0, d:].view(2, s.kv_heads, s.head_dim)
+        k, v = self.kv_cache[l, 0, :, : pos + 1], self.kv_cache[l, 1, :, : pos + 1]
         if s.kv_heads != s.n_heads:
             rep = s.n_heads // s.kv_heads
             k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         o = F.scaled_dot_product_attention(q, k, v).reshape(1, d)
-        return h + o @ self.wo[l]
+        return torch.addmm(h, o, self.wo[l])          # h + o @ wo in one launch
+
+    def attention_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``attention`` with fixed shapes (for a CUDA graph): ``pos`` is an int64 [1] device tensor;
+        all key slots are attended to, those after ``pos`` masked out."""
+        s, d = self.spec, self.spec.d_model
+        a = F.layer_norm(h, (d,))
+        qkv = a @ self.wqkv[l]
+        q = qkv[:, :d].view(s.n_heads, 1, s.head_dim)
+        self.kv_cache[l].index_copy_(2, pos, qkv[0, d:].view(2, s.kv_heads, 1, s.head_dim))
+        k, v = self.kv_cache[l, 0], self.kv_cache[l, 1]
+        if s.kv_heads != s.n_heads:
+            rep = s.n_heads // s.kv_heads
+            k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        mask = (self._slots <= pos).view(1, 1, -1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(1, d)
+        return torch.addmm(h, o, self.wo[l])
+
+    def front(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention, FFN input norm and (``sparse``) the predictor of layer ``l``: (h after attention,
+        FFN input). On a GPU the returned tensors are the layer's graph outputs, valid until its next
+        replay (the next token), which the device stream orders after every use of them."""
+        if self.graphs:
+            try:
+                return self._front_graphed(l, h, pos, sparse)
+            except Exception as e:  # noqa: BLE001 -- correct without graphs, only slower
+                import warnings
+                warnings.warn(f"CUDA graph of the attention failed ({type(e).__name__}: {e}); running it eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.graphs = False
+        h = self.attention(l, h, pos)
+        x = self.ffn_input(l, h)
+        if sparse:
+            self.predictor(l, x)
+        return h, x
+
+    def _front_static(self, l: int, h: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.attention_static(l, h, self._pos)
+        x = self.ffn_input(l, h)
+        return h, x, (self.predictor(l, x) if sparse else None)
+
+    def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool):
+        if pos != self._pos_value:
+            self._pos.fill_(pos)
+            self._pos_value = pos
+        g = self._graph.get((l, sparse))
+        if g is None:
+            h_in = h.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):        # warm-up off the capture (writes slot pos; replayed below)
+                self._front_static(l, h_in, sparse)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = self._front_static(l, h_in, sparse)
+            g = self._graph[(l, sparse)] = (graph, h_in, outs)
+        graph, h_in, outs = g
+        h_in.copy_(h)
+        graph.replay()
+        return outs[0], outs[1]
 
     def ffn_input(self, l: int, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, (self.spec.d_model,))
@@ -391,14 +573,14 @@ class TraceEngine:
         t0 = clock.now(sync=True)
         h = body.embed(t)
         for p in layer_plans:
+            ffn.mark("layer")
             s = clock.start()
-            h = body.attention(p.layer, h, t)
-            x = body.ffn_input(p.layer, h)
-            if self.policy.sparse:
-                body.predictor(p.layer, x)
+            h, x = body.front(p.layer, h, t, self.policy.sparse)
             clock.stop("compute_s", s, tc)
+            ffn.mark("attention")
             clock.sync()                   # a real predictor's mask must reach the host before reads
-            h = h + ffn.run_layer(p, x)
+            ffn.mark("sync")
+            h = ffn.run_layer(p, x, residual=h)
         s = clock.start()
         body.head(h)
         clock.stop("compute_s", s, tc)

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import itertools
 import mmap
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -52,6 +56,53 @@ def warn_once(key: str, message: str) -> None:
 
 def default_pread(fd: int, dst: memoryview, offset: int) -> int:
     return os.preadv(fd, [dst], offset)
+
+
+# ---- the hot loop in C (real/native_read.c), built once per machine with the system compiler ------------
+_native: dict[str, Any] = {}
+
+
+def native_drain():
+    """``flashlab_drain`` from real/native_read.c (compiled into the temp directory on first use, keyed
+    by the source's hash), or None where it cannot be built: then ``native_unavailable_reason()``
+    says why and the pool runs its Python loop. FLASHLAB_NATIVE_READ=0 turns it off."""
+    if "fn" in _native:
+        return _native["fn"]
+    fn, why = None, None
+    src = Path(__file__).with_name("native_read.c")
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if os.environ.get("FLASHLAB_NATIVE_READ", "1") == "0":
+        why = "FLASHLAB_NATIVE_READ=0"
+    elif not src.exists():
+        why = f"{src} is missing"
+    elif cc is None:
+        why = "no C compiler (cc/gcc) on PATH"
+    else:
+        try:
+            tag = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+            so = Path(tempfile.gettempdir()) / f"flashlab-native-read-{tag}.so"
+            if not so.exists():
+                tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(tmp, so)
+            lib = ctypes.CDLL(str(so))            # CDLL: the GIL is released during each call
+            fn = lib.flashlab_drain
+            fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6
+            fn.restype = ctypes.c_int
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            why = f"building {src.name} failed: {e} {detail.decode(errors='replace')[:200]}".strip()
+            fn = None
+    if why:
+        warn_once("native-read", f"the loader's C read loop is unavailable ({why}); using the Python loop")
+    _native.update(fn=fn, why=why)
+    return fn
+
+
+def native_unavailable_reason() -> str | None:
+    native_drain()
+    return _native["why"]
 
 
 class FlashIOError(OSError):
@@ -137,14 +188,30 @@ class ReadJob:
     """One submitted batch of reads; ``ReadPool.wait`` returns when all are in ``dest``."""
 
     __slots__ = ("files", "dest", "file_idx", "fds", "dst_off", "offset", "length", "n", "claim", "finished",
-                 "done", "errors", "t_submit", "t_done")
+                 "done", "errors", "t_submit", "t_done", "native")
 
-    def __init__(self, files, dest, file_idx, dst_off, offset, length):
-        self.files, self.dest, self.file_idx = files, dest, file_idx
-        fd_of = [f.fd for f in files]
-        self.fds = [fd_of[k] for k in file_idx]
-        self.dst_off, self.offset, self.length = dst_off, offset, length
+    def __init__(self, files, dest, file_idx, dst_off, offset, length, native: bool = False):
+        self.files, self.dest = files, dest
         self.n = len(offset)
+        self.native = None
+        if native and self.n:
+            # arrays for real/native_read.c: fd, destination address, offset, length, result, counters
+            fidx = np.asarray(file_idx, dtype=np.int64)
+            d = np.asarray(dst_off, dtype=np.int64)
+            off = np.ascontiguousarray(offset, dtype=np.int64)
+            ln = np.ascontiguousarray(length, dtype=np.int64)
+            base = np.frombuffer(dest, dtype=np.uint8)
+            if d.min() < 0 or int((d + ln).max()) > base.size:
+                raise ValueError(f"reads end past the destination buffer ({base.size} bytes)")
+            fd = np.array([f.fd for f in files], dtype=np.int64)[fidx]
+            self.native = (fd, base.ctypes.data + d, off, ln, np.zeros(self.n, np.int64), np.zeros(2, np.int64))
+            self.file_idx, self.dst_off, self.offset, self.length, self.fds = fidx, d, off, ln, fd
+        else:
+            self.file_idx = file_idx = list(file_idx) if not isinstance(file_idx, list) else file_idx
+            fd_of = [f.fd for f in files]
+            self.fds = [fd_of[k] for k in file_idx]
+            self.dst_off, self.offset, self.length = (x.tolist() if isinstance(x, np.ndarray) else x
+                                                      for x in (dst_off, offset, length))
         self.claim = itertools.count()      # next(claim): the index a thread reads next (atomic under the GIL)
         self.finished = itertools.count(1)  # next(finished) == n: this thread completed the last read
         self.done = threading.Event()
@@ -161,12 +228,19 @@ class ReadPool:
     (no per-read task objects, no barrier between jobs: the next job's reads start as soon as a
     thread runs out of the previous one's, so back-to-back jobs keep the device busy)."""
 
-    def __init__(self, depth: int, pread: PreadFn | None = None, bounce_max: int = 0):
+    def __init__(self, depth: int, pread: PreadFn | None = None, bounce_max: int = 0, native: bool | None = None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         self.pread = pread or default_pread
         self.bounce_max = bounce_max     # reads up to this size land in a per-thread buffer, then memmove
+        # the C loop (real/native_read.c) where it builds, unless a custom pread or bounce buffers are asked
+        # for (those are Python); native=False forces the Python loop, True demands the C one
+        plain = pread is None and not bounce_max
+        self._drain = native_drain() if (native is None and plain) or native else None
+        if native and (self._drain is None or not plain):
+            raise RuntimeError("native reads need the C loop (" + (native_unavailable_reason() or
+                               "a custom pread or bounce_max is set") + ")")
         self._tls = threading.local()
         self._cond = threading.Condition()
         self._queue: deque[ReadJob] = deque()
@@ -180,7 +254,7 @@ class ReadPool:
                offset: list[int], length: list[int]) -> ReadJob:
         """Queue reads of ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
         ``dest[dst_off[i]:]``; returns at once."""
-        job = ReadJob(files, dest, file_idx, dst_off, offset, length)
+        job = ReadJob(files, dest, file_idx, dst_off, offset, length, native=self._drain is not None)
         if job.n:
             with self._cond:
                 self._queue.append(job)
@@ -223,9 +297,34 @@ class ReadPool:
             tls.addr = ctypes.addressof(ctypes.c_char.from_buffer(tls.mm))
         return buf, tls.addr
 
+    @property
+    def native(self) -> bool:
+        return self._drain is not None
+
+    def _work_native(self, job: ReadJob) -> bool:
+        """Claim and read in C (the GIL released throughout); the thread that finished the last read
+        completes any short or failed reads here, by the Python rules, then marks the job done."""
+        fd, addr, off, ln, res, ctr = job.native
+        if self._drain(job.n, fd.ctypes.data, addr.ctypes.data, off.ctypes.data, ln.ctypes.data,
+                       res.ctypes.data, ctr.ctypes.data):
+            for i in np.flatnonzero(res != ln).tolist():
+                r = int(res[i])
+                try:
+                    self._finish_read(job.files[int(job.file_idx[i])], int(fd[i]), job.dest, int(job.dst_off[i]),
+                                      int(off[i]), int(ln[i]), max(r, 0),
+                                      OSError(-r, os.strerror(-r)) if r < 0 else None)
+                except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
+                    job.errors.append(e)
+                    break
+            job.t_done = time.perf_counter()
+            job.done.set()
+        return False
+
     def _work(self, job: ReadJob) -> bool:
         """The hot loop: one preadv per read; anything unusual goes to ``_finish_read``.
         Returns False once the job has no reads left to claim."""
+        if job.native is not None:
+            return self._work_native(job)
         files, dest, file_idx, fds = job.files, job.dest, job.file_idx, job.fds
         dst_off, offset, length, n = job.dst_off, job.offset, job.length, job.n
         claim, finished, errors = job.claim, job.finished, job.errors
@@ -384,7 +483,7 @@ class FlashLoader:
     def __init__(self, flash: FlashDir | str | Path, device: str = "cpu", depth: int = 32,
                  max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
                  pread: PreadFn | None = None, backend: str = "threads",
-                 bounce_max: int = BOUNCE_MAX):
+                 bounce_max: int = BOUNCE_MAX, side_stream: bool = True, native: bool | None = None):
         import torch
 
         self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
@@ -409,10 +508,12 @@ class FlashLoader:
                               device=self.device)
             self.slots.append(_Slot(staging, raw, out, torch.cuda.Event() if self.cuda else None))
         self._slot = 0
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # side_stream=False: copy and unpad on the caller's stream (fewer host calls per load; for callers
+        # whose next work needs the rows anyway, like the engine)
+        self.stream = torch.cuda.Stream(self.device) if self.cuda and side_stream else None
         self.files = [open_flash_file(p, direct, self.slots[0].staging) for p in self.flash.ffn_paths]
         self.direct = all(f.direct for f in self.files)
-        self.pool = ReadPool(depth, pread, bounce_max)
+        self.pool = ReadPool(depth, pread, bounce_max, native)   # native: None = the C loop where it builds
         self.stats = LoaderStats()
         self._io_until = 0.0
 
@@ -442,39 +543,45 @@ class FlashLoader:
         if total > self.capacity:
             raise ValueError(f"a batch of {total} bytes exceeds the loader's staging capacity {self.capacity}; "
                              "construct FlashLoader(max_batch_bytes=...) larger or split the reads")
-        counts = length // lay.record_bytes
-        rec_neuron = (np.repeat(np.asarray(reads.neuron_start, dtype=np.int64), counts)
-                      + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
-        rec_group = np.repeat(file % fpl, counts)
-        neurons = rec_neuron[rec_group == 0] if neurons is None else np.asarray(neurons, dtype=np.int64)
-        n = neurons.size
-        # position of each record's neuron in ``neurons`` (-1 if not asked for)
-        order = np.argsort(neurons, kind="stable")
-        pos = np.minimum(np.searchsorted(neurons[order], rec_neuron), max(n - 1, 0))
-        hit = (neurons[order][pos] == rec_neuron) if n else np.zeros(rec_neuron.size, dtype=bool)
-        out_row = np.where(hit, order[pos] if n else 0, -1)
-        for g in range(fpl):
-            covered = np.zeros(n, dtype=bool)
-            covered[out_row[(rec_group == g) & hit]] = True
-            if not covered.all():
-                missing = neurons[~covered][:5].tolist()
-                raise ValueError(f"layer {layer}: reads do not cover neurons {missing} "
-                                 f"(matrix {lay.matrices[g] if fpl > 1 else 'bundle'})")
         width = spec.ffn_matrices * spec.d_model
-        if out is not None and (tuple(out.shape) != (n, width) or out.dtype != self.dtype):
-            raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
-
         s = self._slot
         st = self.slots[s]
         if st.pending:
             raise RuntimeError(f"all {len(self.slots)} loader slots have loads pending: wait() for one first")
         if st.event is not None:
             st.event.synchronize()   # the slot's previous H2D copy must be done before its staging is reused
+        # the reads start now; the record -> row mapping below is worked out while they are in flight
+        dst_off = np.cumsum(length) - length
+        job = self.pool.submit(self.files, st.staging.view, file, dst_off, offset, length)
         st.pending = True
         self._slot = (s + 1) % len(self.slots)
-        dst_off = np.cumsum(length) - length
-        job = self.pool.submit(self.files, st.staging.view, file.tolist(), dst_off.tolist(), offset.tolist(),
-                               length.tolist())
+        try:
+            counts = length // lay.record_bytes
+            rec_neuron = (np.repeat(np.asarray(reads.neuron_start, dtype=np.int64), counts)
+                          + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+            rec_group = np.repeat(file % fpl, counts)
+            neurons = rec_neuron[rec_group == 0] if neurons is None else np.asarray(neurons, dtype=np.int64)
+            n = neurons.size
+            # position of each record's neuron in ``neurons`` (-1 if not asked for)
+            order = np.argsort(neurons, kind="stable")
+            pos = np.minimum(np.searchsorted(neurons[order], rec_neuron), max(n - 1, 0))
+            hit = (neurons[order][pos] == rec_neuron) if n else np.zeros(rec_neuron.size, dtype=bool)
+            out_row = np.where(hit, order[pos] if n else 0, -1)
+            for g in range(fpl):
+                covered = np.zeros(n, dtype=bool)
+                covered[out_row[(rec_group == g) & hit]] = True
+                if not covered.all():
+                    missing = neurons[~covered][:5].tolist()
+                    raise ValueError(f"layer {layer}: reads do not cover neurons {missing} "
+                                     f"(matrix {lay.matrices[g] if fpl > 1 else 'bundle'})")
+            if out is not None and (tuple(out.shape) != (n, width) or out.dtype != self.dtype):
+                raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
+        except BaseException:
+            try:
+                self.pool.wait(job)      # no read may still write into the slot once it is free again
+            finally:
+                st.pending = False
+            raise
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
         return PendingLoad(layer, s, job, n, total, len(length), rec_group, hit, out_row, identity, out)
 
@@ -502,10 +609,12 @@ class FlashLoader:
             out = st.out[:n]
         row_bytes = spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes
         k = spec.ffn_matrices * spec.d_model if lay.bundled else spec.d_model
-        ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
+        side = self.stream is not None
+        ctx = torch.cuda.stream(self.stream) if side else nullcontext()
         with ctx:
             if self.cuda:
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
+                if side:
+                    self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
                 st.raw[:p.nbytes].copy_(st.staging.tensor[:p.nbytes], non_blocking=True)
             recs = st.raw[:p.nbytes].view(-1, lay.record_bytes)[:, :row_bytes].view(self.dtype)
             if p.identity and own_out and lay.record_bytes == row_bytes:
@@ -519,8 +628,8 @@ class FlashLoader:
                     dst = torch.as_tensor(p.out_row[sel]).to(self.device, non_blocking=True)
                     out[:, g * k:(g + 1) * k].index_copy_(0, dst, recs.index_select(0, src))
             if self.cuda:
-                st.event.record(self.stream)
-        if self.cuda:
+                st.event.record(self.stream if side else torch.cuda.current_stream(self.device))
+        if side:
             torch.cuda.current_stream(self.device).wait_event(st.event)
         self.stats.map_seconds += time.perf_counter() - t0
         return out

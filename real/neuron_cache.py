@@ -25,11 +25,14 @@ STRATEGIES = ("preallocated", "concat")
 
 class NeuronCache:
     def __init__(self, d_ff: int, capacity: int, width: int, dtype: torch.dtype, device: torch.device | str,
-                 strategy: str = "preallocated"):
+                 strategy: str = "preallocated", upload=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"policy.mem_strategy: unknown strategy {strategy!r}; use one of {STRATEGIES}")
         self.d_ff, self.capacity, self.width, self.strategy = d_ff, capacity, width, strategy
         self.device = torch.device(device)
+        # host index arrays -> device tensors; the engine passes one that copies from pinned memory
+        # without a host sync (``real.engine.IndexUpload``); the default blocks until the device is idle
+        self.upload = upload or (lambda *arrays: [torch.from_numpy(a).to(self.device) for a in arrays])
         rows = capacity if strategy == "preallocated" else 0
         self.data = torch.zeros((rows, width), dtype=dtype, device=self.device)
         self.bias = torch.zeros(rows, dtype=dtype, device=self.device)   # up-projection bias, row-aligned
@@ -79,8 +82,7 @@ class NeuronCache:
                 src, dst = mv[:, 0], mv[:, 1]
                 if not (src.min() >= m and dst.max() < m):
                     raise RuntimeError(f"layer {plan.layer}: moves must go from rows >= {m} to rows < {m}")
-                s = torch.from_numpy(src).to(self.device)
-                d = torch.from_numpy(dst).to(self.device)
+                s, d = self.upload(src, dst)
                 self.data.index_copy_(0, d, self.data.index_select(0, s))
                 self.bias.index_copy_(0, d, self.bias.index_select(0, s))
                 moved = self.neuron_at[src].copy()
@@ -92,7 +94,7 @@ class NeuronCache:
         else:  # concat: remember the kept rows in order; insert() rebuilds the matrix
             keep = np.flatnonzero(self.neuron_at[:n] >= 0)
             kept_neurons = self.neuron_at[keep]
-            self._keep = torch.from_numpy(keep).to(self.device)
+            self._keep, = self.upload(keep)
             self.rows_copied += int(keep.size)
             self.neuron_at[:] = -1
             self.neuron_at[: keep.size] = kept_neurons
@@ -109,7 +111,7 @@ class NeuronCache:
         ins_rows = plan.insert_rows[insert_mask]
         ins_neurons = plan.load[insert_mask]
         m = self.n_rows
-        sel = slice(None) if insert_mask.all() else torch.from_numpy(np.flatnonzero(insert_mask)).to(self.device)
+        sel = slice(None) if insert_mask.all() else self.upload(np.flatnonzero(insert_mask))[0]
         if ins_rows.size and (ins_rows[0] != m or ins_rows[-1] != m + ins_rows.size - 1):
             raise RuntimeError(f"layer {plan.layer}: inserts must fill rows {m}.. in order")
         if self.strategy == "preallocated":

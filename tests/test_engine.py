@@ -131,3 +131,21 @@ def test_trace_engine_reports_parts(tmp_path):
     for c in costs:
         assert c.latency_s > 0 and c.compute_s > 0 and c.mem_s >= 0
         assert c.latency_s >= c.mem_s
+
+
+def test_fixed_shape_attention_equals_the_sliced_one():
+    """The CUDA-graph path attends over every key slot with the later ones masked: same output and
+    the same KV cache as attending over the written slots only (checked here on the CPU)."""
+    eager = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
+    static = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
+    g = torch.Generator().manual_seed(0)
+    for pos in range(6):
+        h = torch.randn(1, SPEC.d_model, generator=g)
+        for l in range(SPEC.n_layers):
+            want = eager.attention(l, h, pos)
+            got = static.attention_static(l, h, torch.tensor([pos]))
+            tol = 16 * EPS * float(want.abs().max())
+            assert (got - want).abs().max().item() <= tol
+    assert torch.equal(static.kv_cache, eager.kv_cache)
+    h_e, x_e = eager.front(0, h, 5, True)    # eager on the CPU
+    assert torch.allclose(h_e, eager.attention(0, h, 5)) and torch.allclose(x_e, eager.ffn_input(0, h_e))

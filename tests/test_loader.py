@@ -99,6 +99,10 @@ def test_bad_requests_are_refused(flash_dirs):
             loader.load(0, flash.layout.reads_for(1, np.arange(4), 4096))
         with pytest.raises(ValueError, match="do not cover neurons"):
             loader.load(0, flash.layout.reads_for(0, np.arange(4), 4096), np.arange(5))
+        # refused after its reads had started: they are drained and the slots free again
+        for _ in range(3):
+            assert torch.equal(loader.load(0, flash.layout.reads_for(0, np.arange(4), 4096), np.arange(4)),
+                               reference_rows(flash, 0)[:4])
         with pytest.raises(ValueError, match="staging capacity"):
             loader.load(0, flash.layout.reads_for(0, np.arange(100), 4096))
 
@@ -259,3 +263,51 @@ def test_cuda_rows_match(flash_dirs):
         rows = loader.load(0, flash.layout.reads_for(0, np.sort(ids), 8192), ids)
         torch.cuda.synchronize()
         assert rows.is_cuda and torch.equal(rows.cpu(), reference_rows(flash, 0)[ids])
+
+
+# ---- the C read loop (real/native_read.c) ---------------------------------------------------------------
+def native_or_skip():
+    if loader_mod.native_drain() is None:
+        pytest.skip(f"C read loop unavailable: {loader_mod.native_unavailable_reason()}")
+
+
+def test_native_and_python_loops_deliver_the_same_bytes(tmp_path):
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(256 * ALIGN))
+    f = open_flash_file(path)
+    rng = np.random.default_rng(3)
+    n = 200
+    src = rng.integers(0, 255, n) * ALIGN
+    length = rng.integers(1, 3, n) * ALIGN
+    dst = np.cumsum(length) - length
+    out = {}
+    for native in (True, False):
+        pool = ReadPool(8, native=native)
+        assert pool.native is native
+        buf = memoryview(mmap.mmap(-1, int(length.sum())))
+        pool.run([f], buf, np.zeros(n, np.int64), dst, src, length)
+        out[native] = bytes(buf)
+        pool.close()
+    data = path.read_bytes()
+    want = b"".join(data[s:s + ln] for s, ln in zip(src.tolist(), length.tolist()))
+    assert out[True] == want and out[False] == want
+    f.close()
+
+
+def test_native_loop_reports_end_of_file_and_refuses_overruns(tmp_path):
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(8 * ALIGN))
+    f = open_flash_file(path)
+    pool = ReadPool(4, native=True)
+    buf = memoryview(mmap.mmap(-1, 4 * ALIGN))
+    with pytest.raises(FlashIOError, match="end of file"):
+        pool.run([f], buf, [0, 0], [0, ALIGN], [0, 20 * ALIGN], [ALIGN, ALIGN])
+    with pytest.raises(ValueError, match="past the destination"):
+        pool.run([f], buf, [0], [3 * ALIGN], [0], [2 * ALIGN])
+    pool.run([f], buf, [0] * 4, [0, ALIGN, 2 * ALIGN, 3 * ALIGN], [4 * ALIGN, 5 * ALIGN, 6 * ALIGN, 7 * ALIGN],
+             [ALIGN] * 4)   # still usable
+    assert bytes(buf) == path.read_bytes()[4 * ALIGN:]
+    pool.close()
+    f.close()
