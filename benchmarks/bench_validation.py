@@ -61,6 +61,30 @@ def keep_run_files(sweep: Path, dest: Path) -> None:
             shutil.copy(res.parent / "real_tokens.csv", run / "real_tokens.csv")
 
 
+def sweep_points(seed: int) -> list[list[str]]:
+    """The validation experiment's grid (its ``hydra.sweeper.params``) as one override list per
+    point, in a seeded random order: slow drift of the machine (this virtual disk drifts by tens of
+    percent over minutes) then spreads over all configs instead of biasing the last block of the grid."""
+    import itertools
+    import random
+
+    from omegaconf import OmegaConf
+    from sim.presets import CONF_DIR
+
+    params = OmegaConf.load(Path(CONF_DIR) / "experiment" / "validation.yaml").hydra.sweeper.params
+    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    points = [list(p) for p in itertools.product(*axes)]
+    random.Random(seed).shuffle(points)
+    return points
+
+
+def run_points(points: list[list[str]], common: list[str], sweep: Path) -> None:
+    """One single-job multirun per point, into ``sweep/pNN`` (stable names: a rerun resumes)."""
+    for k, point in enumerate(points):
+        print(f"[{k + 1}/{len(points)}] {' '.join(point)}", flush=True)
+        run_multirun([*common, *point, f"hydra.sweep.subdir=p{k:02d}"], sweep)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="opt-6.7b")
@@ -76,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-sweep", action="store_true",
                     help="calibrate and report from the runs already in --sweep-dir (e.g. a sweep cut short on the "
                          "device, copied back); the device is the one recorded in SWEEP_DIR/device.txt")
+    ap.add_argument("--order", choices=("shuffled", "grid"), default="shuffled",
+                    help="shuffled (default): points in a random order seeded by --seed; grid: Hydra's order")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args(argv)
 
@@ -85,9 +111,13 @@ def main(argv=None) -> int:
     if not args.skip_sweep:
         sweep.mkdir(parents=True, exist_ok=True)
         (sweep / "device.txt").write_text(device_name())
-        run_multirun(["+experiment=validation", f"model={args.model}", f"hardware={args.hardware}",
-                      f"tokens={args.tokens}", f"warmup={args.warmup}", f"backend.cache_dir={args.cache_dir}",
-                      *args.overrides], sweep)
+        common = ["+experiment=validation", f"model={args.model}", f"hardware={args.hardware}",
+                  f"tokens={args.tokens}", f"warmup={args.warmup}", f"backend.cache_dir={args.cache_dir}",
+                  *args.overrides]
+        if args.order == "grid":
+            run_multirun(common, sweep)
+        else:
+            run_points(sweep_points(args.seed), common, sweep)
     device = (sweep / "device.txt").read_text().strip() if (sweep / "device.txt").exists() else device_name()
     t_sweep = time.perf_counter() - t0
     keep_run_files(sweep, out / "validation")
