@@ -180,14 +180,26 @@ if triton is not None:
         return _gate_bias_act(zu, zg, b, rmask[None, :], GATED, ACT)
 
     @triton.jit
+    def _release_fence(anchor, FENCE: tl.constexpr):
+        """fence.acq_rel.gpu in every thread (CUDA's __threadfence): the thread's own accumulator atomics are
+        visible GPU-wide before the barrier and the ticket. Compiled kernels only (the interpreter runs programs
+        one after another and has no inline assembly)."""
+        if FENCE:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [anchor], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS: tl.constexpr,
-                BLOCK_E: tl.constexpr, N_ACC: tl.constexpr = 1):
+                BLOCK_E: tl.constexpr, N_ACC: tl.constexpr, FENCE: tl.constexpr):
         """Ticket: the last program to arrive writes y = acc (+ bias) in y's dtype and re-zeroes acc and the ticket.
         With N_ACC > 1 the accumulator has N_ACC copies [N_ACC, T, D] that are summed here.
 
-        The barrier + acq_rel atomic order every thread's accumulator atomics before the ticket (release), and
-        the ticket before the last program's reads (acquire); the reads go to L2 (.cg), where atomics land.
+        Ordering, as in CUDA's threadFenceReduction sample: every thread fences its own atomics (release), a
+        barrier, then one acq_rel atomic on the ticket. The last program reads the accumulator with atomic adds of
+        zero: they are served by L2, where the atomics landed, and cannot be hoisted above the ticket; then it
+        stores zeros for the next launch.
         """
+        _release_fence(tl.program_id(0), FENCE)
         tl.debug_barrier()
         ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel")
         if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
@@ -197,14 +209,15 @@ if triton is not None:
                 for d0 in range(0, D, BLOCK_E):
                     d = d0 + offs
                     m = d < D
-                    v = tl.load(acc_ptr + t * D + d, mask=m, other=0.0, cache_modifier=".cg")
-                    for k in tl.static_range(1, N_ACC):
-                        v += tl.load(acc_ptr + (k * T + t) * D + d, mask=m, other=0.0, cache_modifier=".cg")
+                    zero = tl.zeros([BLOCK_E], tl.float32)
+                    v = zero
+                    for k in tl.static_range(N_ACC):
+                        a = acc_ptr + (k * T + t) * D + d
+                        v += tl.atomic_add(a, zero, mask=m, sem="relaxed")  # a read served by L2
+                        tl.store(a, zero, mask=m)
                     if HAS_OUT_BIAS:
                         v += tl.load(out_bias_ptr + d, mask=m, other=0.0).to(tl.float32)
                     tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
-                    for k in tl.static_range(N_ACC):
-                        tl.store(acc_ptr + (k * T + t) * D + d, tl.zeros_like(v), mask=m)
             tl.atomic_xchg(sem_ptr, 0)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
@@ -214,7 +227,7 @@ if triton is not None:
                       HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                      WHOLE_ROW: tl.constexpr):
+                      WHOLE_ROW: tl.constexpr, FENCE: tl.constexpr):
         pid = tl.program_id(0)
         rows, rmask, n = _active_rows(idx_ptr, count_ptr, n_active, pid * BLOCK_R, HAS_IDX, COUNT_ON_DEVICE,
                                       BLOCK_R)
@@ -268,7 +281,7 @@ if triton is not None:
                     c = tl.dot(h.to(dn.dtype), dn)
                     tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], c,
                                   mask=(offs_t < T)[:, None] & dmask[None, :], sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1)
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1, FENCE)
 
     @triton.jit
     def _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr, rows, rmask, d,
@@ -300,7 +313,7 @@ if triton is not None:
                        HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr):
+                       N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr, FENCE: tl.constexpr):
         """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
@@ -346,7 +359,7 @@ if triton is not None:
         if BLOCK_T == 1:
             if start < end:
                 tl.atomic_add(acc_out + d, part, mask=dmask, sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, N_ACC)
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, N_ACC, FENCE)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _hidden_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, idx_ptr, count_ptr,
@@ -374,7 +387,8 @@ if triton is not None:
     def _down_kernel(h_ptr, down_ptr, s_dr, s_dd, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr,
                      y_ptr, stride_yt, T, D, n_bucket,
                      HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     FENCE: tl.constexpr):
         """Program (column block, row split): sum over its share of the rows of h[:, r] * down[r, cols]."""
         pid_d = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -409,7 +423,7 @@ if triton is not None:
             else:
                 tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
                               sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1)
+        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1, FENCE)
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
     _ROWS_ONE = [(4, 1024, 4, 3), (8, 1024, 8, 3)]
@@ -448,10 +462,10 @@ if triton is not None:
                    prune=_prune_whole_rows)
     # persistent whole-row kernel: (BLOCK_R, BLOCK_D, N_ACC, PROGS_PER_SM, num_warps, num_stages)
     _STREAM_NAMES = ("BLOCK_R", "BLOCK_D", "N_ACC", "PROGS_PER_SM")
-    _STREAM_ONE = [(2, 4096, 1, 2, 8, 1), (2, 4096, 8, 2, 8, 1), (2, 4096, 8, 4, 4, 1), (4, 4096, 8, 1, 8, 1),
-                   (4, 4096, 8, 2, 8, 1), (1, 8192, 8, 2, 8, 1), (2, 8192, 8, 1, 8, 1)]
-    _STREAM_MULTI = [(1, 4096, 4, 4, 4, 1), (2, 4096, 4, 2, 8, 1), (4, 4096, 4, 1, 8, 1), (1, 8192, 4, 2, 8, 1),
-                     (2, 8192, 4, 1, 8, 1)]
+    _STREAM_ONE = [(2, 4096, 1, 2, 8, 1), (2, 4096, 1, 1, 8, 1), (1, 4096, 1, 4, 4, 1), (1, 4096, 1, 2, 8, 1),
+                   (4, 4096, 1, 1, 8, 1), (1, 8192, 1, 2, 8, 1), (2, 8192, 1, 1, 8, 1)]
+    _STREAM_MULTI = [(1, 4096, 1, 4, 4, 1), (2, 4096, 1, 2, 8, 1), (4, 4096, 1, 1, 8, 1), (1, 8192, 1, 2, 8, 1),
+                     (2, 8192, 1, 1, 8, 1)]
     _STREAM_DEFAULT = {m: {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 2, "PROGS_PER_SM": 1} for m in ("one", "multi")}
     MAX_N_ACC = 8
     TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 registers; more spills
@@ -630,7 +644,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       bias if bias is not None else dummy, down_bias if down_bias is not None else dummy,
                       *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
-                      ACT=act, BLOCK_E=block_e, config=config, **flags)
+                      ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config, **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
@@ -646,7 +660,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
 
     DOWN.launch(backend, mode, grid2, h, down, down.stride(0), down.stride(1),
                 down_bias if down_bias is not None else dummy, *common, acc, sem, y, y.stride(0), T, D, n_bucket,
-                HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, config=config, **flags)
+                HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
+                **flags)
     return y
 
 
