@@ -83,6 +83,7 @@ class LayerCacheState:
         self.neuron_at = np.full(max(capacity, 1), -1, dtype=np.int64)
         self.n_rows = 0
         self.last_used = np.full(d_ff, np.iinfo(np.int64).min // 2, dtype=np.int64)
+        self.uses = np.zeros(d_ff, dtype=np.int64)             # tokens each neuron was active (lfu)
 
     def resident_mask(self) -> np.ndarray:
         return self.row_of >= 0
@@ -176,12 +177,15 @@ class PolicyEngine:
                 evict_mask = np.zeros_like(candidates)
             kept = int(np.count_nonzero(resident & ~evict_mask))
             room = cache.capacity - kept
-            if room < new.size:                             # over budget: drop least recently used
+            if room < new.size:                             # over budget: drop least recently (lfu: often) used
                 extra = np.flatnonzero(candidates & ~evict_mask)
                 need = min(new.size - room, extra.size)
                 if need > 0:
-                    lru = extra[np.argsort(cache.last_used[extra], kind="stable")[:need]]
-                    evict_mask[lru] = True
+                    if pol.eviction == "lfu":               # least often active first, then least recent
+                        order = np.lexsort((cache.last_used[extra], cache.uses[extra]))
+                    else:
+                        order = np.argsort(cache.last_used[extra], kind="stable")
+                    evict_mask[extra[order[:need]]] = True
                     room += need
             evict = np.flatnonzero(evict_mask)
             insert = new[: max(room, 0)]                    # the rest stays transient this token
@@ -189,6 +193,7 @@ class PolicyEngine:
         insert_rows = np.full(new.size, -1, dtype=np.int64)
         insert_rows[: rows.size] = rows
         cache.last_used[active_ids] = t
+        cache.uses[active_ids] += 1
         return LayerPlan(
             token=t, layer=layer, active=active_ids, load=new, insert_rows=insert_rows, evict=evict,
             moves=moves, rows_copied=copied, resident=cache.n_rows,

@@ -10,7 +10,7 @@ from sim.presets import load_preset
 
 PREDICTORS = ("oracle", "trace")
 MEM_STRATEGIES = ("preallocated", "concat")
-EVICTIONS = ("window", "lru")
+EVICTIONS = ("window", "lru", "lfu")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Policy:
     memory_budget: float = 0.5        # fraction of the whole model's bytes that may sit in memory
     reads_in_flight: int = 32
     mem_strategy: str = "preallocated"  # the paper's scheme; "concat" rebuilds the matrix (baseline)
-    eviction: str = "window"          # window: drop neurons that left the window; lru: only when full
+    eviction: str = "window"          # window: drop neurons that left the window; lru/lfu: only when full
 
     def __post_init__(self) -> None:
         require(self.predictor in PREDICTORS, "policy.predictor", f"unknown predictor {self.predictor!r}",

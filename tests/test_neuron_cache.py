@@ -27,7 +27,8 @@ def random_active(rng, tokens: int, density: float) -> np.ndarray:
 
 @pytest.mark.parametrize("strategy", ["preallocated", "concat"])
 @pytest.mark.parametrize("window,eviction,budget", [(0, "window", 0.5), (1, "window", 0.5), (3, "window", 0.5),
-                                                    (5, "lru", 0.5), (4, "window", 0.45), (8, "lru", 0.9)])
+                                                    (5, "lru", 0.5), (4, "window", 0.45), (8, "lru", 0.9),
+                                                    (3, "lfu", 0.6)])
 def test_cache_follows_plans(strategy, window, eviction, budget):
     rng = np.random.default_rng(window * 7 + len(strategy))
     policy = Policy(window=window, eviction=eviction, memory_budget=budget, mem_strategy=strategy, predictor_rank=1)

@@ -18,7 +18,7 @@ knobs = st.fixed_dictionaries({
 })
 policies = st.fixed_dictionaries({
     "window": st.integers(0, 8), "chunk_kib": st.sampled_from([4, 8, 16, 64, 256]),
-    "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru"]),
+    "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru", "lfu"]),
     "mem_strategy": st.sampled_from(["preallocated", "concat"]), "bundling": st.booleans(),
 })
 
@@ -124,3 +124,20 @@ def test_neuron_runs_cover_ids_exactly(ids, max_run):
     covered = [s + i for s, c in zip(start.tolist(), count.tolist()) for i in range(c)]
     assert covered == ids
     assert np.all(count <= max_run) and np.all(count >= 1)
+
+
+@pytest.mark.parametrize("eviction,evicted", [("lru", 0), ("lfu", "rare")])
+def test_lfu_keeps_the_frequent_neuron_lru_keeps_the_recent(eviction, evicted):
+    """Neuron 0 fired twice but long ago; neuron ``cap - 1`` fired once, just now. When a new neuron
+    needs the last row, LRU drops neuron 0 and LFU drops the rare one."""
+    engine = PolicyEngine(SPEC, Policy(window=1, eviction=eviction, memory_budget=0.5, predictor_rank=16))
+    cap = engine.capacity
+    assert 3 < cap < SPEC.d_ff
+    sets = [range(0, cap - 1), range(0, cap - 1), range(1, cap), [*range(1, cap - 1), cap]]
+    for ids in sets:
+        active = np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=bool)
+        active[:, list(ids)] = True
+        plans = engine.plan_token(active)
+    want = cap - 1 if evicted == "rare" else evicted
+    assert plans[0].evict.tolist() == [want]
+    assert plans[0].load.tolist() == [cap]
