@@ -117,9 +117,11 @@ class Clock:
 
     def settle(self) -> None:
         """Call after a device sync: credit every recorded GPU span to its token's part."""
+        done = {}
         for tc, part, a, b in self._open:
             setattr(tc, part, getattr(tc, part) + a.elapsed_time(b) / 1e3)
-            self._free += (a, b)
+            done[id(a)], done[id(b)] = a, b     # ``lap`` events close one span and open the next: free once
+        self._free += done.values()
         self._open.clear()
 
     def sync(self) -> None:

@@ -149,3 +149,38 @@ def test_fixed_shape_attention_equals_the_sliced_one():
     assert torch.equal(static.kv_cache, eager.kv_cache)
     h_e, x_e = eager.front(0, h, 5, True)    # eager on the CPU
     assert torch.allclose(h_e, eager.attention(0, h, 5)) and torch.allclose(x_e, eager.ffn_input(0, h_e))
+
+
+def test_clock_reuses_each_gpu_event_once(monkeypatch):
+    """GPU spans are CUDA events from a pool; a ``lap`` event ends one span and starts the next, so it
+    must go back to the pool once (twice, it would later time two spans at once: wrong parts)."""
+    from real.engine import Clock
+    from sim.simulator import TokenCost
+
+    now = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = now[0]
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = Clock(torch.device("cpu"))
+    clock.cuda = True
+    for _ in range(3):
+        tc = TokenCost(token=0)
+        s = clock.start()
+        now[0] += 1.0
+        s = clock.lap("io_s", s, tc)
+        now[0] += 2.0
+        s = clock.lap("mem_s", s, tc)
+        now[0] += 4.0
+        clock.stop("compute_s", s, tc)
+        clock.settle()
+        assert (tc.io_s, tc.mem_s, tc.compute_s) == (1.0, 2.0, 4.0)
+        assert len(clock._free) == len({id(e) for e in clock._free}) == 4
