@@ -1,31 +1,34 @@
 """Sparse FFN over the active neurons of a neuron cache: y = sum_r act(x.u_r + b_r) d_r, fused in Triton.
 
 Per token only a few percent of the FFN neurons fire, so the FFN is a gather-GEMV over a few hundred rows of
-the cache matrix: memory-bound, and only the bytes of the active rows should move. Two Triton schemes:
+the cache matrix: memory-bound, and only the bytes of the active rows should move. Methods:
 
-* ``fused`` (default, one launch): each program takes BLOCK_R active rows, computes their hidden values
-  h = act(x U_blk^T + b) in registers, then adds h D_blk into an fp32 accumulator with atomics (split-K over
-  the neurons). No [tokens, n_active] intermediate touches global memory. The last program to finish (an atomic
-  ticket) converts the accumulator to the output dtype, adds the down-projection bias, and zeroes the
-  accumulator again, so no memset or cast kernel runs before or after: the accumulator is a cached workspace
-  per (device, stream) that every launch leaves as it found it (all zeros).
+* ``fused`` (default, one launch), where d_model <= 8192: the persistent whole-row kernel `_stream_kernel`.
+  About #SMs x PROGS_PER_SM programs each stream a contiguous share of the active list, BLOCK_R full rows at a
+  time; the next block's up/gate/down tiles and the row ids of the one after are requested before the current
+  block's arithmetic (software pipelining by hand). One token: each program keeps its share of y in fp32
+  registers and adds it into an fp32 accumulator with ONE vector of atomics at the end (split-K over the
+  neurons); 2..16 tokens: atomics per block and token (weights still read once for all tokens). No
+  [tokens, n_active] intermediate touches global memory. Wider rows: the tiled one-token kernel below, one
+  launch per token.
+* ``per_block`` (v1): one program per BLOCK_R active rows (whole-row tiles, or tiled over D for one token),
+  atomics per program. Kept as the measured comparison.
 * ``two_phase``: kernel 1 writes h [tokens, n_active] (fp32, tiny); kernel 2 splits the output columns and the
-  rows over programs (few atomics), finishing the same way. Kept as the measured alternative. With 2..16
-  tokens it uses the tensor-core tiles of ``fused_tc`` (checked on the device on small shapes only).
+  rows over programs (few atomics).
+* ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
+  second product); not used unless asked for.
+
+All of them finish the same way (`_finish`): the last program to arrive (an atomic ticket) converts the
+accumulator to the output dtype, adds the down-projection bias and zeroes the accumulator again, so no memset
+or cast kernel runs before or after; the accumulator is a cached workspace per (device, stream) that every
+launch leaves as it found it. Ordering: every thread fences its own atomics (fence.acq_rel.gpu) before the
+barrier and the acq_rel ticket, and the last program reads the accumulator with atomic adds of zero (served by
+L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
+mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
 bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
 see `split_bundles`. A column-strided `down` (e.g. ``fc2.weight.t()``) is correct but slow (uncoalesced).
-
-Paths of the fused kernel (block sizes autotuned per d_model, active-count bucket and token count):
-* whole-row (the default wherever d_model <= 8192): each program loads the up, gate and down tiles of 1-4 full
-  rows at once, then for each of the 1..16 tokens computes h on CUDA cores and adds h * down into the
-  accumulator; weights are read once for all tokens. For one token a tiled variant (up phase over D chunks,
-  then down phase) competes in the autotuning.
-* ``method="fused_tc"`` (2..16 tokens on tensor cores, tokens padded to 16, h rounded to the weight dtype
-  before the second product): EXPERIMENTAL -- in the first device run (H100, 2026-11-23) it gave relative
-  errors of 0.15-0.4 at OPT-6.7B shapes with the autotuned configs, though it matched on small shapes and
-  under the interpreter. Not used unless asked for; see benchmarks/kernels_notes.md.
 
 Numerics: products and sums in fp32; h stays fp32 on the CUDA-core paths.
 The order of the fp32 atomic additions varies between runs, so results vary in the last fp32 bits
