@@ -4,12 +4,12 @@ through the policy engine's plans; attention, embeddings and norms stay in memor
 One layer of one token, the same steps and overlap the simulator times (sim/simulator.py):
 
     attention -> predictor (the active set must reach the host: a sync)
-              -> submit the plan's reads (loader threads, O_DIRECT)
-              -> FFN over the active neurons already resident        } overlapped
-              -> [GPU] evictions and row moves (queued before the reads) }
-              -> wait for the reads, copy them to the device           }
+              -> submit the plan's reads (loader threads in C, O_DIRECT)
+              -> FFN over the active neurons already resident (+ residual) } overlapped
+              -> [GPU] evictions and row moves, bias gather (no host sync) }
+              -> wait for the reads, copy them to the device               }
               -> [CPU] evictions and row moves; then inserts
-              -> FFN over the new neurons (from the staging rows) -> residual add
+              -> FFN over the new neurons (from the staging rows), added in
 
 Two drivers share ``FlashFFN``:
 
