@@ -143,7 +143,8 @@ def correctness_suite(log):
     stream = {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 4, "PROGS_PER_SM": 1, "num_warps": 4, "num_stages": 1}
     variants = {"fused persistent": ("fused", stream),
                 "fused persistent R1": ("fused", dict(stream, BLOCK_R=1, N_ACC=1)),
-                "per_block whole-row": ("per_block", whole), "per_block tiled": ("per_block", dict(tiled, WHOLE_ROW=False)),
+                "per_block whole-row": ("per_block", whole),
+                "per_block tiled": ("per_block", dict(tiled, WHOLE_ROW=False)),
                 "two_phase": ("two_phase", tiled)}
     g = torch.Generator(device="cuda").manual_seed(1)
     for dtype in (torch.float16, torch.bfloat16):
