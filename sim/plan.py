@@ -181,8 +181,9 @@ class PolicyEngine:
                 extra = np.flatnonzero(candidates & ~evict_mask)
                 need = min(new.size - room, extra.size)
                 if need > 0:
-                    if pol.eviction == "lfu":               # least often active first, then least recent
-                        order = np.lexsort((cache.last_used[extra], cache.uses[extra]))
+                    if pol.eviction == "lfu":   # outside the window first, then least often, then least recently active
+                        in_window = cache.last_used[extra] > t - pol.window
+                        order = np.lexsort((cache.last_used[extra], cache.uses[extra], in_window))
                     else:
                         order = np.argsort(cache.last_used[extra], kind="stable")
                     evict_mask[extra[order[:need]]] = True

@@ -25,7 +25,8 @@ class Policy:
     memory_budget: float = 0.5        # fraction of the whole model's bytes that may sit in memory
     reads_in_flight: int = 32
     mem_strategy: str = "preallocated"  # the paper's scheme; "concat" rebuilds the matrix (baseline)
-    eviction: str = "window"          # window: drop neurons that left the window; lru/lfu: only when full
+    eviction: str = "window"          # window: drop neurons that left the window; lru/lfu: only when full (lfu: least often active
+                                      # outside the window first)
 
     def __post_init__(self) -> None:
         require(self.predictor in PREDICTORS, "policy.predictor", f"unknown predictor {self.predictor!r}",
