@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.convert import convert_model, write_random_flash  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
-from real.loader import FlashLoader, io_uring_unavailable_reason  # noqa: E402
+from real.loader import FlashLoader, io_uring_unavailable_reason, native_unavailable_reason  # noqa: E402
 from sim.layout import ALIGN, FlashLayout, Reads  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 
@@ -267,7 +267,9 @@ def main() -> int:
     sizes = [int(s) * KIB for s in args.sizes_kib.split(",")]
     depths = [int(q) for q in args.depths.split(",")]
     loaders = {q: FlashLoader(d, device=device, depth=q, max_batch_bytes=args.batch_mib * MIB) for q in depths}
-    notes.append(f"loader: FlashLoader defaults (bounce_max={loaders[depths[0]].pool.bounce_max}), "
+    pool = loaders[depths[0]].pool
+    loop = "C (real/native_read.c)" if pool.native else f"Python ({native_unavailable_reason() or 'not asked for'})"
+    notes.append(f"loader: FlashLoader defaults (bounce_max={pool.bounce_max}, read loop {loop}), "
                  "next layer's reads submitted before this layer's rows are taken")
     if not all(l.direct for l in loaders.values()):
         notes.append("WARNING: O_DIRECT unavailable, loader fell back to buffered reads")
