@@ -369,6 +369,11 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                                                                           Bs[0].double()) > thr).any(0)).reshape(-1).tolist())
         log(f"  check predictor T={T}: {len(got)} active, {len(got ^ want)} differ from the float64 reference")
         ours_ms, torch_ms = graph_ms(ours), graph_ms(unfused)
+        # the d_model-split variant (split_k=None, not the default until measured here): checked, then timed
+        split = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr, split_k=None)) for x, A, B in zip(xs, As, Bs)]
+        split_diff = len(set(active_list(*split[0]()).tolist()) ^ want)
+        split_ms = graph_ms(split)
+        log(f"  predictor split_k=auto T={T}: {split_ms * 1e3:.1f} us, {split_diff} differ from the float64 reference")
         touched = (D * RANK + RANK * Fd) * 2 + T * D * 2 + len(got) * 4
         dense_ms = dense_ms_by_batch.get(T)
         if dense_ms is None:  # the FFN section did not run: time the dense OPT-6.7B FFN here, the same way
@@ -381,7 +386,7 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                             sparsity=None, ours_ms=ours_ms, gather_ms=None, dense_ms=torch_ms,
                             touched_gbps=touched / ours_ms / 1e6, peak_gbps=peak, rank=RANK,
                             dense_ffn_ms=dense_ms, dtype="float16", timing="cuda_graph",
-                            predicted_active=len(got)))
+                            predicted_active=len(got), split_ms=split_ms, split_mismatches=split_diff))
         log(f"predictor r={RANK} T={T}: ours {ours_ms * 1e3:.1f} us, torch unfused {torch_ms * 1e3:.1f} us, "
             f"dense FFN {dense_ms * 1e3:.1f} us -> {100 * ours_ms / dense_ms:.1f}% of the dense FFN")
 

@@ -269,6 +269,24 @@ def test_predictor_matches_float64(tokens, threshold, dtype):
         assert int(count) == d_ff
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("d_model", [1100, 2600])
+def test_predictor_split_over_d_model_matches_float64(d_model, tokens):
+    """split_k=None runs x A in d_model slices of ~512 (2 and 5 here, the last one ragged)."""
+    g = _gen(d_model + tokens)
+    rank, d_ff, dtype, threshold = 20, 150, torch.float16, 0.3
+    x = torch.randn(tokens, d_model, generator=g).to(dtype)
+    A = (torch.randn(d_model, rank, generator=g) / math.sqrt(d_model)).to(dtype)
+    B = (torch.randn(rank, d_ff, generator=g) / math.sqrt(rank)).to(dtype)
+    got = active_list(*predict_active(x, A, B, threshold, split_k=None))
+    scores = predict_scores_reference(x.double(), A.double(), B.double())
+    want = active_list(*predict_active_reference(x.double(), A.double(), B.double(), threshold))
+    assert 0 < want.numel() < d_ff
+    margin = rel_tol(dtype, d_model) * scores.abs().max()
+    for i in set(got.tolist()) ^ set(want.tolist()):
+        assert (scores[:, i] - threshold).abs().min() <= margin, f"neuron {i} misclassified"
+
+
 def test_predictor_feeds_sparse_ffn_without_host_count():
     g = _gen(21)
     d_model, rank, d_ff = 64, 16, 200

@@ -3,9 +3,10 @@
 mask = (x A) B > threshold with A [d_model, r], B [r, d_ff]; a neuron counts as active when any token of the
 batch predicts it. Two Triton kernels, no host round trip:
 
-1. `_lowrank_kernel`: z = x A [tokens, r] in fp32 (programs split r; every z entry is written once, so no
-   zeroing is needed); its program 0 also zeroes the active counter.
-2. `_select_kernel`: each program scores BLOCK_N neurons (z B_blk), compacts the ones over the threshold
+1. `_lowrank_kernel`: z = x A [tokens, r] in fp32; programs split r (and, with `split_k`, d_model),
+   each slice's partial z written once to its own plane, so no zeroing or atomics are needed; program
+   (0, 0) also zeroes the active counter.
+2. `_select_kernel`: each program adds the slices' partial z, scores BLOCK_N neurons (z B_blk), compacts the ones over the threshold
    with a prefix sum inside the block, reserves room in the index list with one atomic on the counter, and
    writes their numbers.
 
@@ -42,21 +43,25 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _lowrank_kernel(x_ptr, stride_xt, a_ptr, s_ak, s_ar, z_ptr, count_ptr, T, K, R,
-                        BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _lowrank_kernel(x_ptr, stride_xt, a_ptr, s_ak, s_ar, z_ptr, count_ptr, T, K, R, K_CHUNK,
+                        BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr):
         pid = tl.program_id(0)
-        if pid == 0:
+        pid_k = tl.program_id(1)
+        if (pid == 0) & (pid_k == 0):
             tl.store(count_ptr, 0)
         offs_r = pid * BLOCK_RR + tl.arange(0, BLOCK_RR)
         rmask = offs_r < R
         offs_k = tl.arange(0, BLOCK_K)
         offs_t = tl.arange(0, BLOCK_T)
         tmask = offs_t < T
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
         acc1 = tl.zeros([BLOCK_K, BLOCK_RR], tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_RR], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
-            kmask = k < K
+            kmask = k < k_hi
             a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
                         other=0.0)
             if BLOCK_T == 1:
@@ -68,11 +73,13 @@ if triton is not None:
                 acc = tl.dot(xt, a, acc)
         if BLOCK_T == 1:
             acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_RR])
-        tl.store(z_ptr + offs_t[:, None] * R + offs_r[None, :], acc, mask=tmask[:, None] & rmask[None, :])
+        # this program's share of z over its slice of d_model: z_part[pid_k]; the select kernel adds them
+        z_part = z_ptr + pid_k * T * R
+        tl.store(z_part + offs_t[:, None] * R + offs_r[None, :], acc, mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
     def _select_kernel(z_ptr, b_ptr, s_br, s_bn, idx_ptr, count_ptr, threshold, T, R, N,
-                       BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -84,9 +91,15 @@ if triton is not None:
                     other=0.0)
         if BLOCK_T == 1:
             z = tl.load(z_ptr + offs_r, mask=rmask, other=0.0)
+            for part in range(1, SPLIT_K):                 # the low-rank kernel's d_model slices
+                z += tl.load(z_ptr + part * R + offs_r, mask=rmask, other=0.0)
             s = tl.reshape(tl.sum(b.to(tl.float32) * z[:, None], axis=0), [1, BLOCK_N])
         else:
-            z = tl.load(z_ptr + offs_t[:, None] * R + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
+            zoffs = offs_t[:, None] * R + offs_r[None, :]
+            zmask = tmask[:, None] & rmask[None, :]
+            z = tl.load(z_ptr + zoffs, mask=zmask, other=0.0)
+            for part in range(1, SPLIT_K):
+                z += tl.load(z_ptr + part * T * R + zoffs, mask=zmask, other=0.0)
             s = tl.dot(z.to(b.dtype), b)
         hit = (s > threshold) & tmask[:, None]
         active = (tl.max(hit.to(tl.int32), axis=0) > 0) & nmask
@@ -99,12 +112,12 @@ if triton is not None:
                      {m: configs([(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
                                   (32, 256, 8, 3)], ("BLOCK_RR", "BLOCK_K")) for m in ("one", "dot")},
                      {"one": {"BLOCK_RR": 8, "BLOCK_K": 64}, "dot": {"BLOCK_RR": 16, "BLOCK_K": 32}},
-                     key=["K", "R", "BLOCK_T"])
+                     key=["K", "R", "BLOCK_T", "SPLIT_K"])
     SELECT = Kernel(_select_kernel,
                     {m: configs([(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)], ("BLOCK_N",))
                      for m in ("one", "dot")},
                     {"one": {"BLOCK_N": 64}, "dot": {"BLOCK_N": 32}},
-                    key=["R", "N", "BLOCK_T"], reset_to_zero=["count_ptr"])
+                    key=["R", "N", "BLOCK_T", "SPLIT_K"], reset_to_zero=["count_ptr"])
 
 
 def _check(x, A, B):
@@ -121,12 +134,14 @@ def _check(x, A, B):
                              "Fix: cast the predictor to the activations' dtype and device")
 
 
-def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None):
+def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None, split_k: int | None = 1):
     """Active neurons predicted for x: (idx int32 [d_ff], count int32 [1]) on x's device, no host sync.
 
     x: [d_model] or [tokens <= 16, d_model]; A [d_model, r]; B [r, d_ff]; a neuron is active when
     ((x A) B)[t, n] > threshold for any token t. Only idx[:count] is meaningful, in no particular order.
     config: {'lowrank': {...}, 'select': {...}} fixed block sizes instead of autotuning (tests).
+    split_k: slices of d_model for x A (more programs streaming A); None = auto (slices of ~512, at most
+    16). The default 1 is the path measured on the H100; the split is checked under the interpreter only.
     """
     _check(x, A, B)
     backend = backend_for(x, impl)
@@ -139,15 +154,23 @@ def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None)
         raise ValueError(f"x: at most 16 tokens per call, got {T}. Fix: split the batch")
     block_t = 1 if T == 1 else 16
     mode = "one" if T == 1 else "dot"
-    z = torch.empty((T, R), dtype=torch.float32, device=x.device)
+    # x A over d_model slices: a rank-128 x A has only R / BLOCK_RR column blocks, likely too few programs to
+    # stream A at full bandwidth; the select kernel adds the slices' partial z
+    if split_k is None:
+        split_k = max(1, min(16, K // 512))
+    if not (isinstance(split_k, int) and 1 <= split_k <= 64):
+        raise ValueError(f"split_k: expected None or an integer in 1..64, got {split_k!r}")
+    k_chunk = triton.cdiv(K, split_k)
+    z = torch.empty((split_k, T, R), dtype=torch.float32, device=x.device)
     idx = torch.empty(N, dtype=torch.int32, device=x.device)
     count = torch.empty(1, dtype=torch.int32, device=x.device)
     config = config or {}
-    LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]),), x2, x2.stride(0), A,
-                   A.stride(0), A.stride(1), z, count, T, K, R, BLOCK_T=block_t, config=config.get("lowrank"))
+    LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]), split_k), x2, x2.stride(0), A,
+                   A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,
+                   config=config.get("lowrank"))
     SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
                   idx, count, float(threshold), T, R, N, BLOCK_T=block_t, R_PAD=max(16, next_pow2(R)),
-                  config=config.get("select"))
+                  SPLIT_K=split_k, config=config.get("select"))
     return idx, count
 
 
