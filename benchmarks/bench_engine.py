@@ -59,6 +59,8 @@ STEPS = [  # (label, policy preset, overrides, token group)
     ("wb+depth128", "windowing_bundling", {"reads_in_flight": 128}, "main"),
     ("wb+lru", "windowing_bundling", {"eviction": "lru"}, "main"),
     ("wb+lru+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lru"}, "main"),
+    ("wb+lfu", "windowing_bundling", {"eviction": "lfu"}, "main"),
+    ("wb+lfu+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu"}, "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
 ]
 
