@@ -256,9 +256,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="", help="comma-separated labels to run, in this order (default: all)")
     ap.add_argument("--kernel", default="auto", choices=("auto", "torch"))
     ap.add_argument("--loader", default="auto", choices=("auto", "loader", "simple"))
+    ap.add_argument("--read-threads", default=None, choices=("python", "native"),
+                    help="loader reader threads (sets FLASHLAB_READ_THREADS; default: its value, else python)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     ap.add_argument("--time-limit", type=float, default=420.0, help="skip remaining steps after this many s")
     args = ap.parse_args(argv)
+    if args.read_threads:
+        os.environ["FLASHLAB_READ_THREADS"] = args.read_threads
     t_start = time.perf_counter()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,9 +294,9 @@ def main(argv=None) -> int:
     body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
     if device.type == "cuda":
         notes.append(graph_check(body))
-    from real.loader import native_drain, native_unavailable_reason
-    notes.append("reads: C loop (real/native_read.c)" if native_drain() else
-                 f"reads: Python loop ({native_unavailable_reason()})")
+    from real.loader import default_read_threads, native_drain, native_unavailable_reason
+    notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads" if native_drain()
+                 else f"reads: Python loop ({native_unavailable_reason()})")
     log("; ".join(notes))
 
     records, probes, date = [], {}, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

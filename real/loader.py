@@ -83,21 +83,45 @@ def native_drain():
             so = Path(tempfile.gettempdir()) / f"flashlab-native-read-{tag}.so"
             if not so.exists():
                 tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(src)], check=True,
                                capture_output=True, timeout=120)
                 os.replace(tmp, so)
             lib = ctypes.CDLL(str(so))            # CDLL: the GIL is released during each call
             fn = lib.flashlab_drain
             fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6
             fn.restype = ctypes.c_int
+            _declare_pool(lib)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             why = f"building {src.name} failed: {e} {detail.decode(errors='replace')[:200]}".strip()
             fn = None
     if why:
         warn_once("native-read", f"the loader's C read loop is unavailable ({why}); using the Python loop")
-    _native.update(fn=fn, why=why)
+    _native.update(fn=fn, why=why, lib=lib if fn is not None else None)
     return fn
+
+
+def _declare_pool(lib) -> None:
+    """ctypes signatures of the native reader pool (real/native_read.c, flashlab_pool_*)."""
+    vp = ctypes.c_void_p
+    lib.flashlab_pool_new.argtypes, lib.flashlab_pool_new.restype = [ctypes.c_int], vp
+    lib.flashlab_pool_threads.argtypes, lib.flashlab_pool_threads.restype = [vp], ctypes.c_int
+    lib.flashlab_pool_submit.argtypes = [vp, ctypes.c_int64] + [vp] * 5
+    lib.flashlab_pool_submit.restype = vp
+    lib.flashlab_pool_wait.argtypes, lib.flashlab_pool_wait.restype = [vp, vp], ctypes.c_double
+    lib.flashlab_pool_close.argtypes, lib.flashlab_pool_close.restype = [vp], None
+
+
+READ_THREADS = ("python", "native")
+
+
+def default_read_threads() -> str:
+    """FLASHLAB_READ_THREADS (python | native), default python: the reader threads the H100 numbers
+    in docs/storage.md and docs/engine.md were measured with."""
+    kind = os.environ.get("FLASHLAB_READ_THREADS", "python")
+    if kind not in READ_THREADS:
+        raise ValueError(f"FLASHLAB_READ_THREADS={kind!r}: use one of {READ_THREADS}")
+    return kind
 
 
 def native_unavailable_reason() -> str | None:
@@ -188,12 +212,13 @@ class ReadJob:
     """One submitted batch of reads; ``ReadPool.wait`` returns when all are in ``dest``."""
 
     __slots__ = ("files", "dest", "file_idx", "fds", "dst_off", "offset", "length", "n", "claim", "finished",
-                 "done", "errors", "t_submit", "t_done", "native")
+                 "done", "errors", "t_submit", "t_done", "native", "cjob")
 
     def __init__(self, files, dest, file_idx, dst_off, offset, length, native: bool = False):
         self.files, self.dest = files, dest
         self.n = len(offset)
         self.native = None
+        self.cjob = None                    # the native pool's job (ReadPool(threads="native"))
         if native and self.n:
             # arrays for real/native_read.c: fd, destination address, offset, length, result, counters
             fidx = np.asarray(file_idx, dtype=np.int64)
@@ -228,9 +253,14 @@ class ReadPool:
     (no per-read task objects, no barrier between jobs: the next job's reads start as soon as a
     thread runs out of the previous one's, so back-to-back jobs keep the device busy)."""
 
-    def __init__(self, depth: int, pread: PreadFn | None = None, bounce_max: int = 0, native: bool | None = None):
+    def __init__(self, depth: int, pread: PreadFn | None = None, bounce_max: int = 0, native: bool | None = None,
+                 threads: str | None = None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        asked = threads
+        threads = threads or default_read_threads()
+        if threads not in READ_THREADS:
+            raise ValueError(f"threads must be one of {READ_THREADS}, got {threads!r}")
         self.depth = depth
         self.pread = pread or default_pread
         self.bounce_max = bounce_max     # reads up to this size land in a per-thread buffer, then memmove
@@ -245,8 +275,23 @@ class ReadPool:
         self._cond = threading.Condition()
         self._queue: deque[ReadJob] = deque()
         self._closed = False
+        # threads="native": `depth` pthreads of real/native_read.c claim and read every batch; Python only
+        # submits and waits (one call each, the GIL released while waiting), so no wake-up storm per batch
+        self._lib = self._cpool = None
+        self._c_pending: set[ReadJob] = set()
+        if threads == "native" and asked is None and self._drain is None:
+            threads = "python"       # the environment's default; custom preads / no C loop: Python threads
+        if threads == "native":
+            if self._drain is None:
+                raise RuntimeError("threads='native' needs the C read loop (" + (native_unavailable_reason() or
+                                   "a custom pread or bounce_max is set") + ")")
+            self._lib = _native["lib"]
+            self._cpool = self._lib.flashlab_pool_new(depth)
+            if not self._cpool:
+                raise RuntimeError(f"could not start {depth} native reader threads")
+        self.threads = threads
         self._workers = [threading.Thread(target=self._worker, daemon=True, name=f"flash-read-{i}")
-                         for i in range(depth - 1)]
+                         for i in range(0 if self._cpool else depth - 1)]
         for t in self._workers:
             t.start()
 
@@ -255,14 +300,27 @@ class ReadPool:
         """Queue reads of ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
         ``dest[dst_off[i]:]``; returns at once."""
         job = ReadJob(files, dest, file_idx, dst_off, offset, length, native=self._drain is not None)
-        if job.n:
+        if job.n and self._cpool:
+            fd, addr, off, ln, res, _ = job.native
+            job.cjob = self._lib.flashlab_pool_submit(self._cpool, job.n, fd.ctypes.data, addr.ctypes.data,
+                                                      off.ctypes.data, ln.ctypes.data, res.ctypes.data)
+            if not job.cjob:
+                raise MemoryError("the native reader pool could not queue a batch")
+            self._c_pending.add(job)
+        elif job.n:
             with self._cond:
                 self._queue.append(job)
                 self._cond.notify(min(job.n, len(self._workers)))
         return job
 
     def wait(self, job: ReadJob) -> None:
-        """Help with the job's reads, then block until all are done; raise its first error."""
+        """Help with the job's reads, then block until all are done; raise its first error.
+        (Native threads: block in C, the GIL released, then complete any short or failed reads.)"""
+        if job.cjob is not None:
+            job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
+            job.cjob = None
+            self._c_pending.discard(job)
+            self._complete_native(job)
         if not job.done.is_set():
             self._work(job)
             job.done.wait()
@@ -307,18 +365,26 @@ class ReadPool:
         fd, addr, off, ln, res, ctr = job.native
         if self._drain(job.n, fd.ctypes.data, addr.ctypes.data, off.ctypes.data, ln.ctypes.data,
                        res.ctypes.data, ctr.ctypes.data):
-            for i in np.flatnonzero(res != ln).tolist():
-                r = int(res[i])
-                try:
-                    self._finish_read(job.files[int(job.file_idx[i])], int(fd[i]), job.dest, int(job.dst_off[i]),
-                                      int(off[i]), int(ln[i]), max(r, 0),
-                                      OSError(-r, os.strerror(-r)) if r < 0 else None)
-                except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
-                    job.errors.append(e)
-                    break
             job.t_done = time.perf_counter()
-            job.done.set()
+            self._complete_native(job)
         return False
+
+    def _complete_native(self, job: ReadJob) -> None:
+        """After the C loop read every entry: complete short or failed reads by the Python rules, then
+        mark the job done (its first error is raised by ``wait``)."""
+        fd, _, off, ln, res, _ = job.native
+        bad = np.flatnonzero(res != ln).tolist()
+        for i in bad:
+            r = int(res[i])
+            try:
+                self._finish_read(job.files[int(job.file_idx[i])], int(fd[i]), job.dest, int(job.dst_off[i]),
+                                  int(off[i]), int(ln[i]), max(r, 0), OSError(-r, os.strerror(-r)) if r < 0 else None)
+            except BaseException as e:  # noqa: BLE001 -- re-raised by wait() in the caller's thread
+                job.errors.append(e)
+                break
+        if bad:
+            job.t_done = time.perf_counter()
+        job.done.set()
 
     def _work(self, job: ReadJob) -> bool:
         """The hot loop: one preadv per read; anything unusual goes to ``_finish_read``.
@@ -394,6 +460,13 @@ class ReadPool:
             got += r
 
     def close(self) -> None:
+        if self._cpool:
+            for job in list(self._c_pending):       # reads still write into their buffers: finish them first
+                self._lib.flashlab_pool_wait(self._cpool, job.cjob)
+                job.cjob = None
+            self._c_pending.clear()
+            self._lib.flashlab_pool_close(self._cpool)
+            self._cpool = None
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -483,7 +556,8 @@ class FlashLoader:
     def __init__(self, flash: FlashDir | str | Path, device: str = "cpu", depth: int = 32,
                  max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
                  pread: PreadFn | None = None, backend: str = "threads",
-                 bounce_max: int = BOUNCE_MAX, side_stream: bool = True, native: bool | None = None):
+                 bounce_max: int = BOUNCE_MAX, side_stream: bool = True, native: bool | None = None,
+                 read_threads: str | None = None):
         import torch
 
         self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
@@ -513,7 +587,8 @@ class FlashLoader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda and side_stream else None
         self.files = [open_flash_file(p, direct, self.slots[0].staging) for p in self.flash.ffn_paths]
         self.direct = all(f.direct for f in self.files)
-        self.pool = ReadPool(depth, pread, bounce_max, native)   # native: None = the C loop where it builds
+        # native: None = the C loop where it builds; read_threads: python | native (default: FLASHLAB_READ_THREADS)
+        self.pool = ReadPool(depth, pread, bounce_max, native, threads=read_threads)
         self.stats = LoaderStats()
         self._io_until = 0.0
 

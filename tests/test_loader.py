@@ -56,11 +56,14 @@ def poison(loader: FlashLoader) -> None:
 
 
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
-@pytest.mark.parametrize("chunk_kib", [4, 12, 64])
-def test_loads_match_reference_in_requested_order(flash_dirs, layout, chunk_kib):
+@pytest.mark.parametrize("chunk_kib,read_threads", [(4, "python"), (12, "python"), (64, "python"), (12, "native")])
+def test_loads_match_reference_in_requested_order(flash_dirs, layout, chunk_kib, read_threads):
+    if read_threads == "native":
+        native_or_skip()
     flash = flash_dirs[layout]
     rng = np.random.default_rng(chunk_kib)
-    with FlashLoader(flash, depth=6) as loader:
+    with FlashLoader(flash, depth=6, read_threads=read_threads) as loader:
+        assert loader.pool.threads == read_threads
         poison(loader)
         for layer in range(SPEC.n_layers):
             ref = reference_rows(flash, layer)
@@ -75,10 +78,13 @@ def test_loads_match_reference_in_requested_order(flash_dirs, layout, chunk_kib)
         assert loader.stats.bytes == 2 * SPEC.n_layers * 150 * flash.layout.bytes_per_neuron
 
 
-def test_submit_ahead_and_slot_reuse_give_no_stale_rows(flash_dirs):
+@pytest.mark.parametrize("read_threads", ["python", "native"])
+def test_submit_ahead_and_slot_reuse_give_no_stale_rows(flash_dirs, read_threads):
+    if read_threads == "native":
+        native_or_skip()
     flash = flash_dirs["bundled"]
     ref = reference_rows(flash, 2)
-    with FlashLoader(flash, depth=4, slots=2) as loader:
+    with FlashLoader(flash, depth=4, slots=2, read_threads=read_threads) as loader:
         a, b = np.arange(0, 100), np.arange(300, 420)
         pa = loader.submit(2, flash.layout.reads_for(2, a, 8192), a)
         pb = loader.submit(2, flash.layout.reads_for(2, b, 8192), b)
@@ -311,3 +317,76 @@ def test_native_loop_reports_end_of_file_and_refuses_overruns(tmp_path):
     assert bytes(buf) == path.read_bytes()[4 * ALIGN:]
     pool.close()
     f.close()
+
+
+# ---- the native reader threads (ReadPool(threads="native")) ----------------------------------------------
+def random_batches(rng, n_batches: int, n: int, file_blocks: int):
+    for _ in range(n_batches):
+        src = rng.integers(0, file_blocks - 2, n) * ALIGN
+        length = rng.integers(1, 3, n) * ALIGN
+        yield src, length, np.cumsum(length) - length
+
+
+def test_native_threads_read_back_to_back_batches_exactly(tmp_path):
+    """Several batches in flight at once (submitted before any wait), waited in order: every byte right,
+    completion times between submit and the return of wait."""
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(512 * ALIGN))
+    data = path.read_bytes()
+    f = open_flash_file(path)
+    pool = ReadPool(5, threads="native")
+    assert pool.threads == "native" and not pool._workers
+    rng = np.random.default_rng(11)
+    for _round in range(3):
+        jobs = []
+        for src, length, dst in random_batches(rng, 4, 150, 512):
+            buf = memoryview(mmap.mmap(-1, int(length.sum())))
+            jobs.append((pool.submit([f], buf, np.zeros(len(src), np.int64), dst, src, length), buf, src, length))
+        for job, buf, src, length in jobs:
+            pool.wait(job)
+            assert job.t_submit <= job.t_done <= loader_mod.time.perf_counter()
+            assert bytes(buf) == b"".join(data[a:a + b] for a, b in zip(src.tolist(), length.tolist()))
+    empty = pool.submit([f], memoryview(mmap.mmap(-1, ALIGN)), [], [], [], [])
+    pool.wait(empty)
+    pool.close()
+    f.close()
+
+
+def test_native_threads_complete_short_reads_and_raise_end_of_file(tmp_path):
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(6 * ALIGN) + b"x" * 100)      # the last block is short
+    f = open_flash_file(path, direct=False)
+    pool = ReadPool(3, threads="native")
+    buf = memoryview(mmap.mmap(-1, 2 * ALIGN))
+    with pytest.raises(FlashIOError, match="end of file"):
+        pool.run([f], buf, [0, 0], [0, ALIGN], [0, 6 * ALIGN], [ALIGN, ALIGN])
+    pool.run([f], buf, [0, 0], [0, ALIGN], [2 * ALIGN, 5 * ALIGN], [ALIGN, ALIGN])   # still usable
+    assert bytes(buf) == path.read_bytes()[2 * ALIGN:3 * ALIGN] + path.read_bytes()[5 * ALIGN:6 * ALIGN]
+    pool.close()
+    f.close()
+
+
+def test_native_threads_close_finishes_unwaited_batches(tmp_path):
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(64 * ALIGN))
+    f = open_flash_file(path)
+    pool = ReadPool(2, threads="native")
+    buf = memoryview(mmap.mmap(-1, 64 * ALIGN))
+    n = 64
+    pool.submit([f], buf, [0] * n, [i * ALIGN for i in range(n)], [i * ALIGN for i in range(n)], [ALIGN] * n)
+    pool.close()                      # returns only after the queued reads landed: no write after close
+    assert bytes(buf) == path.read_bytes()
+    f.close()
+
+
+def test_read_threads_choice_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="threads must be one of"):
+        ReadPool(2, threads="green")
+    monkeypatch.setenv("FLASHLAB_READ_THREADS", "fibers")
+    with pytest.raises(ValueError, match="FLASHLAB_READ_THREADS"):
+        ReadPool(2)
+    with pytest.raises(RuntimeError, match="native"):
+        ReadPool(2, threads="native", pread=loader_mod.default_pread, bounce_max=4096)
