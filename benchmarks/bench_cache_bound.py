@@ -8,10 +8,10 @@ Rules (each keeps the current token's active neurons resident and at most ``capa
   window      policy.eviction=window, planned by the policy engine: the union of the last k tokens
   lru         policy.eviction=lru (policy engine): fill the cache, evict the least recently active
   lfu         policy.eviction=lfu (policy engine): evict the least often active so far
-  static-hot  (a bound, here only) pin the neurons with the highest firing rate over the whole trace
-              (known in advance, as an offline profile would give), window-fill the rest
-  belady      (a bound, here only) evict the neuron whose next activation is furthest in the future:
-              needs the future; no eviction rule can read fewer neurons
+  static-hot  (here only) pin the neurons with the highest firing rate over the whole trace (known in
+              advance, as an offline profile would give); the most recently active fill the rest
+  belady      (a bound, here only) keep the neurons whose next activation comes first, and decline to
+              keep any other: needs the future; no rule at this capacity can read fewer neurons
 
 No torch, no GPU: the ceiling on "speedup vs naive" it prints takes the naive latency and the read
 rate at 16 KiB (the policy's bytes over its own I/O bound) from one run in benchmarks/results/engine.json.
@@ -60,27 +60,36 @@ def policy_loads(spec: ModelSpec, policy: Policy, trace) -> np.ndarray:
 
 def bound_loads(active: np.ndarray, rule: str, capacity: int, window: int) -> np.ndarray:
     """Neurons read at each token of one layer (``active``: bool [T, F]) under a bound that is
-    not a policy: ``static-hot`` (rates known in advance) or ``belady`` (the future known)."""
+    not a policy; both keep at most ``capacity`` neurons between tokens, like the policies.
+
+    static-hot: the hottest neurons over the whole trace (rates known in advance) pinned, the rest of
+    the capacity filled with the most recently active ones (a window that shrinks to fit).
+    belady: after each token, of everything in memory (the cache and this token's reads) keep the
+    ``capacity`` neurons whose next activation comes first -- the optimum for a cache that may also
+    decline to keep a neuron it had to read (no rule can read fewer neurons)."""
     T, F = active.shape
     loads = np.zeros(T, dtype=np.int64)
     cache = np.zeros(F, dtype=bool)
+    last = np.full(F, -1, dtype=np.int64)
+    pinned = np.zeros(F, dtype=bool)
+    nxt = next_use(active) if rule == "belady" else None
     if rule == "static-hot":
-        n_win = int(np.ceil(active.sum(1).mean() * window))      # room the window part needs
-        pinned = np.zeros(F, dtype=bool)
+        n_win = int(np.ceil(active.sum(1).mean() * window))      # room a k-token window needs on average
         pinned[np.argsort(-active.sum(0), kind="stable")[: max(0, capacity - n_win)]] = True
-    else:
-        nxt = next_use(active)
     for t in range(T):
         need = active[t]
         loads[t] = int(np.count_nonzero(need & ~cache))
-        if rule == "static-hot":
-            cache = pinned | active[max(0, t - window + 1): t + 1].any(0)
+        last[need] = t
+        held = np.flatnonzero(cache | need)
+        if held.size <= capacity:
+            cache[held] = True
             continue
-        cache |= need
-        over = int(np.count_nonzero(cache)) - capacity
-        if over > 0:                                               # furthest next use first
-            cand = np.flatnonzero(cache & ~need)
-            cache[cand[np.argsort(-nxt[t][cand], kind="stable")[:over]]] = False
+        if rule == "belady":
+            key = nxt[t][held]                                     # soonest next use first
+        else:                                                      # pinned first, then most recent
+            key = np.where(pinned[held], -1, T - last[held])
+        cache[:] = False
+        cache[held[np.argsort(key, kind="stable")[:capacity]]] = True
     return loads
 
 

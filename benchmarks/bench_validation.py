@@ -117,7 +117,13 @@ def main(argv=None) -> int:
         if args.order == "grid":
             run_multirun(common, sweep)
         else:
-            run_points(sweep_points(args.seed), common, sweep)
+            points = sweep_points(args.seed)
+            swept = {o.split("=", 1)[0] for o in points[0]}
+            clash = sorted(swept & {o.split("=", 1)[0].lstrip("+~") for o in args.overrides})
+            if clash:   # each point sets these keys last, so the override would be silently ignored
+                ap.error(f"{', '.join(clash)} are swept by conf/experiment/validation.yaml; "
+                         "drop the override, or use --order grid")
+            run_points(points, common, sweep)
     device = (sweep / "device.txt").read_text().strip() if (sweep / "device.txt").exists() else device_name()
     t_sweep = time.perf_counter() - t0
     keep_run_files(sweep, out / "validation")

@@ -60,15 +60,59 @@ def default_pread(fd: int, dst: memoryview, offset: int) -> int:
 
 # ---- the hot loop in C (real/native_read.c), built once per machine with the system compiler ------------
 _native: dict[str, Any] = {}
+_native_lock = threading.Lock()
+
+
+def _native_build_dir() -> Path:
+    """A per-user folder for the compiled loop (mode 0700): a library in a shared /tmp under a guessable
+    name could be planted by another user, and ctypes would run it."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = Path(base) / "flashlab"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        d = Path(tempfile.gettempdir()) / f"flashlab-{os.getuid()}"
+        d.mkdir(exist_ok=True, mode=0o700)
+    st = d.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{d} is not private to this user (owner {st.st_uid}, mode {oct(st.st_mode & 0o777)})")
+    return d
+
+
+def _build_native(src: Path, cc: str) -> Path:
+    """Compile ``src`` once per source version into the private build folder (atomic: temp file + rename)."""
+    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    so = _native_build_dir() / f"native-read-{tag}.so"
+    if so.exists():
+        st = so.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise OSError(f"{so} is not owned by this user or is writable by others")
+        return so
+    fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=so.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", tmp, str(src)], check=True,
+                       capture_output=True, timeout=120)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, so)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return so
 
 
 def native_drain():
-    """``flashlab_drain`` from real/native_read.c (compiled into the temp directory on first use, keyed
-    by the source's hash), or None where it cannot be built: then ``native_unavailable_reason()``
+    """``flashlab_drain`` from real/native_read.c (compiled on first use into a per-user cache folder,
+    keyed by the source's hash), or None where it cannot be built: then ``native_unavailable_reason()``
     says why and the pool runs its Python loop. FLASHLAB_NATIVE_READ=0 turns it off."""
-    if "fn" in _native:
+    with _native_lock:                       # one build per process, however many pools start at once
+        if "fn" not in _native:
+            _native.update(_load_native())
         return _native["fn"]
-    fn, why = None, None
+
+
+def _load_native() -> dict[str, Any]:
+    fn = lib = why = None
     src = Path(__file__).with_name("native_read.c")
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if os.environ.get("FLASHLAB_NATIVE_READ", "1") == "0":
@@ -79,26 +123,18 @@ def native_drain():
         why = "no C compiler (cc/gcc) on PATH"
     else:
         try:
-            tag = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-            so = Path(tempfile.gettempdir()) / f"flashlab-native-read-{tag}.so"
-            if not so.exists():
-                tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(src)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(tmp, so)
-            lib = ctypes.CDLL(str(so))            # CDLL: the GIL is released during each call
+            lib = ctypes.CDLL(str(_build_native(src, cc)))   # CDLL: the GIL is released during each call
             fn = lib.flashlab_drain
             fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 6
             fn.restype = ctypes.c_int
             _declare_pool(lib)
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, AttributeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             why = f"building {src.name} failed: {e} {detail.decode(errors='replace')[:200]}".strip()
-            fn = None
+            fn = lib = None
     if why:
         warn_once("native-read", f"the loader's C read loop is unavailable ({why}); using the Python loop")
-    _native.update(fn=fn, why=why, lib=lib if fn is not None else None)
-    return fn
+    return {"fn": fn, "why": why, "lib": lib}
 
 
 def _declare_pool(lib) -> None:
@@ -226,6 +262,8 @@ class ReadJob:
             off = np.ascontiguousarray(offset, dtype=np.int64)
             ln = np.ascontiguousarray(length, dtype=np.int64)
             base = np.frombuffer(dest, dtype=np.uint8)
+            if not base.flags.writeable:
+                raise TypeError("the destination buffer is read-only: the reads need a writable buffer")
             if d.min() < 0 or int((d + ln).max()) > base.size:
                 raise ValueError(f"reads end past the destination buffer ({base.size} bytes)")
             fd = np.array([f.fd for f in files], dtype=np.int64)[fidx]
@@ -585,10 +623,18 @@ class FlashLoader:
         # side_stream=False: copy and unpad on the caller's stream (fewer host calls per load; for callers
         # whose next work needs the rows anyway, like the engine)
         self.stream = torch.cuda.Stream(self.device) if self.cuda and side_stream else None
-        self.files = [open_flash_file(p, direct, self.slots[0].staging) for p in self.flash.ffn_paths]
-        self.direct = all(f.direct for f in self.files)
         # native: None = the C loop where it builds; read_threads: python | native (default: FLASHLAB_READ_THREADS)
-        self.pool = ReadPool(depth, pread, bounce_max, native, threads=read_threads)
+        self.pool = ReadPool(depth, pread, bounce_max, native, threads=read_threads)   # before any file is open
+        self.files = []
+        try:
+            for path in self.flash.ffn_paths:
+                self.files.append(open_flash_file(path, direct, self.slots[0].staging))
+        except BaseException:
+            for f in self.files:
+                f.close()
+            self.pool.close()
+            raise
+        self.direct = all(f.direct for f in self.files)
         self.stats = LoaderStats()
         self._io_until = 0.0
 
@@ -656,6 +702,7 @@ class FlashLoader:
                 self.pool.wait(job)      # no read may still write into the slot once it is free again
             finally:
                 st.pending = False
+                self._slot = s           # the refused load's slot is the next one again
             raise
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
         return PendingLoad(layer, s, job, n, total, len(length), rec_group, hit, out_row, identity, out)

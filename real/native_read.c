@@ -5,8 +5,9 @@
  * for the whole call, so a batch of hundreds of reads costs each thread one GIL round trip instead
  * of one per read, and the engine's own thread is not starved while the reads are in flight.
  * Results are recorded, not handled: result[i] = bytes read or -errno; the Python side completes
- * short reads and raises on errors (its rules, one place). Built at import by real/loader.py with
- * the system C compiler; without one the loader uses its pure-Python loop. */
+ * short reads and raises on errors (its rules, one place). Built on first use by real/loader.py with
+ * the system C compiler (into a per-user cache folder); without one the loader uses its Python loop.
+ * A batch in progress cannot be interrupted by Ctrl-C; it ends when its reads do. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdint.h>

@@ -177,6 +177,8 @@ def test_whole_row_config_must_cover_the_row():
                            method="per_block")
     with pytest.raises(ValueError, match="BLOCK_D >= d_model"):
         bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 64, "N_ACC": 1, "PROGS_PER_SM": 1})
+    with pytest.raises(ValueError, match="N_ACC must be in"):   # more copies than the workspace holds
+        bundled_sparse_ffn(x, cache, idx, config={"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 9, "PROGS_PER_SM": 1})
 
 
 def test_relu2_down_bias_and_token_batches():

@@ -113,6 +113,40 @@ def test_bad_requests_are_refused(flash_dirs):
             loader.load(0, flash.layout.reads_for(0, np.arange(100), 4096))
 
 
+def test_a_refused_load_gives_its_slot_back(flash_dirs):
+    """slots=2: with one load pending, a refused one must not leave the loader thinking both are taken."""
+    flash = flash_dirs["bundled"]
+    ids = np.arange(8)
+    with FlashLoader(flash, depth=2, slots=2) as loader:
+        pending = loader.submit(0, flash.layout.reads_for(0, ids, 4096), ids)
+        with pytest.raises(ValueError, match="do not cover neurons"):
+            loader.submit(0, flash.layout.reads_for(0, ids, 4096), np.arange(9))
+        other = np.arange(20, 30)
+        assert torch.equal(loader.load(0, flash.layout.reads_for(0, other, 4096), other), reference_rows(flash, 0)[other])
+        assert torch.equal(loader.wait(pending), reference_rows(flash, 0)[ids])
+
+
+def test_a_failed_construction_closes_its_files(flash_dirs, monkeypatch):
+    flash = flash_dirs["bundled"]
+    opened, closed = [], []
+    real_open = loader_mod.open_flash_file
+
+    def tracking_open(*a, **k):
+        f = real_open(*a, **k)
+        opened.append(f)
+        real_close = f.close
+        f.close = lambda: (closed.append(f), real_close())[1]
+        if len(opened) == 2:
+            raise OSError(errno.EIO, "injected")
+        return f
+
+    monkeypatch.setattr(loader_mod, "open_flash_file", tracking_open)
+    with pytest.raises(OSError, match="injected"):
+        FlashLoader(flash, depth=2)
+    assert closed == opened[:1]       # the file opened before the failure was closed again
+    opened[1].close()
+
+
 # ---- fault injection ------------------------------------------------------------------------------
 def short_pread(seed: int):
     """A pread that delivers only part of each request (sometimes off-alignment), like a flaky fs."""
@@ -390,3 +424,37 @@ def test_read_threads_choice_is_validated(monkeypatch):
         ReadPool(2)
     with pytest.raises(RuntimeError, match="native"):
         ReadPool(2, threads="native", pread=loader_mod.default_pread, bounce_max=4096)
+
+
+def test_reads_refuse_a_read_only_destination(tmp_path):
+    native_or_skip()
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(4 * ALIGN))
+    f = open_flash_file(path)
+    pool = ReadPool(2, native=True)
+    with pytest.raises(TypeError, match="read-only"):
+        pool.run([f], memoryview(bytes(ALIGN)), [0], [0], [0], [ALIGN])
+    pool.close()
+    f.close()
+
+
+def test_native_build_is_private_and_once_per_process(tmp_path, monkeypatch):
+    """Threads starting pools at once get the same library; it lands in a 0700 per-user folder."""
+    native_or_skip()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(loader_mod, "_native", {})
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(loader_mod.native_drain())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(r is results[0] for r in results) and results[0] is not None
+    built = list((tmp_path / "cache" / "flashlab").iterdir())
+    assert [p.suffix for p in built] == [".so"]                  # no temp file left behind
+    assert (tmp_path / "cache" / "flashlab").stat().st_mode & 0o077 == 0
+    monkeypatch.setattr(loader_mod, "_native", {})
+    (tmp_path / "cache" / "flashlab").chmod(0o777)              # a folder others can write to is refused
+    with pytest.warns(RuntimeWarning, match="not private"):
+        assert loader_mod.native_drain() is None
+    assert "not private" in loader_mod.native_unavailable_reason()

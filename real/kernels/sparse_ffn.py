@@ -610,6 +610,9 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         return torch.cat(parts) if y is None else y
     if y is None:
         y = torch.empty_like(x)
+    if config is not None and not 1 <= int(config.get("N_ACC", 1)) <= MAX_N_ACC:
+        raise ValueError(f"config: N_ACC must be in 1..{MAX_N_ACC} (the accumulator workspace holds that many "
+                         f"copies), got {config['N_ACC']}")
     acc, sem = _workspace(x.device, MAX_N_ACC * T * D)
     if method == "fused" and D <= MAX_WHOLE_ROW:
         kernel, mode = STREAM, ("one" if T == 1 else "multi")
