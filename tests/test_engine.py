@@ -128,9 +128,14 @@ def test_trace_engine_reports_parts(tmp_path):
     finally:
         ffn.close()
     assert [c.bytes for c in costs] == [sum(p.bytes for p in ps) for ps in plans]
-    for c in costs:
-        assert c.latency_s > 0 and c.compute_s > 0 and c.mem_s >= 0
-        assert c.latency_s >= c.mem_s
+    for c, ps in zip(costs, plans):
+        assert c.latency_s > 0 and c.compute_s > 0
+        # every part is a measured span: memory management takes time whenever rows move, reads whenever
+        # bytes are read, and on the CPU compute and memory management are sequential host spans
+        if any(p.n_inserted or p.evict.size or p.rows_copied for p in ps):
+            assert c.mem_s > 0
+        assert (c.io_s > 0) == (c.bytes > 0)
+        assert c.compute_s + c.mem_s <= c.latency_s
 
 
 def test_fixed_shape_attention_equals_the_sliced_one():
