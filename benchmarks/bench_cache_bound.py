@@ -15,7 +15,7 @@ Rules (each keeps the current token's active neurons resident and at most ``capa
 
 No torch, no GPU: the ceiling on "speedup vs naive" it prints takes the naive latency and the read
 rate at 16 KiB (the policy's bytes over its own I/O bound) from one run in benchmarks/results/engine.json.
-Writes benchmarks/cache_bound.txt and benchmarks/results/cache_bound.json."""
+Writes benchmarks/cache_bound.txt, benchmarks/cache_bound.png and benchmarks/results/cache_bound.json."""
 
 from __future__ import annotations
 
@@ -110,6 +110,33 @@ def measured_reference(root: Path, policy: str) -> dict:
             "source": f"benchmarks/results/engine.json ({r.get('device')}, {r.get('date')})"}
 
 
+def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
+    """Bars of MB read per token per rule and trace length, with the bytes that 20x naive allows."""
+    from experiments import plots
+
+    plt = plots._plt()
+    lengths = sorted({r["tokens"] for r in records})
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(lengths)
+    for k, n in enumerate(lengths):
+        rows = [r for r in records if r["tokens"] == n]
+        ax.bar([i + k * width for i in range(len(rows))], [r["mb_per_token"] for r in rows], width,
+               label=f"{n} tokens")
+    ax.set_xticks([i + width * (len(lengths) - 1) / 2 for i in range(len(RULES))], RULES)
+    if "gbps" in ref and "naive_ms" in ref:
+        mb20 = ref["naive_ms"] / 20 * ref["gbps"]
+        ax.axhline(mb20, color="k", ls="--", lw=1)
+        ax.text(-0.4, mb20 + 3, f"20x naive at zero overhead: {mb20:.0f} MB/token", ha="left", va="bottom",
+                fontsize=9)
+    ax.set_ylabel("MB read from flash per token")
+    ax.set_xlabel("eviction rule (window, lru, lfu: policy engine; static-hot, belady: bounds)")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, max(r["mb_per_token"] for r in records) * 1.18)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    plots.save(fig, out, "cache_bound", formats=("png",))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="opt-6.7b")
@@ -167,6 +194,7 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "cache_bound.txt", "\n".join(lines) + "\n")
+    plot(records, ref, out, f"{spec.name}, {args.policy}, budget {policy.memory_budget} ({capacity} neurons/layer cached)")
     atomic_write_text(out / "results" / "cache_bound.json", json.dumps(records, indent=1) + "\n")
     print("\n".join(lines))
     return 0
