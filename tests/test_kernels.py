@@ -289,6 +289,27 @@ def test_predictor_split_over_d_model_matches_float64(d_model, tokens):
         assert (scores[:, i] - threshold).abs().min() <= margin, f"neuron {i} misclassified"
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_predictor_bias_matches_float64(tokens):
+    """A trained predictor's per-neuron offset: ((x A) B + bias) > threshold."""
+    g = _gen(300 + tokens)
+    d_model, rank, d_ff, dtype, threshold = 72, 12, 257, torch.bfloat16, 0.1
+    x = torch.randn(tokens, d_model, generator=g).to(dtype)
+    A = (torch.randn(d_model, rank, generator=g) / math.sqrt(d_model)).to(dtype)
+    B = (torch.randn(rank, d_ff, generator=g) / math.sqrt(rank)).to(dtype)
+    bias = (2 * torch.randn(d_ff, generator=g)).to(dtype)         # moves many neurons across the threshold
+    got = active_list(*predict_active(x, A, B, threshold, bias=bias))
+    scores = predict_scores_reference(x.double(), A.double(), B.double(), bias.double())
+    want = active_list(*predict_active_reference(x.double(), A.double(), B.double(), threshold, bias.double()))
+    without = active_list(*predict_active_reference(x.double(), A.double(), B.double(), threshold))
+    assert not torch.equal(want, without), "the bias must matter in this case"
+    margin = rel_tol(dtype, d_model) * scores.abs().max()
+    for i in set(got.tolist()) ^ set(want.tolist()):
+        assert (scores[:, i] - threshold).abs().min() <= margin, f"neuron {i} misclassified"
+    with pytest.raises(ValueError, match="bias"):
+        predict_active(x, A, B, threshold, bias=bias[:-1])
+
+
 def test_predictor_feeds_sparse_ffn_without_host_count():
     g = _gen(21)
     d_model, rank, d_ff = 64, 16, 200

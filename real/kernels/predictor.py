@@ -1,7 +1,7 @@
 """Low-rank activation predictor: which FFN neurons will fire, as an index list that never leaves the device.
 
-mask = (x A) B > threshold with A [d_model, r], B [r, d_ff]; a neuron counts as active when any token of the
-batch predicts it. Two Triton kernels, no host round trip:
+mask = (x A) B [+ bias] > threshold with A [d_model, r], B [r, d_ff], bias [d_ff] (a trained predictor's
+offset); a neuron counts as active when any token of the batch predicts it. Two Triton kernels, no host round trip:
 
 1. `_lowrank_kernel`: z = x A [tokens, r] in fp32; programs split r (and, with `split_k`, d_model),
    each slice's partial z written once to its own plane, so no zeroing or atomics are needed; program
@@ -23,16 +23,17 @@ import torch
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
 
 
-def predict_scores_reference(x, A, B):
-    """(x A) B in fp32 (float64 for float64 inputs): [tokens, d_ff]."""
+def predict_scores_reference(x, A, B, bias=None):
+    """(x A) B [+ bias] in fp32 (float64 for float64 inputs): [tokens, d_ff]."""
     work = torch.promote_types(x.dtype, torch.float32)
     x2 = x.reshape(1, -1) if x.dim() == 1 else x
-    return (x2.to(work) @ A.to(work)) @ B.to(work)
+    s = (x2.to(work) @ A.to(work)) @ B.to(work)
+    return s if bias is None else s + bias.to(work)
 
 
-def predict_active_reference(x, A, B, threshold: float = 0.0):
+def predict_active_reference(x, A, B, threshold: float = 0.0, bias=None):
     """Same contract as `predict_active`, in plain torch (sorted indices; synchronises on nonzero)."""
-    mask = (predict_scores_reference(x, A, B) > threshold).any(dim=0)
+    mask = (predict_scores_reference(x, A, B, bias) > threshold).any(dim=0)
     found = torch.nonzero(mask).reshape(-1).to(torch.int32)
     idx = torch.zeros(B.shape[1], dtype=torch.int32, device=x.device)
     idx[: found.numel()] = found
@@ -78,8 +79,9 @@ if triton is not None:
         tl.store(z_part + offs_t[:, None] * R + offs_r[None, :], acc, mask=tmask[:, None] & rmask[None, :])
 
     @triton.jit
-    def _select_kernel(z_ptr, b_ptr, s_br, s_bn, idx_ptr, count_ptr, threshold, T, R, N,
-                       BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _select_kernel(z_ptr, b_ptr, s_br, s_bn, bias_ptr, idx_ptr, count_ptr, threshold, T, R, N,
+                       BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -101,6 +103,8 @@ if triton is not None:
             for part in range(1, SPLIT_K):
                 z += tl.load(z_ptr + part * T * R + zoffs, mask=zmask, other=0.0)
             s = tl.dot(z.to(b.dtype), b)
+        if HAS_BIAS:                                       # a trained predictor's per-neuron offset
+            s = s + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         hit = (s > threshold) & tmask[:, None]
         active = (tl.max(hit.to(tl.int32), axis=0) > 0) & nmask
         flag = active.to(tl.int32)
@@ -117,10 +121,10 @@ if triton is not None:
                     {m: configs([(32, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)], ("BLOCK_N",))
                      for m in ("one", "dot")},
                     {"one": {"BLOCK_N": 64}, "dot": {"BLOCK_N": 32}},
-                    key=["R", "N", "BLOCK_T", "SPLIT_K"], reset_to_zero=["count_ptr"])
+                    key=["R", "N", "BLOCK_T", "SPLIT_K", "HAS_BIAS"], reset_to_zero=["count_ptr"])
 
 
-def _check(x, A, B):
+def _check(x, A, B, bias=None):
     if x.dim() not in (1, 2):
         raise ValueError(f"x: expected [d_model] or [tokens, d_model], got shape {tuple(x.shape)}")
     d_model = x.shape[-1]
@@ -128,25 +132,28 @@ def _check(x, A, B):
         raise ValueError(f"A: expected [d_model={d_model}, rank], got {tuple(A.shape)}")
     if B.dim() != 2 or B.shape[0] != A.shape[1]:
         raise ValueError(f"B: expected [rank={A.shape[1]}, d_ff], got {tuple(B.shape)}")
-    for name, m in (("A", A), ("B", B)):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != B.shape[1]):
+        raise ValueError(f"bias: expected [d_ff={B.shape[1]}], got {tuple(bias.shape)}")
+    for name, m in (("A", A), ("B", B)) + ((("bias", bias),) if bias is not None else ()):
         if m.dtype != x.dtype or m.device != x.device:
             raise ValueError(f"{name}: dtype/device {m.dtype}/{m.device} differs from x's {x.dtype}/{x.device}. "
                              "Fix: cast the predictor to the activations' dtype and device")
 
 
-def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None, split_k: int | None = 1):
+def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", config=None,
+                   split_k: int | None = 1):
     """Active neurons predicted for x: (idx int32 [d_ff], count int32 [1]) on x's device, no host sync.
 
-    x: [d_model] or [tokens <= 16, d_model]; A [d_model, r]; B [r, d_ff]; a neuron is active when
-    ((x A) B)[t, n] > threshold for any token t. Only idx[:count] is meaningful, in no particular order.
+    x: [d_model] or [tokens <= 16, d_model]; A [d_model, r]; B [r, d_ff]; bias [d_ff] or None; a neuron
+    is active when ((x A) B + bias)[t, n] > threshold for any token t. Only idx[:count] is meaningful, in no particular order.
     config: {'lowrank': {...}, 'select': {...}} fixed block sizes instead of autotuning (tests).
     split_k: slices of d_model for x A (more programs streaming A); None = auto (slices of ~512, at most
     16). The default 1 is the path measured on the H100; the split is checked under the interpreter only.
     """
-    _check(x, A, B)
+    _check(x, A, B, bias)
     backend = backend_for(x, impl)
     if backend == "torch":
-        return predict_active_reference(x, A, B, threshold)
+        return predict_active_reference(x, A, B, threshold, bias)
     x2 = (x.reshape(1, -1) if x.dim() == 1 else x).contiguous()
     T, K = x2.shape
     R, N = B.shape
@@ -169,8 +176,9 @@ def predict_active(x, A, B, threshold: float = 0.0, *, impl="auto", config=None,
                    A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,
                    config=config.get("lowrank"))
     SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
-                  idx, count, float(threshold), T, R, N, BLOCK_T=block_t, R_PAD=max(16, next_pow2(R)),
-                  SPLIT_K=split_k, config=config.get("select"))
+                  B if bias is None else bias.contiguous(), idx, count, float(threshold), T, R, N, BLOCK_T=block_t,
+                  R_PAD=max(16, next_pow2(R)), SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                  config=config.get("select"))
     return idx, count
 
 
