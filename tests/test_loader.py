@@ -354,6 +354,13 @@ def test_native_loop_reports_end_of_file_and_refuses_overruns(tmp_path):
 
 
 # ---- the native reader threads (ReadPool(threads="native")) ----------------------------------------------
+
+def data_file(tmp_path, blocks: int, tail: bytes = b"", direct: bool = True):
+    """A file of ``blocks`` random 4 KiB blocks (+ ``tail``) and its opened FlashFile."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(blocks * ALIGN) + tail)
+    return path, open_flash_file(path, direct=direct)
+
 def random_batches(rng, n_batches: int, n: int, file_blocks: int):
     for _ in range(n_batches):
         src = rng.integers(0, file_blocks - 2, n) * ALIGN
@@ -365,10 +372,8 @@ def test_native_threads_read_back_to_back_batches_exactly(tmp_path):
     """Several batches in flight at once (submitted before any wait), waited in order: every byte right,
     completion times between submit and the return of wait."""
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(512 * ALIGN))
+    path, f = data_file(tmp_path, 512)
     data = path.read_bytes()
-    f = open_flash_file(path)
     pool = ReadPool(5, threads="native")
     assert pool.threads == "native" and not pool._workers
     rng = np.random.default_rng(11)
@@ -389,9 +394,7 @@ def test_native_threads_read_back_to_back_batches_exactly(tmp_path):
 
 def test_native_threads_complete_short_reads_and_raise_end_of_file(tmp_path):
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(6 * ALIGN) + b"x" * 100)      # the last block is short
-    f = open_flash_file(path, direct=False)
+    path, f = data_file(tmp_path, 6, tail=b"x" * 100, direct=False)     # the last block is short
     pool = ReadPool(3, threads="native")
     buf = memoryview(mmap.mmap(-1, 2 * ALIGN))
     with pytest.raises(FlashIOError, match="end of file"):
@@ -404,9 +407,7 @@ def test_native_threads_complete_short_reads_and_raise_end_of_file(tmp_path):
 
 def test_native_threads_close_finishes_unwaited_batches(tmp_path):
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(64 * ALIGN))
-    f = open_flash_file(path)
+    path, f = data_file(tmp_path, 64)
     pool = ReadPool(2, threads="native")
     buf = memoryview(mmap.mmap(-1, 64 * ALIGN))
     n = 64
@@ -428,9 +429,7 @@ def test_read_threads_choice_is_validated(monkeypatch):
 
 def test_reads_refuse_a_read_only_destination(tmp_path):
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(4 * ALIGN))
-    f = open_flash_file(path)
+    _, f = data_file(tmp_path, 4)
     pool = ReadPool(2, native=True)
     with pytest.raises(TypeError, match="read-only"):
         pool.run([f], memoryview(bytes(ALIGN)), [0], [0], [0], [ALIGN])
