@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from real.flash_dir import FlashDir
+from sim.atomic import atomic_path
 from sim.layout import ALIGN, Reads
 
 # Opt-in: reads up to ``bounce_max`` bytes land in a small per-thread buffer that stays in cache and
@@ -63,9 +64,16 @@ _native: dict[str, Any] = {}
 _native_lock = threading.Lock()
 
 
+def _require_private(path: Path) -> None:
+    """ctypes runs whatever library it loads: refuse a build folder or library another user could have
+    written (a shared /tmp under a guessable name could be planted)."""
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{path} is not private to this user (owner {st.st_uid}, mode {oct(st.st_mode & 0o777)})")
+
+
 def _native_build_dir() -> Path:
-    """A per-user folder for the compiled loop (mode 0700): a library in a shared /tmp under a guessable
-    name could be planted by another user, and ctypes would run it."""
+    """A per-user folder for the compiled loop (mode 0700)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     d = Path(base) / "flashlab"
     try:
@@ -73,31 +81,20 @@ def _native_build_dir() -> Path:
     except OSError:
         d = Path(tempfile.gettempdir()) / f"flashlab-{os.getuid()}"
         d.mkdir(exist_ok=True, mode=0o700)
-    st = d.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise OSError(f"{d} is not private to this user (owner {st.st_uid}, mode {oct(st.st_mode & 0o777)})")
+    _require_private(d)
     return d
 
 
 def _build_native(src: Path, cc: str) -> Path:
-    """Compile ``src`` once per source version into the private build folder (atomic: temp file + rename)."""
+    """Compile ``src`` once per source version into the private build folder (written atomically)."""
     tag = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     so = _native_build_dir() / f"native-read-{tag}.so"
-    if so.exists():
-        st = so.stat()
-        if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise OSError(f"{so} is not owned by this user or is writable by others")
-        return so
-    fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=so.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", tmp, str(src)], check=True,
-                       capture_output=True, timeout=120)
-        os.chmod(tmp, 0o700)
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not so.exists():
+        with atomic_path(so) as tmp:
+            subprocess.run([cc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(tmp), str(src)], check=True,
+                           capture_output=True, timeout=120)
+            os.chmod(tmp, 0o700)
+    _require_private(so)
     return so
 
 
@@ -307,8 +304,7 @@ class ReadPool:
         plain = pread is None and not bounce_max
         self._drain = native_drain() if (native is None and plain) or native else None
         if native and (self._drain is None or not plain):
-            raise RuntimeError("native reads need the C loop (" + (native_unavailable_reason() or
-                               "a custom pread or bounce_max is set") + ")")
+            self._c_loop_missing("native reads")
         self._tls = threading.local()
         self._cond = threading.Condition()
         self._queue: deque[ReadJob] = deque()
@@ -321,8 +317,7 @@ class ReadPool:
             threads = "python"       # the environment's default; custom preads / no C loop: Python threads
         if threads == "native":
             if self._drain is None:
-                raise RuntimeError("threads='native' needs the C read loop (" + (native_unavailable_reason() or
-                                   "a custom pread or bounce_max is set") + ")")
+                self._c_loop_missing("native reader threads (threads='native')")
             self._lib = _native["lib"]
             self._cpool = self._lib.flashlab_pool_new(depth)
             if not self._cpool:
@@ -332,6 +327,11 @@ class ReadPool:
                          for i in range(0 if self._cpool else depth - 1)]
         for t in self._workers:
             t.start()
+
+    @staticmethod
+    def _c_loop_missing(what: str) -> None:
+        raise RuntimeError(f"{what} need the C read loop (" + (native_unavailable_reason() or
+                           "a custom pread or bounce_max is set") + ")")
 
     def submit(self, files: Sequence[FlashFile], dest: memoryview, file_idx: list[int], dst_off: list[int],
                offset: list[int], length: list[int]) -> ReadJob:
@@ -355,9 +355,7 @@ class ReadPool:
         """Help with the job's reads, then block until all are done; raise its first error.
         (Native threads: block in C, the GIL released, then complete any short or failed reads.)"""
         if job.cjob is not None:
-            job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
-            job.cjob = None
-            self._c_pending.discard(job)
+            self._wait_c(job)
             self._complete_native(job)
         if not job.done.is_set():
             self._work(job)
@@ -392,6 +390,12 @@ class ReadPool:
             tls.buf = buf = memoryview(tls.mm)
             tls.addr = ctypes.addressof(ctypes.c_char.from_buffer(tls.mm))
         return buf, tls.addr
+
+    def _wait_c(self, job: ReadJob) -> None:
+        """Block (in C, the GIL released) until the native pool finished every read of ``job``."""
+        job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
+        job.cjob = None
+        self._c_pending.discard(job)
 
     @property
     def native(self) -> bool:
@@ -500,9 +504,7 @@ class ReadPool:
     def close(self) -> None:
         if self._cpool:
             for job in list(self._c_pending):       # reads still write into their buffers: finish them first
-                self._lib.flashlab_pool_wait(self._cpool, job.cjob)
-                job.cjob = None
-            self._c_pending.clear()
+                self._wait_c(job)
             self._lib.flashlab_pool_close(self._cpool)
             self._cpool = None
         with self._cond:

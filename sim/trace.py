@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sim.atomic import atomic_path
 from sim.errors import ConfigError, reject_unknown, require
 from sim.model_spec import ModelSpec
 
@@ -79,15 +80,12 @@ class Trace:
     # ---- file format ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, format_version=FORMAT_VERSION, shape=list(self.active.shape))
         arrays = {"active": np.packbits(self.active, axis=-1), "meta": np.array(json.dumps(meta))}
         if self.predicted is not None:
             arrays["predicted"] = np.packbits(self.predicted, axis=-1)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
-        tmp.replace(path)
         return path
 
     @classmethod
