@@ -134,6 +134,19 @@ def time_loader(loader: FlashLoader, batches, sync) -> float:
     return sum(r.total_bytes for _, r, _ in batches) / (time.perf_counter() - t0) / 1e9
 
 
+def threads_seconds(worker, depth: int, sync=lambda: None) -> float:
+    """Wall time of ``depth`` threads running worker(0..depth-1), device synchronised at both ends."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(depth)]
+    sync()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sync()
+    return time.perf_counter() - t0
+
+
 def time_probe(paths: list[Path], batches, depth: int) -> float:
     """Bare preadv calls on O_DIRECT fds: thread k takes reads k, k+depth, ... into its own
     reused aligned buffer (fio-style: no staging, no mapping, no GPU)."""
@@ -150,13 +163,7 @@ def time_probe(paths: list[Path], batches, depth: int) -> float:
                 if os.preadv(fds[f], [buf[:n]], off) != n:
                     raise OSError(f"short read at {off}")
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(depth)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return all_reads.total_bytes / (time.perf_counter() - t0) / 1e9
+        return all_reads.total_bytes / threads_seconds(worker, depth) / 1e9
     finally:
         for fd in fds:
             os.close(fd)
@@ -190,15 +197,7 @@ def time_kvikio(kvikio, paths: list[Path], batches, depth: int, dev_buf, sync):
                 d = int(dst[i])
                 handles[f].pread(dev_buf[d:d + n], n, off).get()
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(depth)]
-        sync()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        sync()
-        return all_reads.total_bytes / (time.perf_counter() - t0) / 1e9
+        return all_reads.total_bytes / threads_seconds(worker, depth, sync) / 1e9
     finally:
         for h in handles:
             h.close()

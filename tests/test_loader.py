@@ -306,6 +306,18 @@ def test_cuda_rows_match(flash_dirs):
 
 
 # ---- the C read loop (real/native_read.c) ---------------------------------------------------------------
+def data_file(tmp_path, blocks: int, tail: bytes = b"", direct: bool = True):
+    """A file of ``blocks`` random 4 KiB blocks (+ ``tail``) and its opened FlashFile."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(blocks * ALIGN) + tail)
+    return path, open_flash_file(path, direct=direct)
+
+
+def expected_bytes(data: bytes, src, length) -> bytes:
+    """What reads of ``length[i]`` bytes at ``src[i]`` put back to back."""
+    return b"".join(data[a:a + n] for a, n in zip(np.asarray(src).tolist(), np.asarray(length).tolist()))
+
+
 def native_or_skip():
     if loader_mod.native_drain() is None:
         pytest.skip(f"C read loop unavailable: {loader_mod.native_unavailable_reason()}")
@@ -313,9 +325,7 @@ def native_or_skip():
 
 def test_native_and_python_loops_deliver_the_same_bytes(tmp_path):
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(256 * ALIGN))
-    f = open_flash_file(path)
+    path, f = data_file(tmp_path, 256)
     rng = np.random.default_rng(3)
     n = 200
     src = rng.integers(0, 255, n) * ALIGN
@@ -329,17 +339,14 @@ def test_native_and_python_loops_deliver_the_same_bytes(tmp_path):
         pool.run([f], buf, np.zeros(n, np.int64), dst, src, length)
         out[native] = bytes(buf)
         pool.close()
-    data = path.read_bytes()
-    want = b"".join(data[s:s + ln] for s, ln in zip(src.tolist(), length.tolist()))
+    want = expected_bytes(path.read_bytes(), src, length)
     assert out[True] == want and out[False] == want
     f.close()
 
 
 def test_native_loop_reports_end_of_file_and_refuses_overruns(tmp_path):
     native_or_skip()
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(8 * ALIGN))
-    f = open_flash_file(path)
+    path, f = data_file(tmp_path, 8)
     pool = ReadPool(4, native=True)
     buf = memoryview(mmap.mmap(-1, 4 * ALIGN))
     with pytest.raises(FlashIOError, match="end of file"):
@@ -354,12 +361,6 @@ def test_native_loop_reports_end_of_file_and_refuses_overruns(tmp_path):
 
 
 # ---- the native reader threads (ReadPool(threads="native")) ----------------------------------------------
-
-def data_file(tmp_path, blocks: int, tail: bytes = b"", direct: bool = True):
-    """A file of ``blocks`` random 4 KiB blocks (+ ``tail``) and its opened FlashFile."""
-    path = tmp_path / "data.bin"
-    path.write_bytes(os.urandom(blocks * ALIGN) + tail)
-    return path, open_flash_file(path, direct=direct)
 
 def random_batches(rng, n_batches: int, n: int, file_blocks: int):
     for _ in range(n_batches):
@@ -385,7 +386,7 @@ def test_native_threads_read_back_to_back_batches_exactly(tmp_path):
         for job, buf, src, length in jobs:
             pool.wait(job)
             assert job.t_submit <= job.t_done <= loader_mod.time.perf_counter()
-            assert bytes(buf) == b"".join(data[a:a + b] for a, b in zip(src.tolist(), length.tolist()))
+            assert bytes(buf) == expected_bytes(data, src, length)
     empty = pool.submit([f], memoryview(mmap.mmap(-1, ALIGN)), [], [], [], [])
     pool.wait(empty)
     pool.close()
