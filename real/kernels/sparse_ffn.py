@@ -241,22 +241,12 @@ if triton is not None:
             if pid * BLOCK_R < n:
                 d = tl.arange(0, BLOCK_D)
                 dmask = d < D
-                m = rmask[:, None] & dmask[None, :]
-                u = tl.load(up_ptr + rows[:, None] * s_ur + d[None, :] * s_ud, mask=m, other=0.0)
-                dn = tl.load(down_ptr + rows[:, None] * s_dr + d[None, :] * s_dd, mask=m, other=0.0)
-                g = u
-                if GATED:
-                    g = tl.load(gate_ptr + rows[:, None] * s_gr + d[None, :] * s_gd, mask=m, other=0.0)
-                b = _row_bias(bias_ptr, rows, rmask, HAS_BIAS)
+                u, g, dn, b = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
+                                           bias_ptr, rows, rmask, d, dmask, HAS_BIAS, GATED)
                 for t in tl.static_range(BLOCK_T):
                     if t < T:
-                        xv = tl.load(x_ptr + t * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-                        zu = tl.sum(u.to(tl.float32) * xv, axis=1)
-                        zg = zu
-                        if GATED:
-                            zg = tl.sum(g.to(tl.float32) * xv, axis=1)
-                        h = _gate_bias_act(zu, zg, b, rmask, GATED, ACT)
-                        c = tl.sum(dn.to(tl.float32) * h[:, None], axis=0)
+                        xv = tl.load(x_ptr + t * stride_xt + d, mask=dmask, other=0.0).to(tl.float32)
+                        c = _whole_contrib(xv, u, g, dn, b, rmask, GATED, ACT)
                         tl.atomic_add(acc_ptr + t * D + d, c, mask=dmask, sem="relaxed")
         elif BLOCK_T == 1:
             if pid * BLOCK_R < n:
