@@ -369,11 +369,12 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                                                                           Bs[0].double()) > thr).any(0)).reshape(-1).tolist())
         log(f"  check predictor T={T}: {len(got)} active, {len(got ^ want)} differ from the float64 reference")
         ours_ms, torch_ms = graph_ms(ours), graph_ms(unfused)
-        # the d_model-split variant (split_k=None, not the default until measured here): checked, then timed
-        split = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr, split_k=None)) for x, A, B in zip(xs, As, Bs)]
-        split_diff = len(set(active_list(*split[0]()).tolist()) ^ want)
-        split_ms = graph_ms(split)
-        log(f"  predictor split_k=auto T={T}: {split_ms * 1e3:.1f} us, {split_diff} differ from the float64 reference")
+        # the default splits x A over d_model (split_k=None); split_k=1 (x A split over the rank only, the
+        # default before 2026-11-23 15:00 UTC) is checked and timed beside it
+        nosplit = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr, split_k=1)) for x, A, B in zip(xs, As, Bs)]
+        nosplit_diff = len(set(active_list(*nosplit[0]()).tolist()) ^ want)
+        nosplit_ms = graph_ms(nosplit)
+        log(f"  predictor split_k=1 T={T}: {nosplit_ms * 1e3:.1f} us, {nosplit_diff} differ from the float64 reference")
         touched = (D * RANK + RANK * Fd) * 2 + T * D * 2 + len(got) * 4
         dense_ms = dense_ms_by_batch.get(T)
         if dense_ms is None:  # the FFN section did not run: time the dense OPT-6.7B FFN here, the same way
@@ -386,7 +387,8 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                             sparsity=None, ours_ms=ours_ms, gather_ms=None, dense_ms=torch_ms,
                             touched_gbps=touched / ours_ms / 1e6, peak_gbps=peak, rank=RANK,
                             dense_ffn_ms=dense_ms, dtype="float16", timing="cuda_graph",
-                            predicted_active=len(got), split_ms=split_ms, split_mismatches=split_diff))
+                            predicted_active=len(got), split_k="auto", split1_ms=nosplit_ms,
+                            split1_mismatches=nosplit_diff))
         log(f"predictor r={RANK} T={T}: ours {ours_ms * 1e3:.1f} us, torch unfused {torch_ms * 1e3:.1f} us, "
             f"dense FFN {dense_ms * 1e3:.1f} us -> {100 * ours_ms / dense_ms:.1f}% of the dense FFN")
 
@@ -443,9 +445,12 @@ def must_show(records, log):
                          f"{'PASS' if vs_g >= 2 else 'FAIL'}, {vs_d:.1f}x vs dense (need >= 5): "
                          f"{'PASS' if vs_d >= 5 else 'FAIL'}{bw}")
         if r["op"] == "predictor":
-            f = r["ours_ms"] / r["dense_ffn_ms"]
-            lines.append(f"predictor r={r['rank']} b{r['batch']}: {100 * f:.1f}% of dense FFN (need < 10): "
-                         f"{'PASS' if f < 0.1 else 'FAIL'}")
+            # records before 2026-11-23 15:00 UTC: ours_ms is split_k=1 and split_ms the d_model split (auto),
+            # today's default; later records: ours_ms is the default itself
+            ms, how = (r["split_ms"], "split_k=auto (the default), ") if "split_ms" in r else (r["ours_ms"], "")
+            f = ms / r["dense_ffn_ms"]
+            lines.append(f"predictor r={r['rank']} b{r['batch']}: {how}{ms * 1e3:.1f} us = {100 * f:.1f}% of dense "
+                         f"FFN (need < 10): {'PASS' if f < 0.1 else 'FAIL'}")
         if r["op"] == "add_norm":
             lines.append(f"add+{r['norm']} b{r['batch']}: fused {r['ours_ms'] * 1e3:.1f} us vs unfused "
                          f"{r['dense_ms'] * 1e3:.1f} us: {'PASS' if r['ours_ms'] <= r['dense_ms'] else 'FAIL'}")
@@ -488,12 +493,17 @@ def write_table(path, records, stamp, peak, checks, source=None):
                    f"{'ok' if r.get('correct', True) else 'FAIL':>5}  {r['config']}")
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
-            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9}"]
+            "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
+            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9} {'split_k=1':>9}"]
     for r in records:
         if r["op"] in ("predictor", "add_norm"):
             ffn = f"{r['dense_ffn_ms'] * 1e3:.1f}" if "dense_ffn_ms" in r else "-"
-            out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {r['ours_ms'] * 1e3:>7.2f} "
-                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9}")
+            ours, one = r["ours_ms"], r.get("split1_ms")
+            if "split_ms" in r:     # a record from before the default changed: ours_ms was split_k=1
+                ours, one = r["split_ms"], r["ours_ms"]
+            one = "-" if one is None else f"{one * 1e3:.2f}"
+            out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {ours * 1e3:>7.2f} "
+                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9} {one:>9}")
     out += ["", "## issue 5 acceptance (computed from the rows above)"] + checks
     out += ["", "correctness failures: " + (", ".join(FAILURES) if FAILURES else "none")]
     with open(path, "w") as f:
