@@ -225,9 +225,9 @@ def main() -> int:
     ap.add_argument("--batch-mib", type=int, default=64, help="bytes per loader.load call (one layer)")
     ap.add_argument("--pairs", type=int, default=3, help="loader/probe segment pairs per cell")
     ap.add_argument("--no-kvikio", action="store_true")
-    ap.add_argument("--native-threads", action="store_true",
-                    help="also time the loader with native reader threads (FlashLoader(read_threads='native')), "
-                         "one segment per cell: column loader_nt")
+    ap.add_argument("--python-threads", action="store_true",
+                    help="also time the loader with Python reader threads (FlashLoader(read_threads='python'); the "
+                         "default is native where the C loop builds), one segment per cell: column loader_py")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = ap.parse_args()
 
@@ -269,8 +269,8 @@ def main() -> int:
     sizes = [int(s) * KIB for s in args.sizes_kib.split(",")]
     depths = [int(q) for q in args.depths.split(",")]
     loaders = {q: FlashLoader(d, device=device, depth=q, max_batch_bytes=args.batch_mib * MIB) for q in depths}
-    native_loaders = {q: FlashLoader(d, device=device, depth=q, max_batch_bytes=args.batch_mib * MIB,
-                                     read_threads="native") for q in depths} if args.native_threads else {}
+    py_loaders = {q: FlashLoader(d, device=device, depth=q, max_batch_bytes=args.batch_mib * MIB,
+                                 read_threads="python") for q in depths} if args.python_threads else {}
     pool = loaders[depths[0]].pool
     loop = (f"C (real/native_read.c), {pool.threads} reader threads" if pool.native
             else f"Python ({native_unavailable_reason() or 'not asked for'})")
@@ -302,7 +302,7 @@ def main() -> int:
                  f"# measured in {time.perf_counter() - t_start:.0f} s" + ("" if final else " (PARTIAL: run cut short)"),
                  "",
                  f"{'read_kib':>8} {'depth':>5} {'loader':>8} {'probe':>8} {'ratio':>6} {'c_probe':>8} "
-                 f"{'kvikio':>8} {'loader_nt':>9} {'loader_io':>9}  pair ratios (min..max)"]
+                 f"{'kvikio':>8} {'loader_py':>9} {'loader_io':>9}  pair ratios (min..max)"]
         for (size, q), m in sorted(meas.items()):
             g = {k: agg(v) for k, v in m.items()}
             pair_ratios = [(lb / lt) / (pb / pt) for (lb, lt), (pb, pt) in zip(m["loader"], m["probe"])]
@@ -315,14 +315,14 @@ def main() -> int:
                 rec["c_probe_gbps"] = round(g["c_probe"], 4)
             if g["kvikio"] is not None:
                 rec["kvikio_gbps"] = round(g["kvikio"], 4)
-            if g["loader_nt"] is not None:
-                rec["loader_native_threads_gbps"] = round(g["loader_nt"], 4)
+            if g["loader_py"] is not None:
+                rec["loader_python_threads_gbps"] = round(g["loader_py"], 4)
             records.append(rec)
 
             def f(x):
                 return f"{x:8.3f}" if x is not None else f"{'-':>8}"
             lines.append(f"{size // KIB:8d} {q:5d} {f(g['loader'])} {f(g['probe'])} {rec['ratio']:6.2f} "
-                         f"{f(g['c_probe'])} {f(g['kvikio'])} {f(g['loader_nt']):>9} {g['loader_io']:9.3f}  "
+                         f"{f(g['c_probe'])} {f(g['kvikio'])} {f(g['loader_py']):>9} {g['loader_io']:9.3f}  "
                          f"{min(pair_ratios):.2f}..{max(pair_ratios):.2f}")
         worst = min(records, key=lambda r: r["ratio"])
         lines += ["", f"worst loader/probe ratio: {worst['ratio']:.2f} at {worst['read_kib']} KiB, depth {worst['depth']}"]
@@ -337,7 +337,7 @@ def main() -> int:
     for size in sizes:
         for q in depths:
             m = meas.setdefault((size, q), {"loader": [], "probe": [], "c_probe": [], "kvikio": [], "loader_io": [],
-                                            "loader_nt": []})
+                                            "loader_py": []})
             for pair in range(args.pairs):
                 order = ["loader", "probe"] if pair % 2 == 0 else ["probe", "loader"]
                 for method in order:
@@ -354,10 +354,10 @@ def main() -> int:
             v = time_c_probe(exe, paths, size, q, seg, seed=size + q)
             if v is not None:
                 m["c_probe"].append((seg, seg / v / 1e9))
-            if native_loaders:
+            if py_loaders:
                 batches = make_batches(d.layout, size, args.batch_mib * MIB, seg, rng)
                 drop_caches()
-                m["loader_nt"].append(timed(lambda b: time_loader(native_loaders[q], b, sync), batches))
+                m["loader_py"].append(timed(lambda b: time_loader(py_loaders[q], b, sync), batches))
             if kvikio is not None:
                 batches = make_batches(d.layout, size, args.batch_mib * MIB, seg, rng)
                 drop_caches()
@@ -369,7 +369,7 @@ def main() -> int:
             print(f"{size // KIB:5d} KiB q={q:3d}: " + ", ".join(
                 f"{k} {sum(b for b, _ in v) / sum(t for _, t in v) / 1e9:.3f}" for k, v in m.items() if v), flush=True)
             write_results(False)   # partial results survive a time limit
-    for l in [*loaders.values(), *native_loaders.values()]:
+    for l in [*loaders.values(), *py_loaders.values()]:
         l.close()
     write_results(True)
     return 0

@@ -236,10 +236,10 @@ class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
-                 native: bool | None = None):
+                 native: bool | None = None, read_threads: str | None = None):
         from real.loader import FlashLoader
         self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
-                                  native=native)
+                                  native=native, read_threads=read_threads)
         self.direct = self.loader.direct
 
     def submit(self, plan: LayerPlan):
@@ -260,14 +260,15 @@ LOADERS = ("auto", "loader", "simple")
 
 
 def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
-               native: bool | None = None):
+               native: bool | None = None, read_threads: str | None = None):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
-    former where it imports, else the latter."""
+    former where it imports, else the latter. ``read_threads``: the FlashLoader's reader threads
+    (python | native; None = FLASHLAB_READ_THREADS or native)."""
     if loader not in LOADERS:
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct, native)
+            return LoaderLoads(flash, device, threads, direct, native, read_threads)
         except ImportError:
             if loader == "loader":
                 raise
@@ -281,7 +282,7 @@ class FlashFFN:
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
                  kernel: str = "auto", loader: str = "auto", reads_first: bool = True, pinned_index: bool = True,
-                 native_reads: bool | None = None):
+                 native_reads: bool | None = None, read_threads: str | None = None):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -298,7 +299,7 @@ class FlashFFN:
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
-        self.loads = open_loads(flash, self.device, threads, direct, loader, native_reads)
+        self.loads = open_loads(flash, self.device, threads, direct, loader, native_reads, read_threads)
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))

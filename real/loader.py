@@ -149,9 +149,10 @@ READ_THREADS = ("python", "native")
 
 
 def default_read_threads() -> str:
-    """FLASHLAB_READ_THREADS (python | native), default python: the reader threads the H100 numbers
-    in docs/storage.md and docs/engine.md were measured with."""
-    kind = os.environ.get("FLASHLAB_READ_THREADS", "python")
+    """FLASHLAB_READ_THREADS (python | native), default native (pthreads of real/native_read.c where
+    the C loop builds, else Python threads): faster in every engine step measured on the H100
+    (benchmarks/engine.txt, 2026-11-23 15:00 UTC)."""
+    kind = os.environ.get("FLASHLAB_READ_THREADS", "native")
     if kind not in READ_THREADS:
         raise ValueError(f"FLASHLAB_READ_THREADS={kind!r}: use one of {READ_THREADS}")
     return kind
