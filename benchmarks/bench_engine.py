@@ -41,6 +41,7 @@ from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
+from real.loader import default_read_threads  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.layout import FlashLayout, Reads  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -61,7 +62,14 @@ STEPS = [  # (label, policy preset, overrides, token group)
     ("wb+lru+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lru"}, "main"),
     ("wb+lfu", "windowing_bundling", {"eviction": "lfu"}, "main"),
     ("wb+lfu+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu"}, "main"),
+    ("wb+lfu+depth128", "windowing_bundling", {"reads_in_flight": 128, "eviction": "lfu"}, "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
+    # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
+    # run had Python as the default and labelled the native steps "+native" instead
+    ("wb+pythreads", "windowing_bundling", {"read_threads": "python"}, "main"),
+    ("wb+lfu+pythreads", "windowing_bundling", {"eviction": "lfu", "read_threads": "python"}, "main"),
+    ("wb+lfu+depth64+pythreads", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                        "read_threads": "python"}, "main"),
 ]
 
 
@@ -224,7 +232,7 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
              f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
-             f"(same run, same loader); sim = simulator on the same plans, hardware {hw.name}",
+             f"(same run, the step's own loader and reader threads); sim = simulator on the same plans, hardware {hw.name}",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -235,8 +243,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
             cells.append((f"{v:.1f}" if isinstance(v, float) and h != "latency_over_bound" else str(v)).rjust(w))
         lines.append("  ".join(cells))
     lines.append("")
-    lines.append("probe GB/s per (layout, depth): " + "; ".join(
-        f"{'bundled' if k[0][0] else 'unbundled'} depth {k[0][1]} {k[1] // 1024} KiB: {v:.3f}"
+    lines.append("probe GB/s per (layout, depth, reader threads): " + "; ".join(
+        f"{'bundled' if k[0][0] else 'unbundled'} depth {k[0][1]} {k[0][2]} {k[1] // 1024} KiB: {v:.3f}"
         for k, v in sorted(probes.items())))
     (out / "engine.txt").write_text("\n".join(lines) + "\n")
     if final:
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
     body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
     if device.type == "cuda":
         notes.append(graph_check(body))
-    from real.loader import default_read_threads, native_drain, native_unavailable_reason
+    from real.loader import native_drain, native_unavailable_reason
     notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads" if native_drain()
                  else f"reads: Python loop ({native_unavailable_reason()})")
     log("; ".join(notes))
@@ -304,15 +312,19 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > args.time_limit:
             log(f"time limit reached: skipping {label}")
             continue
+        over = dict(over)
+        read_threads = over.pop("read_threads", args.read_threads or default_read_threads())   # loader, not policy
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
         warm = 1 if group == "naive" else args.warmup
         tr_plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=trace.active[: warm + measured])))
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
-                           device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader)
+                           device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
+                           read_threads=read_threads)
             try:
-                bound_s, probe_gbps = io_lower_bound(tr_plans, warm, ffn, probes, (pol.bundling, pol.reads_in_flight))
+                bound_s, probe_gbps = io_lower_bound(tr_plans, warm, ffn, probes,
+                                                     (pol.bundling, pol.reads_in_flight, read_threads))
                 t0 = time.perf_counter()
                 costs = TraceEngine(body, ffn, pol).run(tr_plans)
                 wall = time.perf_counter() - t0
@@ -338,7 +350,7 @@ def main(argv=None) -> int:
             "reads_in_flight": pol.reads_in_flight, "eviction": pol.eviction, "warmup": warm,
             "probe_gbps": probe_gbps, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
-            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "wall_s": round(wall, 1),
+            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": read_threads, "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

@@ -1,0 +1,104 @@
+"""Host time of each call the engine makes after a layer's reads (copy, insert, FFN over the new
+rows), one at a time, on OPT-6.7B shapes: what ``benchmarks/profile_engine.py``'s 'copy', 'insert'
+and 'ffn_new' phases are made of. No flash involved.
+
+    python benchmarks/profile_post_read.py [--rows 390] [--reps 200]
+
+Per call: host microseconds per call while the device is kept busy (the host's own cost: launch
+path, Python), and per call with a device sync after each (host + device). Prints a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from real.engine import Clock, IndexUpload, ffn_rows  # noqa: E402
+from real.kernels.sparse_ffn import STREAM, sparse_ffn  # noqa: E402
+from real.loader import HostBuffer  # noqa: E402
+from real.neuron_cache import NeuronCache  # noqa: E402
+from sim.model_spec import ModelSpec  # noqa: E402
+
+
+def host_us(fn, reps: int) -> tuple[float, float]:
+    """(host us per call with the GPU queue kept full, host+device us per call with a sync after each)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    busy = torch.cuda._sleep if hasattr(torch.cuda, "_sleep") else None
+    if busy is not None:
+        busy(int(50e6))                 # keep the device busy so launches cannot wait on it finishing
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t) / reps
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+        torch.cuda.synchronize()
+    return host * 1e6, (time.perf_counter() - t) / reps * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=390, help="new neurons per layer (OPT-6.7B, 2.4%% of 16384)")
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    spec = ModelSpec.preset("opt-6.7b")
+    d, n, w = spec.d_model, args.rows, 2 * spec.d_model
+    nbytes = n * w * 2
+    stage = HostBuffer(nbytes, pinned=True)
+    raw = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    fresh_pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    rows = (torch.randn(n, w, device=dev) * 0.02).half()
+    x = torch.randn(1, d, device=dev).half()
+    bias = torch.zeros(n, device=dev, dtype=torch.float16)
+    y0 = torch.randn(1, d, device=dev).half()
+    clock = Clock(dev)
+    upload = IndexUpload(dev, 4 * spec.d_ff)
+    idx_np = np.random.default_rng(0).choice(spec.d_ff, n, replace=False).astype(np.int64)
+    cases = [
+        ("copy_ from HostBuffer view (pinned)", lambda: raw.copy_(stage.tensor[:nbytes], non_blocking=True)),
+        ("copy_ from a fresh pinned tensor", lambda: raw.copy_(fresh_pinned, non_blocking=True)),
+        ("ffn_rows, all rows (ffn_new)", lambda: ffn_rows(x, rows[:, :d], rows[:, d:], bias=bias)),
+        ("sparse_ffn, tuned config fixed", lambda: sparse_ffn(x, rows[:, :d], rows[:, d:], bias=bias,
+                                                               config=_tuned())),
+        ("y + y_new", lambda: y0 + y0),
+        ("Clock.start + stop", lambda: clock.stop("io_s", clock.start(), _Sink())),
+        ("IndexUpload of one index array", lambda: upload(idx_np)),
+        ("empty launch: torch.add_ on 1 elem", lambda: y0[:, :1].add_(0)),
+    ]
+    print(f"# host cost of post-read calls; {torch.cuda.get_device_name()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"{n} rows x {w} fp16 ({nbytes / 1e6:.1f} MB); stage pinned: {stage.tensor.is_pinned()}")
+    print(f"{'call':<40} {'host us':>9} {'host+sync us':>13}")
+    for label, fn in cases:
+        h, s = host_us(fn, args.reps)
+        print(f"{label:<40} {h:9.1f} {s:13.1f}", flush=True)
+        clock._open.clear()
+    # the cache insert path the engine takes (evictions + insert of n rows into a 3383-row cache)
+    cache = NeuronCache(spec.d_ff, 3383, w, torch.float16, dev, "preallocated", upload)
+    print(f"(NeuronCache insert is timed by profile_engine.py's 'insert' phase; cache {cache.capacity} rows)")
+    return 0
+
+
+def _tuned() -> dict:
+    """The persistent kernel's autotuned choice for one token, as a fixed config (block sizes + warps/stages)."""
+    c = STREAM.best_config("one")
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+class _Sink:
+    io_s = 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
