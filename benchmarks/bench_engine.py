@@ -14,7 +14,8 @@ Per run: per-token latency and its parts (io/mem/compute, as real.engine defines
 reads per token, the simulator's prediction for the very same plans (hardware h100-vda) and its
 error, and the I/O lower bound = sum over read sizes of (bytes per token at that size / probe
 throughput at that size and depth), the probe being O_DIRECT reads through the engine's own loader
-at that size and depth, measured in the same run just before. Warm-up tokens (the window / cache
+at that size and depth, measured just before and just after the step's tokens (the bound uses the mean
+of the two: this virtual disk drifts by tens of percent between minutes). Warm-up tokens (the window / cache
 filling) are executed and excluded. Unbundled policies run fewer tokens (they are slow); all use
 all 32 layers. Writes engine.txt and results/engine.json under --out-dir."""
 
@@ -42,6 +43,7 @@ from real.engine import FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: 
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
 from real.loader import default_read_threads  # noqa: E402
+from real.kernels._launch import set_direct_dispatch  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.layout import FlashLayout, Reads  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -63,6 +65,10 @@ STEPS = [  # (label, policy preset, overrides, token group)
     ("wb+lfu", "windowing_bundling", {"eviction": "lfu"}, "main"),
     ("wb+lfu+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu"}, "main"),
     ("wb+lfu+depth128", "windowing_bundling", {"reads_in_flight": 128, "eviction": "lfu"}, "main"),
+    # kernels launched through Triton's autotuner on every call (before 2026-11-23 15:40 UTC) instead of
+    # directly with the config it chose for that shape
+    ("wb+lfu+depth64+autotuner", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                        "direct_dispatch": False}, "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
     # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
     # run had Python as the default and labelled the native steps "+native" instead
@@ -232,7 +238,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
              f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
-             f"(same run, the step's own loader and reader threads); sim = simulator on the same plans, hardware {hw.name}",
+             f"(the step's own loader and reader threads; the mean of a probe just before and one just after the step's "
+             f"tokens); sim = simulator on the same plans, hardware {hw.name}",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -243,9 +250,9 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
             cells.append((f"{v:.1f}" if isinstance(v, float) and h != "latency_over_bound" else str(v)).rjust(w))
         lines.append("  ".join(cells))
     lines.append("")
-    lines.append("probe GB/s per (layout, depth, reader threads): " + "; ".join(
-        f"{'bundled' if k[0][0] else 'unbundled'} depth {k[0][1]} {k[0][2]} {k[1] // 1024} KiB: {v:.3f}"
-        for k, v in sorted(probes.items())))
+    lines.append("probe GB/s per read size through the step's own loader, just before -> just after its tokens:")
+    lines += [f"  {label}: " + "; ".join(f"{size} {b} -> {a[size]}" for size, b in before.items())
+              for label, (before, a) in probes.items()]
     (out / "engine.txt").write_text("\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
@@ -314,6 +321,8 @@ def main(argv=None) -> int:
             continue
         over = dict(over)
         read_threads = over.pop("read_threads", args.read_threads or default_read_threads())   # loader, not policy
+        dispatch = over.pop("direct_dispatch", True)                                             # kernels, not policy
+        set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
         warm = 1 if group == "naive" else args.warmup
@@ -323,11 +332,17 @@ def main(argv=None) -> int:
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
                            read_threads=read_threads)
             try:
-                bound_s, probe_gbps = io_lower_bound(tr_plans, warm, ffn, probes,
-                                                     (pol.bundling, pol.reads_in_flight, read_threads))
+                # the disk drifts by tens of percent between minutes: probe just before and just after
+                # the step's tokens, and bound by the mean of the two
+                before = {}
+                bound_before, probe_gbps = io_lower_bound(tr_plans, warm, ffn, before, None)
                 t0 = time.perf_counter()
                 costs = TraceEngine(body, ffn, pol).run(tr_plans)
                 wall = time.perf_counter() - t0
+                after = {}
+                bound_after, probe_after = io_lower_bound(tr_plans, warm, ffn, after, None)
+                bound_s = (bound_before + bound_after) / 2
+                probes[label] = (probe_gbps, probe_after)
                 direct = ffn.loads.direct
             finally:
                 ffn.close()
@@ -343,14 +358,16 @@ def main(argv=None) -> int:
             "latency_ms": round(real["latency_ms"], 3), "io_ms": round(real["io_ms"], 3),
             "mem_ms": round(real["mem_ms"], 3), "compute_ms": round(real["compute_ms"], 3),
             "bytes_per_token": int(real["bytes_per_token"]), "io_lower_bound_ms": round(bound_s * 1e3, 3),
+            "io_lower_bound_before_ms": round(bound_before * 1e3, 3),
+            "io_lower_bound_after_ms": round(bound_after * 1e3, 3),
             "latency_over_bound": round(real["latency_ms"] / (bound_s * 1e3), 3) if bound_s else None,
             "reads_per_token": round(real["reads_per_token"], 1), "gbps": round(real["gbps"], 3),
             "new_neurons_per_token": round(real["new_neurons_per_token"], 1),
             "window": pol.window, "bundling": pol.bundling, "chunk_kib": pol.chunk_kib,
             "reads_in_flight": pol.reads_in_flight, "eviction": pol.eviction, "warmup": warm,
-            "probe_gbps": probe_gbps, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
+            "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
-            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": read_threads, "wall_s": round(wall, 1),
+            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": read_threads, "direct_dispatch": dispatch, "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from real.engine import Clock, IndexUpload, ffn_rows  # noqa: E402
+from real.kernels._launch import set_direct_dispatch  # noqa: E402
 from real.kernels.sparse_ffn import STREAM, sparse_ffn  # noqa: E402
 from real.loader import HostBuffer  # noqa: E402
 from real.neuron_cache import NeuronCache  # noqa: E402
@@ -69,7 +70,7 @@ def main() -> int:
     cases = [
         ("copy_ from HostBuffer view (pinned)", lambda: raw.copy_(stage.tensor[:nbytes], non_blocking=True)),
         ("copy_ from a fresh pinned tensor", lambda: raw.copy_(fresh_pinned, non_blocking=True)),
-        ("ffn_rows, all rows (ffn_new)", lambda: ffn_rows(x, rows[:, :d], rows[:, d:], bias=bias)),
+        ("ffn_rows, all rows (ffn_new), direct", lambda: ffn_rows(x, rows[:, :d], rows[:, d:], bias=bias)),
         ("sparse_ffn, tuned config fixed", lambda: sparse_ffn(x, rows[:, :d], rows[:, d:], bias=bias,
                                                                config=_tuned())),
         ("y + y_new", lambda: y0 + y0),
@@ -84,6 +85,10 @@ def main() -> int:
         h, s = host_us(fn, args.reps)
         print(f"{label:<40} {h:9.1f} {s:13.1f}", flush=True)
         clock._open.clear()
+    set_direct_dispatch(False)       # every launch through Triton's autotuner, as before 2026-11-23 15:40 UTC
+    h, s_ = host_us(lambda: ffn_rows(x, rows[:, :d], rows[:, d:], bias=bias), args.reps)
+    print(f"{'ffn_rows, all rows, autotuner dispatch':<40} {h:9.1f} {s_:13.1f}", flush=True)
+    set_direct_dispatch(True)
     # the cache insert path the engine takes (evictions + insert of n rows into a 3383-row cache)
     cache = NeuronCache(spec.d_ff, 3383, w, torch.float16, dev, "preallocated", upload)
     print(f"(NeuronCache insert is timed by profile_engine.py's 'insert' phase; cache {cache.capacity} rows)")

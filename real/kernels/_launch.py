@@ -102,6 +102,15 @@ def _bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+KERNELS: list["Kernel"] = []     # every Kernel made, for set_direct_dispatch
+
+
+def set_direct_dispatch(on: bool) -> None:
+    """Switch every kernel's direct dispatch (see Kernel) on or off: benchmarks compare the two."""
+    for k in KERNELS:
+        k.direct_dispatch = bool(on)
+
+
 class Kernel:
     """One @triton.jit kernel, launched autotuned over `configs` on CUDA or with a fixed config when interpreted.
 
@@ -116,6 +125,31 @@ class Kernel:
         self.prune = prune  # early_config_prune(configs, named_args, **kwargs) -> configs
         self.reset_to_zero = list(reset_to_zero)  # outputs that accumulate across runs: zeroed between tuning runs
         self._tuned: dict[str, Any] = {}
+        # direct dispatch: (mode, key args, constexpr kwargs, tensor dtypes) -> the tuned config, so a
+        # repeated shape skips the autotuner's per-call Python (~130 us of host time per launch on the
+        # H100 machine's host, benchmarks/post_read.txt) and launches the jit function with that config
+        self._direct: dict[tuple, Any] = {}
+        self._last: dict[str, Any] = {}
+        self._key_pos: list[int] | None = None
+        self.direct_dispatch = True
+        KERNELS.append(self)
+
+    def _dispatch_key(self, mode: str, args: tuple, kwargs: dict) -> tuple | None:
+        """A key at least as fine as the autotuner's (its key args and the dtypes of tensor args, plus
+        every keyword argument), or None when some value cannot be hashed (then the autotuner decides)."""
+        if self._key_pos is None:
+            names = list(getattr(self.jit_fn, "arg_names", []))
+            self._key_pos = [names.index(k) for k in self.key if k in names]
+        if any(hasattr(v, "dtype") for v in kwargs.values()):
+            return None                  # a tensor keyword would make every call a new key
+        try:
+            key = (mode, tuple(args[i] if i < len(args) else kwargs.get(self.jit_fn.arg_names[i])
+                               for i in self._key_pos),
+                   tuple(sorted(kwargs.items())), tuple(a.dtype for a in args if hasattr(a, "dtype")))
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     def launch(self, backend: str, mode: str, grid, *args, config: dict | None = None, **kwargs):
         """Run the kernel. `config` (block sizes, num_warps, num_stages) bypasses autotuning."""
@@ -125,16 +159,28 @@ class Kernel:
             return self.jit_fn[grid](*args, **kwargs, **meta)
         if config is not None:
             return self.jit_fn[grid](*args, **kwargs, **config)
+        key = self._dispatch_key(mode, args, kwargs) if self.direct_dispatch else None
+        chosen = self._direct.get(key) if key is not None else None
+        if chosen is not None:
+            self._last[mode] = chosen
+            return self.jit_fn[grid](*args, **kwargs, **chosen.all_kwargs())
         if mode not in self._tuned:
             self._tuned[mode] = triton.autotune(configs=list(self.configs[mode]), key=self.key,
                                                 reset_to_zero=self.reset_to_zero or None, do_bench=_bench,
                                                 prune_configs_by={"early_config_prune": self.prune}
                                                 if self.prune else None)(self.jit_fn)
-        return self._tuned[mode][grid](*args, **kwargs)
+        tuned = self._tuned[mode]
+        ret = tuned[grid](*args, **kwargs)
+        chosen = getattr(tuned, "best_config", None)
+        if chosen is not None:
+            self._last[mode] = chosen
+            if key is not None and chosen.pre_hook is None:    # a pre-hook must run through the autotuner
+                self._direct[key] = chosen
+        return ret
 
     def best_config(self, mode: str):
-        """The config autotuning chose last for `mode` (for benchmark notes); None before any tuned run."""
-        return getattr(self._tuned.get(mode), "best_config", None)
+        """The config the last tuned launch of `mode` used (for benchmark notes); None before any."""
+        return self._last.get(mode)
 
 
 def configs(rows: Sequence[tuple], names: Sequence[str]) -> list:
