@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from bench_engine import ensure_flash, io_lower_bound, warm_kernels  # noqa: E402
+from profile_post_read import host_us  # noqa: E402
 from real.engine import FlashFFN, SyntheticBody, TraceEngine  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import LayerCacheState, PolicyEngine  # noqa: E402
@@ -67,20 +68,8 @@ def attention_micro(body: SyntheticBody, pos: int, reps: int = 50) -> dict[str, 
         x = body.ffn_input(0, a)
         return body.predictor(0, x)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        step()
-    host = (time.perf_counter() - t) / reps
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        step()
-        torch.cuda.synchronize()
-    synced = (time.perf_counter() - t) / reps
-    out = {"launch_us": host * 1e6, "launch+sync_us": synced * 1e6}
+    host_us_, synced_us = host_us(step, reps, keep_busy=False)
+    out = {"launch_us": host_us_, "launch+sync_us": synced_us}
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

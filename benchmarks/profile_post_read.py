@@ -28,14 +28,14 @@ from real.neuron_cache import NeuronCache  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 
 
-def host_us(fn, reps: int) -> tuple[float, float]:
-    """(host us per call with the GPU queue kept full, host+device us per call with a sync after each)."""
+def host_us(fn, reps: int, keep_busy: bool = True) -> tuple[float, float]:
+    """(host us per call, host+device us per call with a sync after each). keep_busy: a long sleep
+    kernel first, so the host-side loop never waits for the device (its own cost only)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    busy = torch.cuda._sleep if hasattr(torch.cuda, "_sleep") else None
-    if busy is not None:
-        busy(int(50e6))                 # keep the device busy so launches cannot wait on it finishing
+    if keep_busy and hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(int(50e6))
     t = time.perf_counter()
     for _ in range(reps):
         fn()
