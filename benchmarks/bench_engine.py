@@ -1,7 +1,7 @@
 """Per-token latency of the flash-offloaded engine, trace-driven at full size, with its I/O lower bound.
 
     python benchmarks/bench_engine.py [--model opt-6.7b] [--flash-dir /root/flash] [--tokens 64]
-                                      [--out-dir benchmarks]
+                                      [--steps naive,windowing_bundling,...] [--repeat 3] [--out-dir benchmarks]
 
 OPT-6.7B geometry in fp16, random FFN weights written to flash once per run (bundled and unbundled
 copies of the same weights), the synthetic trace conf/trace/synthetic.yaml (97% sparsity, ~2.4% of
@@ -223,13 +223,18 @@ def graph_check(body: SyntheticBody) -> str:
 
 def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw, final: bool = False) -> None:
     """Table and JSON records; written after every step so a cut-off run still leaves its rows."""
-    naive = next((r["latency_ms"] for r in records if r["policy"] == "naive"), None)
+    naive_of = {}                        # the naive of the same repeat round (else the first one measured)
     for r in records:
+        if r["policy"] == "naive":
+            naive_of.setdefault(r["repeat"], r["latency_ms"])
+    first = next(iter(naive_of.values()), None)
+    for r in records:
+        naive = naive_of.get(r["repeat"], first)
         r["speedup_vs_naive"] = round(naive / r["latency_ms"], 2) if naive else None
     out = Path(args.out_dir)
     (out / "results").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results" / "engine.json", json.dumps(records, indent=1))
-    head = ["policy", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
+    head = ["policy", "repeat", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
             "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
             "sim_error_pct"]
     lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
@@ -251,8 +256,19 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
         lines.append("  ".join(cells))
     lines.append("")
     lines.append("probe GB/s per read size through the step's own loader, just before -> just after its tokens:")
-    lines += [f"  {label}: " + "; ".join(f"{size} {b} -> {a[size]}" for size, b in before.items())
-              for label, (before, a) in probes.items()]
+    lines += [f"  {label} (repeat {rep}): " + "; ".join(f"{size} {b} -> {a[size]}" for size, b in before.items())
+              for (label, rep), (before, a) in probes.items()]
+    if args.repeat > 1:
+        lines += ["", f"per step over its repeats (interleaved: every step once per round, {args.repeat} rounds): "
+                      "median [min..max]"]
+        for label in dict.fromkeys(r["policy"] for r in records):
+            rs = [r for r in records if r["policy"] == label]
+
+            def med(k):
+                v = [r[k] for r in rs if r.get(k) is not None]
+                return f"{np.median(v):.3g} [{min(v):.3g}..{max(v):.3g}]" if v else "-"
+            lines.append(f"  {label}: n={len(rs)}, latency_ms {med('latency_ms')}, speedup_vs_naive "
+                         f"{med('speedup_vs_naive')}, latency_over_bound {med('latency_over_bound')}")
     (out / "engine.txt").write_text("\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
@@ -275,7 +291,11 @@ def main(argv=None) -> int:
                     help="loader reader threads (sets FLASHLAB_READ_THREADS; default: its value, else python)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     ap.add_argument("--time-limit", type=float, default=420.0, help="skip remaining steps after this many s")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of all steps, interleaved (the disk drifts: compare medians); naive per round")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.read_threads:
         os.environ["FLASHLAB_READ_THREADS"] = args.read_threads
     t_start = time.perf_counter()
@@ -315,9 +335,9 @@ def main(argv=None) -> int:
     log("; ".join(notes))
 
     records, probes, date = [], {}, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    for label, preset, over, group in steps:
+    for rep, (label, preset, over, group) in ((r, st) for r in range(args.repeat) for st in steps):
         if time.perf_counter() - t_start > args.time_limit:
-            log(f"time limit reached: skipping {label}")
+            log(f"time limit reached: skipping {label} (repeat {rep})")
             continue
         over = dict(over)
         read_threads = over.pop("read_threads", args.read_threads or default_read_threads())   # loader, not policy
@@ -342,18 +362,18 @@ def main(argv=None) -> int:
                 after = {}
                 bound_after, probe_after = io_lower_bound(tr_plans, warm, ffn, after, None)
                 bound_s = (bound_before + bound_after) / 2
-                probes[label] = (probe_gbps, probe_after)
+                probes[(label, rep)] = (probe_gbps, probe_after)
                 direct = ffn.loads.direct
             finally:
                 ffn.close()
         except Exception as e:  # noqa: BLE001 -- report and go on with the other steps
             traceback.print_exc()
-            log(f"{label}: FAILED ({type(e).__name__}: {e})")
+            log(f"{label} (repeat {rep}): FAILED ({type(e).__name__}: {e})")
             continue
         real = SimResult(tokens=costs).summary(warm)
         sim = simulate(spec, hw, pol, plans=tr_plans).summary(warm)
         rec = {
-            "device": dev_name, "date": date, "model": spec.name, "policy": label,
+            "device": dev_name, "date": date, "model": spec.name, "policy": label, "repeat": rep,
             "memory_budget": pol.memory_budget, "tokens": int(real["measured_tokens"]),
             "latency_ms": round(real["latency_ms"], 3), "io_ms": round(real["io_ms"], 3),
             "mem_ms": round(real["mem_ms"], 3), "compute_ms": round(real["compute_ms"], 3),
@@ -370,7 +390,7 @@ def main(argv=None) -> int:
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": read_threads, "direct_dispatch": dispatch, "wall_s": round(wall, 1),
         }
         records.append(rec)
-        log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "
+        log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "
             f"{rec['compute_ms']:.1f}), {rec['bytes_per_token'] / 1e6:.1f} MB/token, bound "
             f"{rec['io_lower_bound_ms']:.1f} ms (probe {probe_gbps}), sim {rec['sim_latency_ms']:.1f} ms")
         write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw)
