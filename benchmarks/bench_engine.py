@@ -14,8 +14,8 @@ Per run: per-token latency and its parts (io/mem/compute, as real.engine defines
 reads per token, the simulator's prediction for the very same plans (hardware h100-vda) and its
 error, and the I/O lower bound = sum over read sizes of (bytes per token at that size / probe
 throughput at that size and depth), the probe being O_DIRECT reads through the engine's own loader
-at that size and depth, measured just before and just after the step's tokens (the bound uses the mean
-of the two: this virtual disk drifts by tens of percent between minutes). Warm-up tokens (the window / cache
+at that size and depth, measured just before and just after the step's tokens (the bound is the mean of the two bounds:
+this virtual disk drifts by tens of percent between minutes). Warm-up tokens (the window / cache
 filling) are executed and excluded. Unbundled policies run fewer tokens (they are slow); all use
 all 32 layers. Writes engine.txt and results/engine.json under --out-dir."""
 
@@ -243,8 +243,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
              f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
-             f"(the step's own loader and reader threads; the mean of a probe just before and one just after the step's "
-             f"tokens); sim = simulator on the same plans, hardware {hw.name}",
+             f"(the step's own loader and reader threads; the mean of the bounds from a probe just before and one just "
+             f"after the step's tokens); sim = simulator on the same plans, hardware {hw.name}",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default="auto", choices=("auto", "torch"))
     ap.add_argument("--loader", default="auto", choices=("auto", "loader", "simple"))
     ap.add_argument("--read-threads", default=None, choices=("python", "native"),
-                    help="loader reader threads (sets FLASHLAB_READ_THREADS; default: its value, else python)")
+                    help="loader reader threads of steps that do not set their own (sets FLASHLAB_READ_THREADS; "
+                         "default: its value, else native where the C loop builds); each record says what ran")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     ap.add_argument("--time-limit", type=float, default=420.0, help="skip remaining steps after this many s")
     ap.add_argument("--repeat", type=int, default=1,
@@ -330,7 +331,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         notes.append(graph_check(body))
     from real.loader import native_drain, native_unavailable_reason
-    notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads" if native_drain()
+    notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads unless a step "
+                 "says otherwise" if native_drain()
                  else f"reads: Python loop ({native_unavailable_reason()})")
     log("; ".join(notes))
 
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
             log(f"time limit reached: skipping {label} (repeat {rep})")
             continue
         over = dict(over)
-        read_threads = over.pop("read_threads", args.read_threads or default_read_threads())   # loader, not policy
+        read_threads = over.pop("read_threads", args.read_threads)   # loader, not policy; None = its default
         dispatch = over.pop("direct_dispatch", True)                                             # kernels, not policy
         set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
@@ -364,6 +366,8 @@ def main(argv=None) -> int:
                 bound_s = (bound_before + bound_after) / 2
                 probes[(label, rep)] = (probe_gbps, probe_after)
                 direct = ffn.loads.direct
+                pool = getattr(getattr(ffn.loads, "loader", None), "pool", None)
+                threads_ran = getattr(pool, "threads", "n/a (simple loader)")   # what ran, not what was asked
             finally:
                 ffn.close()
         except Exception as e:  # noqa: BLE001 -- report and go on with the other steps
@@ -387,7 +391,7 @@ def main(argv=None) -> int:
             "reads_in_flight": pol.reads_in_flight, "eviction": pol.eviction, "warmup": warm,
             "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
-            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": read_threads, "direct_dispatch": dispatch, "wall_s": round(wall, 1),
+            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch, "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

@@ -56,7 +56,8 @@ def kernel(monkeypatch):
 
     monkeypatch.setattr(_launch.triton, "autotune", autotune)
     k = _launch.Kernel(FakeJit(), {"one": []}, {"one": {}}, key=["n"])
-    return k, made
+    yield k, made
+    _launch.KERNELS.remove(k)
 
 
 def test_a_tuned_key_launches_directly_with_its_config(kernel):
@@ -88,3 +89,52 @@ def test_switched_off_or_tensor_keyword_always_autotunes(kernel):
     k.launch("triton", "one", (1,), FakeTensor("f16"), 256)
     k.launch("triton", "one", (1,), FakeTensor("f16"), 256)
     assert len(made[0].runs) == 4 and not k.jit_fn.calls
+
+
+def test_direct_dispatch_agrees_with_the_real_autotuner(monkeypatch):
+    """Triton's own Autotuner (fake kernel, random timings): over many calls mixing key values, dtypes,
+    flags and key arguments given by keyword, each direct launch uses the config the autotuner chose for
+    that key, and the direct path is taken."""
+    import random
+
+    import triton
+
+    rng = random.Random(0)
+    monkeypatch.setattr(_launch, "_bench", lambda call, quantiles: rng.random())
+
+    def body(x, n, m, y, BLOCK, FLAG):
+        pass
+
+    class Jit:
+        arg_names = ["x", "n", "m", "y", "BLOCK", "FLAG"]
+        fn = staticmethod(body)
+
+        def __init__(self):
+            self.direct = 0
+
+        def run(self, *args, grid=None, warmup=False, **kw):
+            return kw["BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                self.direct += 1
+                return self.run(*args, grid=grid, **kw)
+            return launch
+
+    jit = Jit()
+    k = _launch.Kernel(jit, {"one": [triton.Config({"BLOCK": b}, num_warps=4) for b in (16, 32, 64, 128)]},
+                       {"one": {}}, key=["n", "FLAG"])
+    try:
+        first = {}
+        for _ in range(600):
+            n, m, dt, flag = rng.choice([1, 2, 3]), rng.choice([5, 6]), rng.choice(["f16", "bf16"]), rng.random() < 0.5
+            if rng.random() < 0.3:
+                used = k.launch("triton", "one", (1,), FakeTensor(dt), n=n, m=m, y=FakeTensor("f32"), FLAG=flag)
+            else:
+                used = k.launch("triton", "one", (1,), FakeTensor(dt), n, m, FakeTensor("f32"), FLAG=flag)
+            assert first.setdefault((n, flag, dt), used) == used
+        # ~70% of the calls are positional (repeats of 48 keys go direct); a tensor passed by keyword
+        # (the other ~30%) always goes through the autotuner
+        assert 300 < jit.direct < 600 - 100 and len(first) == 12
+    finally:
+        _launch.KERNELS.remove(k)

@@ -138,8 +138,11 @@ class Kernel:
         """A key at least as fine as the autotuner's (its key args and the dtypes of tensor args, plus
         every keyword argument), or None when some value cannot be hashed (then the autotuner decides)."""
         if self._key_pos is None:
-            names = list(getattr(self.jit_fn, "arg_names", []))
-            self._key_pos = [names.index(k) for k in self.key if k in names]
+            names = getattr(self.jit_fn, "arg_names", None)
+            if names is None:            # cannot map positional key args: leave every launch to the autotuner
+                self.direct_dispatch = False
+                return None
+            self._key_pos = [list(names).index(k) for k in self.key if k in names]
         if any(hasattr(v, "dtype") for v in kwargs.values()):
             return None                  # a tensor keyword would make every call a new key
         try:
