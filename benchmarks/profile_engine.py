@@ -155,7 +155,7 @@ def main() -> int:
     for rnd, label, summ, _ in rows:
         lines.append(f"{label:<36} {rnd:>5} {summ['latency_ms']:8.1f} {summ['io_ms']:7.1f} {summ['mem_ms']:7.2f} "
                      f"{summ['compute_ms']:7.1f} {(summ['latency_ms'] - summ['io_ms']) / spec.n_layers:15.3f}")
-    names = ["attention", "sync", "plan", "submit", "ffn_resident", "evict", "submit_late", "wait", "copy",
+    names = ["attention", "sync", "plan", "submit", "ffn_resident", "evict", "wait", "copy",
              "insert", "ffn_new"]
     lines.append("")
     lines.append("per-layer phase times, us (host stamps; 'sync' columns: device synced before each stamp); round 1")

@@ -236,10 +236,10 @@ class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
-                 native: bool | None = None, read_threads: str | None = None):
+                 read_threads: str | None = None):
         from real.loader import FlashLoader
         self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
-                                  native=native, read_threads=read_threads)
+                                  read_threads=read_threads)
         self.direct = self.loader.direct
 
     def submit(self, plan: LayerPlan):
@@ -260,7 +260,7 @@ LOADERS = ("auto", "loader", "simple")
 
 
 def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
-               native: bool | None = None, read_threads: str | None = None):
+               read_threads: str | None = None):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
     former where it imports, else the latter. ``read_threads``: the FlashLoader's reader threads
     (python | native; None = FLASHLAB_READ_THREADS or native)."""
@@ -268,7 +268,7 @@ def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct, native, read_threads)
+            return LoaderLoads(flash, device, threads, direct, read_threads)
         except ImportError:
             if loader == "loader":
                 raise
@@ -281,8 +281,7 @@ class FlashFFN:
     def __init__(self, flash: FlashDir, capacity: int, *, strategy: str = "preallocated",
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
-                 kernel: str = "auto", loader: str = "auto", reads_first: bool = True, pinned_index: bool = True,
-                 native_reads: bool | None = None, read_threads: str | None = None):
+                 kernel: str = "auto", loader: str = "auto", read_threads: str | None = None):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -291,15 +290,13 @@ class FlashFFN:
         self.d, self.n_mat = spec.d_model, spec.ffn_matrices
         self.width = self.n_mat * self.d
         self.activation, self.kernel = spec.activation, kernel
-        # GPU: index arrays go up through pinned memory, no host sync (reads_first / pinned_index are
-        # switches so that benchmarks/profile_engine.py can measure what each bought; keep the defaults)
-        self.reads_first, self.pinned_index = reads_first, pinned_index
-        self.upload = IndexUpload(self.device, 4 * spec.d_ff + 2 * capacity + 16) if pinned_index else None
+        # GPU: index arrays go up through pinned memory, no host sync
+        self.upload = IndexUpload(self.device, 4 * spec.d_ff + 2 * capacity + 16)
         self.caches = [NeuronCache(spec.d_ff, capacity, self.width, self.dtype, self.device, strategy, self.upload)
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
-        self.loads = open_loads(flash, self.device, threads, direct, loader, native_reads, read_threads)
+        self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads)
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -339,11 +336,6 @@ class FlashFFN:
                 self.clock.sync()
             self.marks.append((label, time.perf_counter()))
 
-    def _to_dev(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        if self.upload is not None:
-            return self.upload(*arrays)
-        return [torch.from_numpy(a).to(self.device) for a in arrays]
-
     def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]
         (plus ``residual`` if given: one addition fewer after the reads).
@@ -353,12 +345,11 @@ class FlashFFN:
         the bias gather of the loaded neurons and, on a GPU, the evictions/moves (they need no new
         rows; index arrays go up through pinned memory, so nothing here waits for the device). Then
         it waits (helping with the reads), copies the rows to the device, inserts them (CPU: evicts
-        first) and runs the FFN over the new neurons. ``reads_first=False`` queues the GPU work
-        before submitting (the old order, kept for benchmarks/profile_engine.py)."""
+        first) and runs the FFN over the new neurons."""
         l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
         self.mark("plan")
-        pending = self.loads.submit(plan) if load.size and (self.reads_first or not gpu) else None
+        pending = self.loads.submit(plan) if load.size else None
         self.mark("submit")
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         b2 = self.b2[l] if self.b2 is not None else None
@@ -371,7 +362,7 @@ class FlashFFN:
                 y_res = self._ffn(x, cache.view(), cache.bias[: cache.n_rows] if self.b1 is not None else None,
                                   None, b2)
             else:
-                idx, = self._to_dev(rows)
+                idx, = self.upload(rows)
                 y_res = self._ffn(x, cache.data, cache.bias if self.b1 is not None else None, idx, b2)
             b2 = None                                        # added once
             y = y_res if y is None else y + y_res
@@ -381,14 +372,11 @@ class FlashFFN:
             cache.evict(plan)
         new_bias = None
         if load.size and self.b1 is not None:
-            load_idx, = self._to_dev(load)
+            load_idx, = self.upload(load)
             new_bias = self.b1[l].index_select(0, load_idx)
         if gpu:
             clock.stop("mem_s", s, st)
         self.mark("evict")
-        if load.size and pending is None:
-            pending = self.loads.submit(plan)
-            self.mark("submit_late")
         new_rows = None
         s = None
         if pending is not None:
