@@ -42,7 +42,7 @@ from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
-from real.loader import default_read_threads  # noqa: E402
+from real.loader import default_read_threads, native_drain, native_unavailable_reason  # noqa: E402
 from real.kernels._launch import set_direct_dispatch  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.layout import FlashLayout, Reads  # noqa: E402
@@ -330,7 +330,6 @@ def main(argv=None) -> int:
     body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
     if device.type == "cuda":
         notes.append(graph_check(body))
-    from real.loader import native_drain, native_unavailable_reason
     notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads unless a step "
                  "says otherwise" if native_drain()
                  else f"reads: Python loop ({native_unavailable_reason()})")
@@ -356,13 +355,11 @@ def main(argv=None) -> int:
             try:
                 # the disk drifts by tens of percent between minutes: probe just before and just after
                 # the step's tokens, and bound by the mean of the two
-                before = {}
-                bound_before, probe_gbps = io_lower_bound(tr_plans, warm, ffn, before, None)
+                bound_before, probe_gbps = io_lower_bound(tr_plans, warm, ffn, {}, None)
                 t0 = time.perf_counter()
                 costs = TraceEngine(body, ffn, pol).run(tr_plans)
                 wall = time.perf_counter() - t0
-                after = {}
-                bound_after, probe_after = io_lower_bound(tr_plans, warm, ffn, after, None)
+                bound_after, probe_after = io_lower_bound(tr_plans, warm, ffn, {}, None)
                 bound_s = (bound_before + bound_after) / 2
                 probes[(label, rep)] = (probe_gbps, probe_after)
                 direct = ffn.loads.direct

@@ -87,8 +87,8 @@ def main() -> int:
     for label, fn, *busy in cases:
         h, s = host_us(fn, args.reps, *busy)
         print(f"{label:<40} {h:9.1f} {s:13.1f}", flush=True)
-        clock._free += [e for _, _, a, b in clock._open for e in (a, b)]
-        clock._open.clear()
+        clock.sync()
+        clock.settle()                   # the engine's end of token: spans credited, events back to the pool
     set_direct_dispatch(False)       # every launch through Triton's autotuner, as before 2026-11-23 15:40 UTC
     h, s_ = host_us(lambda: ffn_rows(x, rows[:, :d], rows[:, d:], bias=bias), args.reps)
     print(f"{'ffn_rows, all rows, autotuner dispatch':<40} {h:9.1f} {s_:13.1f}", flush=True)
