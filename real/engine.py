@@ -8,8 +8,8 @@ One layer of one token, the same steps and overlap the simulator times (sim/simu
               -> FFN over the active neurons already resident (+ residual) } overlapped
               -> [GPU] evictions and row moves, bias gather (no host sync) }
               -> wait for the reads, copy them to the device               }
-              -> [CPU] evictions and row moves; then inserts
               -> FFN over the new neurons (from the staging rows), added in
+              -> [CPU] evictions and row moves; then inserts (nothing this layer waits for)
 
 Two drivers share ``FlashFFN``:
 
@@ -232,22 +232,31 @@ class SimpleLoads:
         self.reader.close()
 
 
+# a layer's reads go to the loader as this many jobs, each finished job's rows copied to the device while
+# the later jobs' reads are in flight. 1 by measurement: on the H100 machine (2026-11-23 16:11 UTC,
+# benchmarks/engine_profile_run4.txt) 3 jobs cut the host time after the last read by ~70 us per layer but the
+# token was not faster (the host, not the copy, is what the layer waits for after its reads)
+COPY_CHUNKS = 1
+# seconds the host polls (busy) for a layer's reads before it blocks (native reader threads); 0 = block
+SPIN_WAIT_S = 0.0
+
+
 class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
-                 read_threads: str | None = None):
+                 read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S):
         from real.loader import FlashLoader
         self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
-                                  read_threads=read_threads)
+                                  read_threads=read_threads, copy_chunks=copy_chunks, spin_wait_s=spin_wait_s)
         self.direct = self.loader.direct
 
     def submit(self, plan: LayerPlan):
         return self.loader.submit(plan.layer, plan.reads, plan.load)
 
     def wait_reads(self, pending) -> tuple[float, float]:
-        self.loader.pool.wait(pending.job)
-        return pending.job.t_submit, pending.job.t_done
+        """The reads are done, and all but the last chunk already on their way to the device."""
+        return self.loader.wait_reads(pending)
 
     def rows(self, pending) -> torch.Tensor:
         return self.loader.wait(pending)
@@ -260,15 +269,17 @@ LOADERS = ("auto", "loader", "simple")
 
 
 def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
-               read_threads: str | None = None):
+               read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
     former where it imports, else the latter. ``read_threads``: the FlashLoader's reader threads
-    (python | native; None = FLASHLAB_READ_THREADS or native)."""
+    (python | native; None = FLASHLAB_READ_THREADS or native). ``copy_chunks``: the FlashLoader's
+    (a layer's reads in that many jobs, each copied to the device once done; 1 = one copy at the end) and
+    ``spin_wait_s`` (seconds its waits poll before they block; native reader threads)."""
     if loader not in LOADERS:
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct, read_threads)
+            return LoaderLoads(flash, device, threads, direct, read_threads, copy_chunks, spin_wait_s)
         except ImportError:
             if loader == "loader":
                 raise
@@ -281,7 +292,8 @@ class FlashFFN:
     def __init__(self, flash: FlashDir, capacity: int, *, strategy: str = "preallocated",
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
-                 kernel: str = "auto", loader: str = "auto", read_threads: str | None = None):
+                 kernel: str = "auto", loader: str = "auto", read_threads: str | None = None,
+                 copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -296,7 +308,7 @@ class FlashFFN:
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
-        self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads)
+        self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks, spin_wait_s)
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -344,8 +356,9 @@ class FlashFFN:
         host queues the FFN over the resident neurons (with the down bias and the residual added),
         the bias gather of the loaded neurons and, on a GPU, the evictions/moves (they need no new
         rows; index arrays go up through pinned memory, so nothing here waits for the device). Then
-        it waits (helping with the reads), copies the rows to the device, inserts them (CPU: evicts
-        first) and runs the FFN over the new neurons."""
+        it waits (helping with the reads), copies the rows to the device, runs the FFN over the new
+        neurons (from the staging rows: the layer's output needs nothing else) and only then inserts
+        them into the cache (CPU: evicts first), so the insert's host time is off the critical path."""
         l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
         self.mark("plan")
@@ -370,16 +383,28 @@ class FlashFFN:
         self.mark("ffn_resident")
         if gpu:
             cache.evict(plan)
-        new_bias = None
-        if load.size and self.b1 is not None:
-            load_idx, = self.upload(load)
-            new_bias = self.b1[l].index_select(0, load_idx)
+        new_bias, keep_sel = None, None
+        if load.size:
+            # index arrays the post-read steps need go up now, in one copy, while the reads fly:
+            # the loaded neurons' bias rows, and which loaded rows the cache keeps (if not all)
+            kept = plan.insert_rows >= 0
+            arrays = ([load] if self.b1 is not None else []) + ([] if kept.all() else [np.flatnonzero(kept)])
+            up = self.upload(*arrays) if arrays else []
+            if self.b1 is not None:
+                new_bias = self.b1[l].index_select(0, up[0])
+            if not kept.all():
+                keep_sel = up[-1]
         if gpu:
             clock.stop("mem_s", s, st)
         self.mark("evict")
-        new_rows = None
-        s = None
-        if pending is not None:
+        if pending is None:
+            s = clock.start()
+            if not gpu:
+                cache.evict(plan)
+            cache.insert(plan, None, None)
+            clock.stop("mem_s", s, st)
+            self.mark("insert")
+        else:
             t_wait = time.perf_counter()
             t_submit, t_done = self.loads.wait_reads(pending)
             self.io_wait_s += time.perf_counter() - t_wait
@@ -389,24 +414,21 @@ class FlashFFN:
             new_rows = self.loads.rows(pending)              # to the device
             s = clock.lap("io_s", s, st)
             self.mark("copy")
-        s = s if s is not None else clock.start()
-        if not gpu:
-            cache.evict(plan)
-        cache.insert(plan, new_rows, new_bias)
-        self.mark("insert")
-        if new_rows is not None:
-            s = clock.lap("mem_s", s, st)
+            # the new neurons' FFN first: the layer's output needs it, the cache insert can follow
             y_new = self._ffn(x, new_rows, new_bias, None, b2)
             b2 = None
             y = y_new if y is None else y + y_new
-            clock.stop("compute_s", s, st)
-        else:
+            s = clock.lap("compute_s", s, st)
+            self.mark("ffn_new")
+            if not gpu:
+                cache.evict(plan)
+            cache.insert(plan, new_rows, new_bias, keep_sel)
             clock.stop("mem_s", s, st)
+            self.mark("insert")
         if y is None:
             y = torch.zeros_like(x)
         if b2 is not None:
             y = y + b2
-        self.mark("ffn_new")
         st.bytes += plan.bytes
         st.reads += plan.n_reads
         st.new_neurons += int(load.size)

@@ -142,6 +142,8 @@ def _declare_pool(lib) -> None:
     lib.flashlab_pool_submit.argtypes = [vp, ctypes.c_int64] + [vp] * 5
     lib.flashlab_pool_submit.restype = vp
     lib.flashlab_pool_wait.argtypes, lib.flashlab_pool_wait.restype = [vp, vp], ctypes.c_double
+    lib.flashlab_pool_wait_spin.argtypes = [vp, vp, ctypes.c_double]
+    lib.flashlab_pool_wait_spin.restype = ctypes.c_double
     lib.flashlab_pool_close.argtypes, lib.flashlab_pool_close.restype = [vp], None
 
 
@@ -298,6 +300,9 @@ class ReadPool:
         if threads not in READ_THREADS:
             raise ValueError(f"threads must be one of {READ_THREADS}, got {threads!r}")
         self.depth = depth
+        # native threads: a waiter polls (busy) up to this many seconds before it blocks (see
+        # flashlab_pool_wait_spin); 0 = block at once
+        self.spin_wait_s = 0.0
         self.pread = pread or default_pread
         self.bounce_max = bounce_max     # reads up to this size land in a per-thread buffer, then memmove
         # the C loop (real/native_read.c) where it builds, unless a custom pread or bounce buffers are asked
@@ -394,7 +399,10 @@ class ReadPool:
 
     def _wait_c(self, job: ReadJob) -> None:
         """Block (in C, the GIL released) until the native pool finished every read of ``job``."""
-        job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
+        if self.spin_wait_s > 0:
+            job.t_done = self._lib.flashlab_pool_wait_spin(self._cpool, job.cjob, self.spin_wait_s)
+        else:
+            job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
         job.cjob = None
         self._c_pending.discard(job)
 
@@ -565,6 +573,9 @@ class _Slot:
     out: Any                 # [d_ff, ffn_matrices * d_model] in the model dtype
     event: Any = None        # CUDA event: this slot's copy and scatter are done
     pending: bool = False    # reads submitted, not yet waited for
+    stage_rec: Any = None    # staging as [records, record_bytes] uint8 (views made once: each view op
+    raw_rec: Any = None      #   costs host time on the engine's critical path after the reads)
+    rec_rows: Any = None     # raw_rec as model-dtype rows (bundled layout: a record is a neuron's row)
 
 
 @dataclass
@@ -573,7 +584,8 @@ class PendingLoad:
 
     layer: int
     slot: int
-    job: ReadJob
+    jobs: list              # ReadJob per chunk of the reads, in submission order
+    bounds: list            # staging byte offset where each chunk starts, and the total at the end
     n: int
     nbytes: int
     n_reads: int
@@ -582,6 +594,32 @@ class PendingLoad:
     out_row: np.ndarray
     identity: bool
     out: Any
+    copied: int = 0         # chunks already waited for and queued to the device (``wait_reads``)
+
+    @property
+    def t_submit(self) -> float:
+        return self.jobs[0].t_submit
+
+    @property
+    def t_done(self) -> float:
+        """When the last read of the load finished (chunks may finish out of order)."""
+        return max(j.t_done for j in self.jobs)
+
+
+def chunk_bounds(length: np.ndarray, chunks: int) -> list[int]:
+    """Read indices splitting a batch into ``chunks`` submission chunks of decreasing size: chunk i
+    ends at byte share 1 - 4^-(i+1) (2 chunks: 75% / 25%; 3: 75% / 19% / 6%), so the device copy of
+    every chunk but a small last one overlaps the reads still in flight. Empty chunks are dropped."""
+    n = int(length.size)
+    if chunks <= 1 or n < 2 * chunks:
+        return [0, n]
+    cum = np.cumsum(length)
+    cuts = [int(np.searchsorted(cum, (1 - 4.0 ** -(i + 1)) * cum[-1], side="left")) + 1 for i in range(chunks - 1)]
+    out = [0]
+    for c in cuts:
+        if out[-1] < c < n:
+            out.append(c)
+    return out + [n]
 
 
 class FlashLoader:
@@ -598,8 +636,14 @@ class FlashLoader:
                  max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
                  pread: PreadFn | None = None, backend: str = "threads",
                  bounce_max: int = BOUNCE_MAX, side_stream: bool = True, native: bool | None = None,
-                 read_threads: str | None = None):
+                 read_threads: str | None = None, copy_chunks: int = 1, spin_wait_s: float = 0.0):
         import torch
+
+        if copy_chunks < 1:
+            raise ValueError(f"copy_chunks must be >= 1, got {copy_chunks}")
+        # copy_chunks > 1: a batch goes to the pool as that many jobs (``chunk_bounds``) and ``wait_reads``
+        # queues each finished chunk's device copy while the later chunks' reads are still in flight
+        self.copy_chunks = copy_chunks
 
         self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
         self.spec, self.layout = self.flash.spec, self.flash.layout
@@ -621,13 +665,23 @@ class FlashLoader:
             raw = torch.empty(self.capacity, dtype=torch.uint8, device=self.device) if self.cuda else staging.tensor
             out = torch.empty(self.spec.d_ff, self.spec.ffn_matrices * self.spec.d_model, dtype=self.dtype,
                               device=self.device)
-            self.slots.append(_Slot(staging, raw, out, torch.cuda.Event() if self.cuda else None))
+            slot = _Slot(staging, raw, out, torch.cuda.Event() if self.cuda else None)
+            rec = self.layout.record_bytes
+            n_rec = self.capacity // rec
+            slot.stage_rec = staging.tensor[: n_rec * rec].view(n_rec, rec)
+            slot.raw_rec = raw[: n_rec * rec].view(n_rec, rec)
+            if self.layout.bundled and rec == self.spec.neuron_bytes:
+                slot.rec_rows = slot.raw_rec.view(self.dtype)
+            self.slots.append(slot)
         self._slot = 0
         # side_stream=False: copy and unpad on the caller's stream (fewer host calls per load; for callers
         # whose next work needs the rows anyway, like the engine)
         self.stream = torch.cuda.Stream(self.device) if self.cuda and side_stream else None
         # native: None = the C loop where it builds; read_threads: python | native (default: FLASHLAB_READ_THREADS)
         self.pool = ReadPool(depth, pread, bounce_max, native, threads=read_threads)   # before any file is open
+        # spin_wait_s > 0 (native reader threads): waiting for a batch polls, busy, up to that long before
+        # it blocks, so the waiting core does not idle (the engine's calls after the wait run faster)
+        self.pool.spin_wait_s = float(spin_wait_s)
         self.files = []
         try:
             for path in self.flash.ffn_paths:
@@ -676,7 +730,10 @@ class FlashLoader:
             st.event.synchronize()   # the slot's previous H2D copy must be done before its staging is reused
         # the reads start now; the record -> row mapping below is worked out while they are in flight
         dst_off = np.cumsum(length) - length
-        job = self.pool.submit(self.files, st.staging.view, file, dst_off, offset, length)
+        cut = chunk_bounds(length, self.copy_chunks)
+        jobs = [self.pool.submit(self.files, st.staging.view, file[a:b], dst_off[a:b], offset[a:b], length[a:b])
+                for a, b in zip(cut, cut[1:])]
+        bounds = [int(dst_off[a]) if a < len(length) else total for a in cut[:-1]] + [total]
         st.pending = True
         self._slot = (s + 1) % len(self.slots)
         try:
@@ -702,13 +759,50 @@ class FlashLoader:
                 raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
         except BaseException:
             try:
-                self.pool.wait(job)      # no read may still write into the slot once it is free again
+                for job in jobs:         # no read may still write into the slot once it is free again
+                    self.pool.wait(job)
             finally:
                 st.pending = False
                 self._slot = s           # the refused load's slot is the next one again
             raise
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
-        return PendingLoad(layer, s, job, n, total, len(length), rec_group, hit, out_row, identity, out)
+        return PendingLoad(layer, s, jobs, bounds, n, total, len(length), rec_group, hit, out_row, identity, out)
+
+    def wait_reads(self, p: "PendingLoad") -> tuple[float, float]:
+        """Wait for the load's reads, chunk by chunk, queueing each chunk's host -> device copy as soon as
+        its reads are done, except the last chunk's (``wait`` queues it: the caller times that copy).
+        Returns (t_submit, t_done). ``wait`` calls this itself; calling it first is optional."""
+        st = self.slots[p.slot]
+        try:
+            for i in range(p.copied, len(p.jobs)):
+                self.pool.wait(p.jobs[i])
+                if i < len(p.jobs) - 1:
+                    self._copy_chunk(st, p, i)
+                    p.copied = i + 1
+        except BaseException:
+            for job in p.jobs:           # no read may still write into the slot once it is free again
+                try:
+                    self.pool.wait(job)
+                except BaseException:  # noqa: BLE001 -- the first error is the one re-raised
+                    pass
+            st.pending = False
+            raise
+        return p.t_submit, p.t_done
+
+    def _copy_chunk(self, st: "_Slot", p: "PendingLoad", i: int) -> None:
+        """Queue the host -> device copy of chunk ``i`` of ``p``'s staging bytes (whole records)."""
+        if not self.cuda:
+            return
+        rec = self.layout.record_bytes
+        a, b = p.bounds[i] // rec, p.bounds[i + 1] // rec
+        if self.stream is None:
+            st.raw_rec[a:b].copy_(st.stage_rec[a:b], non_blocking=True)
+            return
+        import torch
+        if i == 0:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
+        with torch.cuda.stream(self.stream):
+            st.raw_rec[a:b].copy_(st.stage_rec[a:b], non_blocking=True)
 
     def wait(self, p: "PendingLoad") -> Any:
         """Finish a submitted load: wait for its reads, queue the H2D copy and the unpad/scatter on
@@ -718,31 +812,38 @@ class FlashLoader:
         lay, spec = self.layout, self.spec
         st = self.slots[p.slot]
         try:
-            self.pool.wait(p.job)
+            self.wait_reads(p)
         finally:
             st.pending = False
-        io_from = max(p.job.t_submit, self._io_until)        # overlapping loads are not counted twice
-        self.stats.io_seconds += max(0.0, p.job.t_done - io_from)
-        self._io_until = max(self._io_until, p.job.t_done)
+        t_submit, t_done = p.t_submit, p.t_done
+        io_from = max(t_submit, self._io_until)              # overlapping loads are not counted twice
+        self.stats.io_seconds += max(0.0, t_done - io_from)
+        self._io_until = max(self._io_until, t_done)
         self.stats.bytes += p.nbytes
         self.stats.reads += p.n_reads
         self.stats.batches += 1
         t0 = time.perf_counter()
         n, out = p.n, p.out
+        side = self.stream is not None
+        rec = lay.record_bytes
+        for i in range(p.copied, len(p.jobs)):                # the chunks wait_reads left: the last one
+            self._copy_chunk(st, p, i)
+        p.copied = len(p.jobs)
+        if p.identity and out is None and not side and rec == spec.neuron_bytes:
+            # the engine's case (bundled, unpadded records are the rows, caller's stream): no mapping
+            if self.cuda:
+                st.event.record()
+            self.stats.map_seconds += time.perf_counter() - t0
+            return st.rec_rows[:n]
         own_out = out is None
         if own_out:
             out = st.out[:n]
         row_bytes = spec.neuron_bytes if lay.bundled else spec.d_model * spec.dtype_bytes
         k = spec.ffn_matrices * spec.d_model if lay.bundled else spec.d_model
-        side = self.stream is not None
         ctx = torch.cuda.stream(self.stream) if side else nullcontext()
         with ctx:
-            if self.cuda:
-                if side:
-                    self.stream.wait_stream(torch.cuda.current_stream(self.device))   # consumers of this slot done
-                st.raw[:p.nbytes].copy_(st.staging.tensor[:p.nbytes], non_blocking=True)
-            recs = st.raw[:p.nbytes].view(-1, lay.record_bytes)[:, :row_bytes].view(self.dtype)
-            if p.identity and own_out and lay.record_bytes == row_bytes:
+            recs = st.raw[:p.nbytes].view(-1, rec)[:, :row_bytes].view(self.dtype)
+            if p.identity and own_out and rec == row_bytes:
                 out = recs                      # records are the rows: no copy (same validity as st.out)
             elif p.identity:
                 out.copy_(recs, non_blocking=True)

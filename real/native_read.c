@@ -87,8 +87,8 @@ static void *pool_worker(void *arg) {
         }
         j->refs--;
         if (last) {
-            j->done = 1;
             j->t_done = t;
+            __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);   /* also read unlocked by wait_spin */
         }
         if (j->done && j->refs == 0)
             pthread_cond_broadcast(&p->fin);
@@ -133,8 +133,8 @@ void *flashlab_pool_submit(void *pool, int64_t n, const int64_t *fd, const int64
     j->n = n; j->fd = fd; j->addr = addr; j->off = off; j->len = len; j->result = result;
     pthread_mutex_lock(&p->mu);
     if (n <= 0) {
-        j->done = 1;
         j->t_done = monotonic_seconds();
+        __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
     } else {
         if (p->tail)
             p->tail->next = j;
@@ -160,6 +160,21 @@ double flashlab_pool_wait(void *pool, void *job) {
     double t = j->t_done;
     free(j);
     return t;
+}
+
+/* flashlab_pool_wait, but first poll the job's done flag for up to spin_s seconds without sleeping:
+ * the caller's core stays busy instead of idling through the wait. On the H100 machine the first CUDA
+ * and Python calls after a ~7 ms blocking wait took 2-4x their usual host time (benchmarks/post_read.txt),
+ * and those calls are the engine's critical path after a layer's reads. */
+double flashlab_pool_wait_spin(void *pool, void *job, double spin_s) {
+    flashlab_job *j = (flashlab_job *)job;
+    double deadline = monotonic_seconds() + spin_s;
+    while (!__atomic_load_n(&j->done, __ATOMIC_ACQUIRE) && monotonic_seconds() < deadline) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    return flashlab_pool_wait(pool, job);   /* refs == 0 under the lock, then free */
 }
 
 /* Finish the queued reads, stop and join the threads, free the pool. */

@@ -101,30 +101,38 @@ class NeuronCache:
             self.row_of[kept_neurons] = np.arange(keep.size)
         self.n_rows = m
 
-    def insert(self, plan: LayerPlan, new_rows: torch.Tensor | None, new_bias: torch.Tensor | None = None) -> None:
+    def insert(self, plan: LayerPlan, new_rows: torch.Tensor | None, new_bias: torch.Tensor | None = None,
+               keep_sel: torch.Tensor | None = None) -> None:
         """Write the loaded neurons with ``insert_rows >= 0`` at the end (after ``evict``).
 
         ``new_rows`` [len(plan.load), width] are the loaded neurons in ``plan.load`` order (on the
         cache's device); ``new_bias`` [len(plan.load)] their up-projection bias, kept row-aligned
-        so kernels index both alike."""
+        so kernels index both alike. ``keep_sel``: optional device tensor of the positions in
+        ``plan.load`` with ``insert_rows >= 0`` (uploaded here when some loaded neurons are transient
+        and it is not given; the engine uploads it early, while the reads are in flight)."""
         insert_mask = plan.insert_rows >= 0
         ins_rows = plan.insert_rows[insert_mask]
         ins_neurons = plan.load[insert_mask]
-        m = self.n_rows
-        sel = slice(None) if insert_mask.all() else self.upload(np.flatnonzero(insert_mask))[0]
-        if ins_rows.size and (ins_rows[0] != m or ins_rows[-1] != m + ins_rows.size - 1):
+        m, k = self.n_rows, ins_rows.size
+        if ins_rows.size and (ins_rows[0] != m or ins_rows[-1] != m + k - 1):
             raise RuntimeError(f"layer {plan.layer}: inserts must fill rows {m}.. in order")
+        if k:
+            if k == insert_mask.size:
+                pick = lambda t: t                                              # noqa: E731
+            else:
+                sel = keep_sel if keep_sel is not None else self.upload(np.flatnonzero(insert_mask))[0]
+                pick = lambda t: t.index_select(0, sel)                         # noqa: E731
         if self.strategy == "preallocated":
-            if ins_rows.size:
-                self.data[m: m + ins_rows.size] = new_rows[sel]
+            if k:
+                self.data.narrow(0, m, k).copy_(pick(new_rows))
                 if new_bias is not None:
-                    self.bias[m: m + ins_rows.size] = new_bias[sel]
+                    self.bias.narrow(0, m, k).copy_(pick(new_bias))
         else:
             keep = self._keep
             parts, bparts = [self.data.index_select(0, keep)], [self.bias.index_select(0, keep)]
-            if ins_rows.size:
-                parts.append(new_rows[sel])
-                bparts.append(new_bias[sel] if new_bias is not None else
+            if k:
+                parts.append(pick(new_rows))
+                bparts.append(pick(new_bias) if new_bias is not None else
                               torch.zeros(ins_rows.size, dtype=self.bias.dtype, device=self.device))
             self.data = torch.cat(parts)
             self.bias = torch.cat(bparts)

@@ -94,26 +94,33 @@ def test_sparse_active_set_is_a_minority(tmp_path):
         m.close()
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device,copy_chunks", [("cpu", 3), pytest.param("cuda", 1, marks=CUDA),
+                                                pytest.param("cuda", 3, marks=CUDA)])
 @pytest.mark.parametrize("loader", ["auto", "simple"])
 @pytest.mark.parametrize("name", ["naive", "predictor", "windowing", "windowing_bundling"])
-def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader):
+def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy_chunks):
     """Trace mode: per layer the FFN output equals the dense FFN restricted to the plan's active set,
-    with the weights read from flash through the plan; the cache follows the policy engine."""
+    with the weights read from flash through the plan; the cache follows the policy engine. On a GPU
+    too (float32: the torch path, but the device copies, chunked jobs and cache moves are the GPU's)."""
     pol = policy(name)
     flash = flash_dir_for(SPEC, pol.bundling, tmp_path)
     model = build_opt(SPEC)
     layers = model.model.decoder.layers
     trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=12, seed=3, sparsity=0.8, reuse=0.5))
     engine = PolicyEngine(SPEC, pol)
-    ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4, loader=loader,
-                   up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+    ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4, loader=loader, device=device,
+                   copy_chunks=copy_chunks, up_bias=[l.fc1.bias.detach() for l in layers],
+                   down_bias=[l.fc2.bias.detach() for l in layers])
     gen = torch.Generator().manual_seed(0)
     try:
         for layer_plans in plans_checked(engine, ffn, trace.active):
             ffn.begin_token(layer_plans[0].token)
             for p in layer_plans:
                 x = torch.randn(1, SPEC.d_model, generator=gen)
-                y = ffn.run_layer(p, x)
+                y = ffn.run_layer(p, x.to(device)).cpu()
                 w1, b1 = layers[p.layer].fc1.weight.detach(), layers[p.layer].fc1.bias.detach()
                 w2, b2 = layers[p.layer].fc2.weight.detach(), layers[p.layer].fc2.bias.detach()
                 h = torch.relu(x @ w1.T + b1)

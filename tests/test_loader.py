@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 import real.loader as loader_mod  # noqa: E402
 from real.convert import write_random_flash  # noqa: E402
 from real.flash_dir import FlashDir  # noqa: E402
-from real.loader import FlashIOError, FlashLoader, ReadPool, open_flash_file  # noqa: E402
+from real.loader import FlashIOError, FlashLoader, ReadPool, chunk_bounds, open_flash_file  # noqa: E402
 from sim.layout import ALIGN  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 
@@ -177,7 +177,56 @@ def test_short_reads_are_completed(flash_dirs, layout):
     assert pread.calls[0] > len(flash.layout.reads_for(1, ids, 32 * 1024))   # shortness really happened
 
 
-def test_eio_names_file_and_offset_then_loader_recovers(flash_dirs):
+def test_chunk_bounds_cover_the_batch_in_shrinking_chunks():
+    length = np.full(400, 16384)
+    assert chunk_bounds(length, 1) == [0, 400]
+    b = chunk_bounds(length, 3)
+    assert b[0] == 0 and b[-1] == 400 and len(b) == 4 and all(x < y for x, y in zip(b, b[1:]))
+    sizes = np.diff(b)
+    assert sizes[0] > sizes[1] > sizes[2] and sizes[2] <= 0.1 * 400      # the exposed last chunk is small
+    assert chunk_bounds(length[:3], 3) == [0, 3]                          # too few reads: one chunk
+    uneven = np.array([4096] * 10 + [1 << 20])                            # one huge read at the end
+    u = chunk_bounds(uneven, 3)
+    assert u[0] == 0 and u[-1] == 11 and all(x < y for x, y in zip(u, u[1:]))
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("read_threads", ["python", "native"])
+def test_chunked_jobs_give_the_same_rows(flash_dirs, layout, read_threads):
+    """copy_chunks=3: one batch as three pool jobs, waited chunk by chunk (wait_reads, then wait)."""
+    if read_threads == "native":
+        native_or_skip()
+    flash = flash_dirs[layout]
+    rng = np.random.default_rng(11)
+    with FlashLoader(flash, depth=5, copy_chunks=3, read_threads=read_threads) as loader:
+        poison(loader)
+        for layer in range(SPEC.n_layers):
+            ids = np.sort(rng.choice(SPEC.d_ff, 200, replace=False))
+            order = rng.permutation(ids)
+            p = loader.submit(layer, flash.layout.reads_for(layer, ids, 8192), order)
+            assert len(p.jobs) == 3 and p.bounds[-1] == p.nbytes
+            t_submit, t_done = loader.wait_reads(p)
+            assert t_done >= t_submit and p.copied == 2      # the last chunk is left to wait()
+            assert torch.equal(loader.wait(p), reference_rows(flash, layer)[order])
+            assert torch.equal(loader.load(layer, flash.layout.reads_for(layer, ids, 8192), ids),
+                               reference_rows(flash, layer)[ids])   # wait() alone does every step
+
+
+@pytest.mark.parametrize("spin_wait_s", [1e-6, 0.05])
+def test_spin_wait_gives_the_same_rows(flash_dirs, spin_wait_s):
+    """Native threads: the waiter polls (up to 1 us: it blocks almost at once; 50 ms: it polls through)."""
+    native_or_skip()
+    flash = flash_dirs["bundled"]
+    ids = np.sort(np.random.default_rng(5).choice(SPEC.d_ff, 250, replace=False))
+    with FlashLoader(flash, depth=8, read_threads="native", spin_wait_s=spin_wait_s, copy_chunks=2) as loader:
+        assert loader.pool.spin_wait_s == spin_wait_s
+        for layer in range(SPEC.n_layers):
+            rows = loader.load(layer, flash.layout.reads_for(layer, ids, 8192), ids)
+            assert torch.equal(rows, reference_rows(flash, layer)[ids])
+
+
+@pytest.mark.parametrize("copy_chunks", [1, 3])
+def test_eio_names_file_and_offset_then_loader_recovers(flash_dirs, copy_chunks):
     flash = flash_dirs["bundled"]
     bad_offset = 37 * flash.layout.record_bytes
     armed = [True]
@@ -189,7 +238,7 @@ def test_eio_names_file_and_offset_then_loader_recovers(flash_dirs):
 
     ids = np.arange(0, 64)
     reads = flash.layout.reads_for(2, ids, 16 * 1024)
-    with FlashLoader(flash, depth=4, pread=pread) as loader:
+    with FlashLoader(flash, depth=4, pread=pread, copy_chunks=copy_chunks) as loader:
         with pytest.raises(FlashIOError) as info:
             loader.load(2, reads, ids)
         e = info.value
@@ -296,13 +345,18 @@ def test_io_uring_backend_reports_why_it_is_skipped(flash_dirs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_rows_match(flash_dirs):
-    flash = flash_dirs["unbundled"]
-    ids = np.random.default_rng(3).permutation(SPEC.d_ff)[:100]
-    with FlashLoader(flash, device="cuda", depth=8) as loader:
-        rows = loader.load(0, flash.layout.reads_for(0, np.sort(ids), 8192), ids)
-        torch.cuda.synchronize()
-        assert rows.is_cuda and torch.equal(rows.cpu(), reference_rows(flash, 0)[ids])
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("copy_chunks,side_stream", [(1, True), (3, True), (1, False), (3, False)])
+def test_cuda_rows_match(flash_dirs, layout, copy_chunks, side_stream):
+    flash = flash_dirs[layout]
+    rng = np.random.default_rng(3)
+    with FlashLoader(flash, device="cuda", depth=8, copy_chunks=copy_chunks, side_stream=side_stream) as loader:
+        for layer in (0, 1, 2, 0):          # slots reused: nothing stale
+            ids = np.sort(rng.permutation(SPEC.d_ff)[:300])
+            want = ids if layout == "bundled" else rng.permutation(ids)   # bundled: the engine's fast path
+            rows = loader.load(layer, flash.layout.reads_for(layer, ids, 8192), want)
+            torch.cuda.synchronize()
+            assert rows.is_cuda and torch.equal(rows.cpu(), reference_rows(flash, layer)[want])
 
 
 # ---- the C read loop (real/native_read.c) ---------------------------------------------------------------

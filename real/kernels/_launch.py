@@ -127,7 +127,7 @@ class Kernel:
         self._tuned: dict[str, Any] = {}
         # direct dispatch: (mode, key args, constexpr kwargs, tensor dtypes) -> the tuned config, so a
         # repeated shape skips the autotuner's per-call Python (~130 us of host time per launch on the
-        # H100 machine's host, benchmarks/post_read.txt) and launches the jit function with that config
+        # H100 machine's host, benchmarks/post_read_run1.txt) and launches the jit function with that config
         self._direct: dict[tuple, Any] = {}
         self._last: dict[str, Any] = {}
         self._key_pos: list[int] | None = None

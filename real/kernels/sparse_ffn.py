@@ -483,12 +483,17 @@ if triton is not None:
 # workspace: an fp32 accumulator and a ticket, all zeros between launches (the kernels restore them)
 # ----------------------------------------------------------------------------------------------------------
 _WORKSPACES: dict = {}
+# as Triton's own driver does: the C++ accessor where this torch build has it (CUDA builds)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+    (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 def _workspace(device: torch.device, numel: int):
     """Cached per (device, stream): launches on one stream run in order, so they may share it; launches on
     concurrent streams get their own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the raw stream handle: torch.cuda.current_stream() builds a Python Stream object per call (host time on
+    # the engine's critical path); device is a tensor's, so it has an index
+    stream = _raw_stream(device.index) if device.type == "cuda" else 0
     key = (str(device), stream)
     ws = _WORKSPACES.get(key)
     if ws is None or ws[0].numel() < numel:
