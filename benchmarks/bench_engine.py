@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sim.atomic import atomic_write_text  # noqa: E402
-from real.engine import FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
+from real.engine import COPY_CHUNKS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
 from real.loader import default_read_threads, native_drain, native_unavailable_reason  # noqa: E402
@@ -69,6 +69,10 @@ STEPS = [  # (label, policy preset, overrides, token group)
     # directly with the config it chose for that shape
     ("wb+lfu+depth64+autotuner", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
                                                         "direct_dispatch": False}, "main"),
+    # a layer's reads as three loader jobs, each copied to the device as soon as it is done, instead of one
+    # job copied at the end (the default, real.engine.COPY_CHUNKS)
+    ("wb+lfu+depth64+3copies", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3},
+     "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
     # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
     # run had Python as the default and labelled the native steps "+native" instead
@@ -343,6 +347,7 @@ def main(argv=None) -> int:
         over = dict(over)
         read_threads = over.pop("read_threads", args.read_threads)   # loader, not policy; None = its default
         dispatch = over.pop("direct_dispatch", True)                                             # kernels, not policy
+        copy_chunks = over.pop("copy_chunks", COPY_CHUNKS)                                         # loader, not policy
         set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
@@ -351,7 +356,7 @@ def main(argv=None) -> int:
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
-                           read_threads=read_threads)
+                           read_threads=read_threads, copy_chunks=copy_chunks)
             try:
                 # the disk drifts by tens of percent between minutes: probe just before and just after
                 # the step's tokens, and bound by the mean of the two
@@ -388,7 +393,8 @@ def main(argv=None) -> int:
             "reads_in_flight": pol.reads_in_flight, "eviction": pol.eviction, "warmup": warm,
             "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
-            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch, "wall_s": round(wall, 1),
+            "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,
+            "copy_chunks": copy_chunks, "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

@@ -40,9 +40,13 @@ from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
 
 VARIANTS = [  # (label, FlashFFN switches, attention as a CUDA graph), each adding one change
     # the first steps (old order, C read loop, reads first + pinned index copies) are in
-    # engine_profile_run1.txt / engine_profile_run2.txt; from the attention graph on:
-    ("attention CUDA graph, python threads", dict(read_threads="python"), True),
-    ("+ native reader threads", dict(read_threads="native"), True),
+    # engine_profile_run1.txt / engine_profile_run2.txt, Python vs native reader threads in
+    # engine_profile_run3.txt (2026-11-23 15:12 UTC), one copy at the end vs 3 read jobs with early copies
+    # in engine_profile_run4.txt (16:11 UTC); from the lean post-read path (FFN over the new rows before
+    # the cache insert, fewer tensor ops per layer) on:
+    ("native threads, blocking wait", dict(read_threads="native", copy_chunks=1, spin_wait_s=0.0), True),
+    ("+ spin-wait for the reads", dict(read_threads="native", copy_chunks=1, spin_wait_s=0.05), True),
+    ("+ spin-wait, reads in 3 jobs", dict(read_threads="native", copy_chunks=3, spin_wait_s=0.05), True),
 ]
 
 
@@ -156,7 +160,7 @@ def main() -> int:
         lines.append(f"{label:<36} {rnd:>5} {summ['latency_ms']:8.1f} {summ['io_ms']:7.1f} {summ['mem_ms']:7.2f} "
                      f"{summ['compute_ms']:7.1f} {(summ['latency_ms'] - summ['io_ms']) / spec.n_layers:15.3f}")
     names = ["attention", "sync", "plan", "submit", "ffn_resident", "evict", "wait", "copy",
-             "insert", "ffn_new"]
+             "ffn_new", "insert"]
     lines.append("")
     lines.append("per-layer phase times, us (host stamps; 'sync' columns: device synced before each stamp); round 1")
     lines.append(f"{'phase':<14}" + "".join(f"{lab[:26]:>28}" for _, lab, _, _ in rows[len(VARIANTS):]))

@@ -5,7 +5,10 @@ and 'ffn_new' phases are made of. No flash involved.
     python benchmarks/profile_post_read.py [--rows 390] [--reps 200]
 
 Per call: host microseconds per call while the device is kept busy (the host's own cost: launch
-path, Python), and per call with a device sync after each (host + device). Prints a table."""
+path, Python), per call with a device sync after each (host + device), and host microseconds of a
+call issued while the device is idle, as in the engine after a layer's reads ('idle us'), also right
+after the thread slept or spun 7 ms (a layer's wait for its reads), or slept 7 ms while launching a
+one-element kernel, or the call itself, every 0.5 or 2 ms. Prints a table."""
 
 from __future__ import annotations
 
@@ -46,6 +49,46 @@ def host_us(fn, reps: int, keep_busy: bool = True) -> tuple[float, float]:
     return host * 1e6, (time.perf_counter() - t) / reps * 1e6
 
 
+def idle_us(fn, reps: int) -> float:
+    """Host us of one call issued while the device is idle (a sync before each call, not timed): the
+    engine's case after a layer's reads, where nothing is queued ahead of the copy and the FFN."""
+    total = 0.0
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t
+    torch.cuda.synchronize()
+    return total / reps * 1e6
+
+
+def after_wait_us(fn, reps: int, seconds: float, spin: bool, keepalive_s: float = 0.0,
+                  rehearse: bool = False) -> float:
+    """Host us of one call issued, device idle, right after the host thread waited ``seconds`` (as it
+    waits ~7 ms for a layer's reads): blocked in the OS (``spin=False``: sleep) or busy (a spin loop);
+    ``keepalive_s`` > 0: sleeping, but launching a one-element kernel (``rehearse``: calling ``fn``
+    itself, so its own code path stays in the CPU's caches) every ``keepalive_s``."""
+    total = 0.0
+    one = torch.zeros(1, device="cuda")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        end = time.perf_counter() + seconds
+        if spin:
+            while time.perf_counter() < end:
+                pass
+        elif keepalive_s:
+            while (left := end - time.perf_counter()) > 0:
+                fn() if rehearse else one.add_(1)
+                time.sleep(min(keepalive_s, left))
+        else:
+            time.sleep(seconds)
+        t = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t
+    torch.cuda.synchronize()
+    return total / reps * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=390, help="new neurons per layer (OPT-6.7B, 2.4%% of 16384)")
@@ -83,10 +126,15 @@ def main() -> int:
     ]
     print(f"# host cost of post-read calls; {torch.cuda.get_device_name()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
           f"{n} rows x {w} fp16 ({nbytes / 1e6:.1f} MB); stage pinned: {stage.tensor.is_pinned()}")
-    print(f"{'call':<40} {'host us':>9} {'host+sync us':>13}")
+    waits = [("after 7ms sleep", dict(spin=False)), ("after 7ms spin", dict(spin=True))] + \
+        [(f"7ms, kernel/{k:g}ms", dict(spin=False, keepalive_s=k / 1e3)) for k in (0.5, 2)] + \
+        [(f"7ms, itself/{k:g}ms", dict(spin=False, keepalive_s=k / 1e3, rehearse=True)) for k in (0.5, 2)]
+    print(f"{'call':<40} {'host us':>9} {'host+sync us':>13} {'idle us':>8}" + "".join(f"{w:>18}" for w, _ in waits))
     for label, fn, *busy in cases:
         h, s = host_us(fn, args.reps, *busy)
-        print(f"{label:<40} {h:9.1f} {s:13.1f}", flush=True)
+        after = [after_wait_us(fn, args.reps // 4, 0.007, **kw) for _, kw in waits]
+        print(f"{label:<40} {h:9.1f} {s:13.1f} {idle_us(fn, args.reps):8.1f}" + "".join(f"{a:18.1f}" for a in after),
+              flush=True)
         clock.sync()
         clock.settle()                   # the engine's end of token: spans credited, events back to the pool
     set_direct_dispatch(False)       # every launch through Triton's autotuner, as before 2026-11-23 15:40 UTC
