@@ -141,6 +141,8 @@ def _declare_pool(lib) -> None:
     lib.flashlab_pool_threads.argtypes, lib.flashlab_pool_threads.restype = [vp], ctypes.c_int
     lib.flashlab_pool_submit.argtypes = [vp, ctypes.c_int64] + [vp] * 5
     lib.flashlab_pool_submit.restype = vp
+    lib.flashlab_pool_submit_flag.argtypes = [vp, ctypes.c_int64] + [vp] * 6 + [ctypes.c_int32]
+    lib.flashlab_pool_submit_flag.restype = vp
     lib.flashlab_pool_wait.argtypes, lib.flashlab_pool_wait.restype = [vp, vp], ctypes.c_double
     lib.flashlab_pool_wait_spin.argtypes = [vp, vp, ctypes.c_double]
     lib.flashlab_pool_wait_spin.restype = ctypes.c_double
@@ -248,13 +250,14 @@ class ReadJob:
     """One submitted batch of reads; ``ReadPool.wait`` returns when all are in ``dest``."""
 
     __slots__ = ("files", "dest", "file_idx", "fds", "dst_off", "offset", "length", "n", "claim", "finished",
-                 "done", "errors", "t_submit", "t_done", "native", "cjob")
+                 "done", "errors", "t_submit", "t_done", "native", "cjob", "completed_late")
 
     def __init__(self, files, dest, file_idx, dst_off, offset, length, native: bool = False):
         self.files, self.dest = files, dest
         self.n = len(offset)
         self.native = None
         self.cjob = None                    # the native pool's job (ReadPool(threads="native"))
+        self.completed_late = False         # short or failed reads were completed after the C loop ended
         if native and self.n:
             # arrays for real/native_read.c: fd, destination address, offset, length, result, counters
             fidx = np.asarray(file_idx, dtype=np.int64)
@@ -340,14 +343,21 @@ class ReadPool:
                            "a custom pread or bounce_max is set") + ")")
 
     def submit(self, files: Sequence[FlashFile], dest: memoryview, file_idx: list[int], dst_off: list[int],
-               offset: list[int], length: list[int]) -> ReadJob:
+               offset: list[int], length: list[int], flag: tuple[int, int] | None = None) -> ReadJob:
         """Queue reads of ``length[i]`` bytes at ``offset[i]`` of ``files[file_idx[i]]`` into
-        ``dest[dst_off[i]:]``; returns at once."""
+        ``dest[dst_off[i]:]``; returns at once. ``flag`` = (address of an int32, value): native threads
+        store the value there once every read has returned (a GPU kernel may poll it; short or failed
+        reads are completed or raised later, by ``wait``: then ``job.completed_late`` is set)."""
+        if flag is not None and not self._cpool:
+            raise ValueError("flag: only the native reader threads set a completion flag")
         job = ReadJob(files, dest, file_idx, dst_off, offset, length, native=self._drain is not None)
+        if flag is not None and not job.n:
+            ctypes.c_int32.from_address(flag[0]).value = flag[1]
         if job.n and self._cpool:
             fd, addr, off, ln, res, _ = job.native
-            job.cjob = self._lib.flashlab_pool_submit(self._cpool, job.n, fd.ctypes.data, addr.ctypes.data,
-                                                      off.ctypes.data, ln.ctypes.data, res.ctypes.data)
+            job.cjob = self._lib.flashlab_pool_submit_flag(
+                self._cpool, job.n, fd.ctypes.data, addr.ctypes.data, off.ctypes.data, ln.ctypes.data,
+                res.ctypes.data, flag[0] if flag else None, flag[1] if flag else 0)
             if not job.cjob:
                 raise MemoryError("the native reader pool could not queue a batch")
             self._c_pending.add(job)
@@ -435,6 +445,7 @@ class ReadPool:
                 break
         if bad:
             job.t_done = time.perf_counter()
+            job.completed_late = True
         job.done.set()
 
     def _work(self, job: ReadJob) -> bool:
@@ -576,6 +587,8 @@ class _Slot:
     stage_rec: Any = None    # staging as [records, record_bytes] uint8 (views made once: each view op
     raw_rec: Any = None      #   costs host time on the engine's critical path after the reads)
     rec_rows: Any = None     # raw_rec as model-dtype rows (bundled layout: a record is a neuron's row)
+    flag: Any = None         # pinned int32 [1]: the native reader threads store the load's gate value here
+    gate_value: int = 0      # the last value handed out for this slot (values only grow)
 
 
 @dataclass
@@ -595,6 +608,9 @@ class PendingLoad:
     identity: bool
     out: Any
     copied: int = 0         # chunks already waited for and queued to the device (``wait_reads``)
+    gate_value: int = 0     # > 0: the reader threads set the slot's flag to this when the reads are done
+    queued: bool = False    # the device copy was queued behind a wait on that flag (``queue_copy``)
+    refetched: bool = False  # queued, but some reads were completed late: copied again by ``wait``
 
     @property
     def t_submit(self) -> float:
@@ -672,7 +688,10 @@ class FlashLoader:
             slot.raw_rec = raw[: n_rec * rec].view(n_rec, rec)
             if self.layout.bundled and rec == self.spec.neuron_bytes:
                 slot.rec_rows = slot.raw_rec.view(self.dtype)
+            if self.cuda:
+                slot.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
             self.slots.append(slot)
+        self.gate_timed_out = torch.zeros(1, dtype=torch.int32, device=self.device) if self.cuda else None
         self._slot = 0
         # side_stream=False: copy and unpad on the caller's stream (fewer host calls per load; for callers
         # whose next work needs the rows anyway, like the engine)
@@ -704,10 +723,17 @@ class FlashLoader:
         ``out`` (optional, ``[n, ffn_matrices * d_model]``) receives the rows instead of a slot buffer."""
         return self.wait(self.submit(layer, reads, neurons, out))
 
-    def submit(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None
-               ) -> "PendingLoad":
+    def can_gate(self) -> bool:
+        """Whether ``submit(gate=True)`` loads can be queued on the device before their reads end: a GPU,
+        the native reader threads (they set the flag), one job per batch."""
+        return self.cuda and self.pool.threads == "native" and self.copy_chunks == 1 and self.stream is None
+
+    def submit(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None,
+               gate: bool = False) -> "PendingLoad":
         """Start the reads and return at once; ``wait`` gives the rows. Up to ``slots`` loads may be
-        pending, so the reads of the next layer can start while this one is consumed."""
+        pending, so the reads of the next layer can start while this one is consumed. ``gate`` (where
+        ``can_gate()``): the reader threads raise the slot's flag when the reads are done, so that
+        ``queue_wait`` + ``queue_copy`` can put the copy (and what follows) on the device at once."""
         lay, spec = self.layout, self.spec
         fpl = lay.files_per_layer
         file = np.asarray(reads.file, dtype=np.int64)
@@ -731,12 +757,18 @@ class FlashLoader:
         # the reads start now; the record -> row mapping below is worked out while they are in flight
         dst_off = np.cumsum(length) - length
         cut = chunk_bounds(length, self.copy_chunks)
-        jobs = [self.pool.submit(self.files, st.staging.view, file[a:b], dst_off[a:b], offset[a:b], length[a:b])
-                for a, b in zip(cut, cut[1:])]
-        bounds = [int(dst_off[a]) if a < len(length) else total for a in cut[:-1]] + [total]
+        flag = None
+        if gate and self.can_gate():
+            st.gate_value += 1
+            flag = (st.flag.data_ptr(), st.gate_value)
+        jobs: list[ReadJob] = []
         st.pending = True
         self._slot = (s + 1) % len(self.slots)
         try:
+            for a, b in zip(cut, cut[1:]):
+                jobs.append(self.pool.submit(self.files, st.staging.view, file[a:b], dst_off[a:b], offset[a:b],
+                                             length[a:b], flag=flag))
+            bounds = [int(dst_off[a]) if a < len(length) else total for a in cut[:-1]] + [total]
             counts = length // lay.record_bytes
             rec_neuron = (np.repeat(np.asarray(reads.neuron_start, dtype=np.int64), counts)
                           + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
@@ -759,14 +791,42 @@ class FlashLoader:
                 raise ValueError(f"out must be [{n}, {width}] {self.dtype}, got {tuple(out.shape)} {out.dtype}")
         except BaseException:
             try:
-                for job in jobs:         # no read may still write into the slot once it is free again
-                    self.pool.wait(job)
+                self._drain(jobs)
             finally:
                 st.pending = False
                 self._slot = s           # the refused load's slot is the next one again
             raise
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
-        return PendingLoad(layer, s, jobs, bounds, n, total, len(length), rec_group, hit, out_row, identity, out)
+        return PendingLoad(layer, s, jobs, bounds, n, total, len(length), rec_group, hit, out_row, identity, out,
+                           gate_value=flag[1] if flag else 0)
+
+    def gated(self, p: "PendingLoad") -> bool:
+        """``p`` can be queued before its reads end: gated at submit, and rows that need no mapping."""
+        return bool(p.gate_value) and p.identity and p.out is None and self.slots[p.slot].rec_rows is not None
+
+    def queue_wait(self, p: "PendingLoad") -> None:
+        """Queue, on the current stream, a wait until ``p``'s reads are done (``real.kernels.wait_flag``)."""
+        from real.kernels.wait_flag import wait_flag
+        if not self.gated(p):
+            raise RuntimeError("queue_wait: the load was not submitted with gate=True (or needs mapping)")
+        wait_flag(self.slots[p.slot].flag, p.gate_value, self.gate_timed_out)
+
+    def queue_copy(self, p: "PendingLoad") -> Any:
+        """After ``queue_wait``: queue the copy of the staged rows to the device and return them (valid on
+        the current stream); ``wait`` must still be called (it raises read errors, and copies again where
+        short reads were completed after the flag was set: then ``p.refetched``)."""
+        st = self.slots[p.slot]
+        for i in range(len(p.jobs)):
+            self._copy_chunk(st, p, i)
+        st.event.record()
+        p.copied, p.queued = len(p.jobs), True
+        return st.rec_rows[:p.n]
+
+    def check_gate(self) -> None:
+        """Raise if a queued wait gave up polling (its copy then read unfinished rows). Synchronises."""
+        if self.gate_timed_out is not None and int(self.gate_timed_out.item()):
+            raise RuntimeError("a device wait for flash reads timed out (real.kernels.wait_flag): rows were used "
+                               "before their reads ended; the reads took longer than the poll limit")
 
     def wait_reads(self, p: "PendingLoad") -> tuple[float, float]:
         """Wait for the load's reads, chunk by chunk, queueing each chunk's host -> device copy as soon as
@@ -774,20 +834,27 @@ class FlashLoader:
         Returns (t_submit, t_done). ``wait`` calls this itself; calling it first is optional."""
         st = self.slots[p.slot]
         try:
-            for i in range(p.copied, len(p.jobs)):
-                self.pool.wait(p.jobs[i])
-                if i < len(p.jobs) - 1:
+            for i, job in enumerate(p.jobs):
+                self.pool.wait(job)      # returns at once for a job already waited for
+                if p.copied == i and i < len(p.jobs) - 1:
                     self._copy_chunk(st, p, i)
                     p.copied = i + 1
         except BaseException:
-            for job in p.jobs:           # no read may still write into the slot once it is free again
-                try:
-                    self.pool.wait(job)
-                except BaseException:  # noqa: BLE001 -- the first error is the one re-raised
-                    pass
+            self._drain(p.jobs)
+            if self.cuda:
+                st.event.record()        # the next submit to this slot waits for chunk copies already queued
             st.pending = False
             raise
         return p.t_submit, p.t_done
+
+    def _drain(self, jobs: list) -> None:
+        """Wait for every job, ignoring their errors (the caller re-raises the first): no read may still
+        write into a slot that is given back."""
+        for job in jobs:
+            try:
+                self.pool.wait(job)
+            except BaseException:  # noqa: BLE001
+                pass
 
     def _copy_chunk(self, st: "_Slot", p: "PendingLoad", i: int) -> None:
         """Queue the host -> device copy of chunk ``i`` of ``p``'s staging bytes (whole records)."""
@@ -829,6 +896,10 @@ class FlashLoader:
         for i in range(p.copied, len(p.jobs)):                # the chunks wait_reads left: the last one
             self._copy_chunk(st, p, i)
         p.copied = len(p.jobs)
+        if p.queued and any(j.completed_late for j in p.jobs):
+            for i in range(len(p.jobs)):                      # the queued copy may have read the short reads
+                self._copy_chunk(st, p, i)
+            p.refetched = True
         if p.identity and out is None and not side and rec == spec.neuron_bytes:
             # the engine's case (bundled, unpadded records are the rows, caller's stream): no mapping
             if self.cuda:

@@ -46,9 +46,12 @@ typedef struct flashlab_job {
     const int64_t *fd, *addr, *off, *len;
     int64_t *result;
     int64_t counters[2];
-    int done;                 /* the last read finished (guarded by the pool's mutex) */
+    int done;                 /* the last read finished (written under the pool's mutex, atomically:
+                                 flashlab_pool_wait_spin reads it without the lock) */
     int refs;                 /* pool threads inside drain() for this job (guarded) */
     double t_done;            /* CLOCK_MONOTONIC seconds when the last read finished: Python's perf_counter */
+    int32_t *flag;            /* optional: set to flag_value when the last read finished (a GPU may poll it) */
+    int32_t flag_value;
     struct flashlab_job *next;
 } flashlab_job;
 
@@ -88,6 +91,8 @@ static void *pool_worker(void *arg) {
         j->refs--;
         if (last) {
             j->t_done = t;
+            if (j->flag)          /* every read returned (its bytes are in place, or its error recorded) */
+                __atomic_store_n(j->flag, j->flag_value, __ATOMIC_RELEASE);
             __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);   /* also read unlocked by wait_spin */
         }
         if (j->done && j->refs == 0)
@@ -123,17 +128,22 @@ void *flashlab_pool_new(int nthreads) {
 
 int flashlab_pool_threads(void *pool) { return ((flashlab_pool *)pool)->nthreads; }
 
-/* Queue one batch (the arrays must stay alive until flashlab_pool_wait returns); returns the job. */
-void *flashlab_pool_submit(void *pool, int64_t n, const int64_t *fd, const int64_t *addr, const int64_t *off,
-                           const int64_t *len, int64_t *result) {
+/* Queue one batch (the arrays must stay alive until flashlab_pool_wait returns); returns the job.
+ * flag (may be NULL): *flag = flag_value once every read of the batch has returned. */
+void *flashlab_pool_submit_flag(void *pool, int64_t n, const int64_t *fd, const int64_t *addr,
+                                const int64_t *off, const int64_t *len, int64_t *result, int32_t *flag,
+                                int32_t flag_value) {
     flashlab_pool *p = (flashlab_pool *)pool;
     flashlab_job *j = (flashlab_job *)calloc(1, sizeof *j);
     if (!j)
         return NULL;
     j->n = n; j->fd = fd; j->addr = addr; j->off = off; j->len = len; j->result = result;
+    j->flag = flag; j->flag_value = flag_value;
     pthread_mutex_lock(&p->mu);
     if (n <= 0) {
         j->t_done = monotonic_seconds();
+        if (flag)
+            __atomic_store_n(flag, flag_value, __ATOMIC_RELEASE);
         __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
     } else {
         if (p->tail)
@@ -146,6 +156,11 @@ void *flashlab_pool_submit(void *pool, int64_t n, const int64_t *fd, const int64
     if (n > 0)                    /* after the unlock: woken threads do not queue on the mutex we hold */
         pthread_cond_broadcast(&p->work);
     return j;
+}
+
+void *flashlab_pool_submit(void *pool, int64_t n, const int64_t *fd, const int64_t *addr, const int64_t *off,
+                           const int64_t *len, int64_t *result) {
+    return flashlab_pool_submit_flag(pool, n, fd, addr, off, len, result, NULL, 0);
 }
 
 /* Block until every read of the job finished (results in result[]); frees the job; returns the

@@ -121,6 +121,8 @@ class NeuronCache:
                 pick = lambda t: t                                              # noqa: E731
             else:
                 sel = keep_sel if keep_sel is not None else self.upload(np.flatnonzero(insert_mask))[0]
+                if sel.numel() != k:
+                    raise RuntimeError(f"layer {plan.layer}: keep_sel has {sel.numel()} rows, the plan keeps {k}")
                 pick = lambda t: t.index_select(0, sel)                         # noqa: E731
         if self.strategy == "preallocated":
             if k:

@@ -97,11 +97,12 @@ def test_sparse_active_set_is_a_minority(tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-@pytest.mark.parametrize("device,copy_chunks", [("cpu", 3), pytest.param("cuda", 1, marks=CUDA),
-                                                pytest.param("cuda", 3, marks=CUDA)])
+@pytest.mark.parametrize("device,copy_chunks,gate", [("cpu", 3, False), pytest.param("cuda", 1, False, marks=CUDA),
+                                                     pytest.param("cuda", 3, False, marks=CUDA),
+                                                     pytest.param("cuda", 1, True, marks=CUDA)])
 @pytest.mark.parametrize("loader", ["auto", "simple"])
 @pytest.mark.parametrize("name", ["naive", "predictor", "windowing", "windowing_bundling"])
-def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy_chunks):
+def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy_chunks, gate):
     """Trace mode: per layer the FFN output equals the dense FFN restricted to the plan's active set,
     with the weights read from flash through the plan; the cache follows the policy engine. On a GPU
     too (float32: the torch path, but the device copies, chunked jobs and cache moves are the GPU's)."""
@@ -112,8 +113,10 @@ def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy
     trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=12, seed=3, sparsity=0.8, reuse=0.5))
     engine = PolicyEngine(SPEC, pol)
     ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4, loader=loader, device=device,
-                   copy_chunks=copy_chunks, up_bias=[l.fc1.bias.detach() for l in layers],
+                   copy_chunks=copy_chunks, gate_reads=gate, up_bias=[l.fc1.bias.detach() for l in layers],
                    down_bias=[l.fc2.bias.detach() for l in layers])
+    if gate and loader == "auto" and pol.bundling:
+        assert ffn.loads_gated, "gated reads should be on (GPU, native reader threads)"
     gen = torch.Generator().manual_seed(0)
     try:
         for layer_plans in plans_checked(engine, ffn, trace.active):

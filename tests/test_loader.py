@@ -1,10 +1,12 @@
 """real.loader: executes Reads exactly, completes short reads, fails loudly, never returns stale bytes."""
 
+import ctypes
 import errno
 import mmap
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +225,98 @@ def test_spin_wait_gives_the_same_rows(flash_dirs, spin_wait_s):
         for layer in range(SPEC.n_layers):
             rows = loader.load(layer, flash.layout.reads_for(layer, ids, 8192), ids)
             assert torch.equal(rows, reference_rows(flash, layer)[ids])
+
+
+def test_a_refused_chunked_load_drains_every_chunk(flash_dirs):
+    """A load refused at submit (a neuron not covered) whose first chunk also fails: every chunk's reads
+    must have ended before the slot is handed back, and the refusal is what is raised."""
+    flash = flash_dirs["bundled"]
+    rec = flash.layout.record_bytes
+
+    def pread(fd, dst, off):
+        if off == 0:
+            raise OSError(errno.EIO, "Input/output error")      # chunk 0 fails
+        if off >= 60 * rec:
+            time.sleep(0.2)                                      # the last chunk is slow
+        return os.preadv(fd, [dst], off)
+
+    ids = np.arange(64)
+    with FlashLoader(flash, depth=2, pread=pread, copy_chunks=3) as loader:
+        jobs, submit = [], loader.pool.submit
+        loader.pool.submit = lambda *a, **k: jobs.append(submit(*a, **k)) or jobs[-1]
+        with pytest.raises(ValueError, match="do not cover"):
+            loader.submit(0, flash.layout.reads_for(0, ids, 4096), np.arange(65))   # neuron 64 is not read
+        assert len(jobs) == 3
+        assert all(j.done.is_set() for j in jobs), "slot handed back while reads still write into it"
+
+
+def test_native_threads_set_the_completion_flag(tmp_path):
+    native_or_skip()
+    path, f = data_file(tmp_path, 64)
+    flag = np.zeros(1, dtype=np.int32)
+    dest = loader_mod.HostBuffer(64 * ALIGN, pinned=False)
+    pool = ReadPool(4, threads="native")
+    try:
+        job = pool.submit([f], dest.view, [0] * 64, np.arange(64) * ALIGN, np.arange(64) * ALIGN, [ALIGN] * 64,
+                          flag=(flag.ctypes.data, 7))
+        pool.wait(job)
+        assert flag[0] == 7 and bytes(dest.view) == path.read_bytes()
+        pool.wait(pool.submit([f], dest.view, [], [], [], [], flag=(flag.ctypes.data, 8)))   # empty batch too
+        assert flag[0] == 8
+    finally:
+        pool.close()
+        f.close()
+    py = ReadPool(2, threads="python")
+    try:
+        with pytest.raises(ValueError, match="only the native reader threads"):
+            py.submit([f], dest.view, [0], [0], [0], [ALIGN], flag=(flag.ctypes.data, 9))
+    finally:
+        py.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_wait_holds_the_stream_until_the_flag_is_set():
+    from real.kernels.wait_flag import wait_flag
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    src = torch.zeros(1 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    timed_out = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+
+    def later():
+        time.sleep(0.05)
+        src.fill_(42)                      # the "reads" land, then the flag goes up
+        ctypes.c_int32.from_address(flag.data_ptr()).value = 1
+
+    t = threading.Thread(target=later)
+    wait_flag(flag, 1, timed_out)
+    dst.copy_(src, non_blocking=True)      # queued behind the wait: must see the bytes written later
+    t.start()
+    torch.cuda.synchronize()
+    t.join()
+    assert int(timed_out.item()) == 0 and bool((dst == 42).all())
+    wait_flag(flag, 5, timed_out, max_polls=100)                  # never set: gives up, says so
+    torch.cuda.synchronize()
+    assert int(timed_out.item()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gated_loads_give_the_same_rows(flash_dirs):
+    native_or_skip()
+    flash = flash_dirs["bundled"]
+    rng = np.random.default_rng(9)
+    with FlashLoader(flash, device="cuda", depth=8, side_stream=False, read_threads="native") as loader:
+        assert loader.can_gate()
+        for layer in (0, 1, 2, 0, 1):
+            ids = np.sort(rng.choice(SPEC.d_ff, 300, replace=False))
+            p = loader.submit(layer, flash.layout.reads_for(layer, ids, 8192), ids, gate=True)
+            assert loader.gated(p)
+            loader.queue_wait(p)
+            rows = loader.queue_copy(p)           # queued before the host waited for anything
+            again = loader.wait(p)
+            torch.cuda.synchronize()
+            assert again.data_ptr() == rows.data_ptr() and not p.refetched
+            assert torch.equal(rows.cpu(), reference_rows(flash, layer)[ids])
+        loader.check_gate()
 
 
 @pytest.mark.parametrize("copy_chunks", [1, 3])
