@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sim.atomic import atomic_write_text  # noqa: E402
-from real.engine import COPY_CHUNKS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
+from real.engine import COPY_CHUNKS, GATE_READS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
 from real.loader import default_read_threads, native_drain, native_unavailable_reason  # noqa: E402
@@ -73,6 +73,11 @@ STEPS = [  # (label, policy preset, overrides, token group)
     # job copied at the end (the default, real.engine.COPY_CHUNKS)
     ("wb+lfu+depth64+3copies", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3},
      "main"),
+    # the host waits for a layer's reads, then queues the copy of the new rows and the FFN over them (before
+    # 2026-11-23 16:40 UTC) instead of queueing both before the reads end, behind a device-side wait on a flag
+    # the reader threads set (real.engine.GATE_READS; labelled "+gated" in engine-gated.txt)
+    ("wb+lfu+depth64+hostwait", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                       "gate_reads": False}, "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
     # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
     # run had Python as the default and labelled the native steps "+native" instead
@@ -348,6 +353,7 @@ def main(argv=None) -> int:
         read_threads = over.pop("read_threads", args.read_threads)   # loader, not policy; None = its default
         dispatch = over.pop("direct_dispatch", True)                                             # kernels, not policy
         copy_chunks = over.pop("copy_chunks", COPY_CHUNKS)                                         # loader, not policy
+        gate_reads = over.pop("gate_reads", GATE_READS)                                            # engine, not policy
         set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
@@ -356,7 +362,7 @@ def main(argv=None) -> int:
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
-                           read_threads=read_threads, copy_chunks=copy_chunks)
+                           read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads)
             try:
                 # the disk drifts by tens of percent between minutes: probe just before and just after
                 # the step's tokens, and bound by the mean of the two
@@ -394,7 +400,7 @@ def main(argv=None) -> int:
             "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,
-            "copy_chunks": copy_chunks, "wall_s": round(wall, 1),
+            "copy_chunks": copy_chunks, "gate_reads": gate_reads, "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

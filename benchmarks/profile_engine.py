@@ -44,9 +44,9 @@ VARIANTS = [  # (label, FlashFFN switches, attention as a CUDA graph), each addi
     # engine_profile_run3.txt (2026-11-23 15:12 UTC), one copy at the end vs 3 read jobs with early copies
     # in engine_profile_run4.txt (16:11 UTC); from the lean post-read path (FFN over the new rows before
     # the cache insert, fewer tensor ops per layer) on:
-    ("native threads, blocking wait", dict(read_threads="native", copy_chunks=1, spin_wait_s=0.0), True),
-    ("+ spin-wait for the reads", dict(read_threads="native", copy_chunks=1, spin_wait_s=0.05), True),
-    ("+ spin-wait, reads in 3 jobs", dict(read_threads="native", copy_chunks=3, spin_wait_s=0.05), True),
+    # spin-waits in engine_profile_run5.txt (16:25 UTC); from here:
+    ("native threads, host waits, then copies", dict(read_threads="native", gate_reads=False), True),
+    ("+ copy and FFN queued behind a device wait", dict(read_threads="native", gate_reads=True), True),
 ]
 
 
