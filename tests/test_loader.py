@@ -205,8 +205,14 @@ def test_chunked_jobs_give_the_same_rows(flash_dirs, layout, read_threads):
         for layer in range(SPEC.n_layers):
             ids = np.sort(rng.choice(SPEC.d_ff, 200, replace=False))
             order = rng.permutation(ids)
-            p = loader.submit(layer, flash.layout.reads_for(layer, ids, 8192), order)
-            assert len(p.jobs) == 3 and p.bounds[-1] == p.nbytes
+            reads = flash.layout.reads_for(layer, ids, 8192)
+            p = loader.submit(layer, reads, order)
+            assert len(p.jobs) == 3 and p.bounds[0] == 0 and p.bounds[-1] == p.nbytes
+            # each chunk starts where its first read lands in staging, on a record boundary
+            starts = np.cumsum(reads.length) - reads.length
+            cuts = np.cumsum([0] + [job.n for job in p.jobs])[:-1]
+            assert list(p.bounds[:-1]) == [int(starts[c]) for c in cuts]
+            assert all(b % flash.layout.record_bytes == 0 for b in p.bounds)
             t_submit, t_done = loader.wait_reads(p)
             assert t_done >= t_submit and p.copied == 2      # the last chunk is left to wait()
             assert torch.equal(loader.wait(p), reference_rows(flash, layer)[order])
