@@ -242,7 +242,7 @@ SPIN_WAIT_S = 0.0
 # GPU, native reader threads: queue the copy of a layer's new rows and the FFN over them before the reads
 # end, behind a device-side wait on a flag the reader threads set (real/kernels/wait_flag.py). On by
 # measurement: full OPT-6.7B, H100, 2026-11-23 16:37 UTC, two interleaved rounds (benchmarks/engine-gated.txt):
-# 267.0 / 276.7 ms per token against 297.0 / 298.4 with the host waiting first (compute part 24 vs 34 ms)
+# 267.0 / 276.7 ms per token against 297.0 / 298.4 with the host waiting first
 GATE_READS = True
 
 
@@ -457,6 +457,8 @@ class FlashFFN:
                 y = y_new if y_pre is None else y_pre + y_new
             self.mark("wait")
             s = clock.start()
+            if not gpu:                                      # (gating needs a GPU; kept for symmetry)
+                cache.evict(plan)
             cache.insert(plan, new_rows, new_bias, keep_sel)
             clock.stop("mem_s", s, st)
             self.mark("insert")

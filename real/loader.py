@@ -692,6 +692,7 @@ class FlashLoader:
                 slot.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
             self.slots.append(slot)
         self.gate_timed_out = torch.zeros(1, dtype=torch.int32, device=self.device) if self.cuda else None
+        self._launch_wait = None         # real.kernels.wait_flag.launch_wait, checked at the first gated load
         self._slot = 0
         # side_stream=False: copy and unpad on the caller's stream (fewer host calls per load; for callers
         # whose next work needs the rows anyway, like the engine)
@@ -806,10 +807,14 @@ class FlashLoader:
 
     def queue_wait(self, p: "PendingLoad") -> None:
         """Queue, on the current stream, a wait until ``p``'s reads are done (``real.kernels.wait_flag``)."""
-        from real.kernels.wait_flag import wait_flag
         if not self.gated(p):
             raise RuntimeError("queue_wait: the load was not submitted with gate=True (or needs mapping)")
-        wait_flag(self.slots[p.slot].flag, p.gate_value, self.gate_timed_out)
+        if self._launch_wait is None:
+            from real.kernels.wait_flag import check_wait_args, launch_wait
+            for st in self.slots:
+                check_wait_args(st.flag, self.gate_timed_out)
+            self._launch_wait = launch_wait
+        self._launch_wait(self.slots[p.slot].flag, p.gate_value, self.gate_timed_out)
 
     def queue_copy(self, p: "PendingLoad") -> Any:
         """After ``queue_wait``: queue the copy of the staged rows to the device and return them (valid on
@@ -826,7 +831,8 @@ class FlashLoader:
         """Raise if a queued wait gave up polling (its copy then read unfinished rows). Synchronises."""
         if self.gate_timed_out is not None and int(self.gate_timed_out.item()):
             raise RuntimeError("a device wait for flash reads timed out (real.kernels.wait_flag): rows were used "
-                               "before their reads ended; the reads took longer than the poll limit")
+                               "before their reads ended (the reads took longer than the poll limit), so outputs "
+                               "and the neuron caches are invalid; start over with a new FlashFFN")
 
     def wait_reads(self, p: "PendingLoad") -> tuple[float, float]:
         """Wait for the load's reads, chunk by chunk, queueing each chunk's host -> device copy as soon as

@@ -356,3 +356,17 @@ def test_add_norm_rejects_mismatch():
         add_layer_norm(x, torch.zeros(2, 9, dtype=torch.float16))
     with pytest.raises(ValueError, match="weight"):
         add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
+
+
+def test_wait_flag_passes_a_raised_flag_and_reports_a_timeout_stickily():
+    """The engine's device wait (real/kernels/wait_flag.py) in the interpreter: a raised flag lets it through,
+    a flag never raised gives up after max_polls and sets timed_out, which a later good wait leaves set."""
+    from real.kernels.wait_flag import _wait_flag
+    flag = torch.tensor([3], dtype=torch.int32)
+    timed_out = torch.zeros(1, dtype=torch.int32)
+    _wait_flag[(1,)](flag, 3, 50, timed_out)
+    assert int(timed_out[0]) == 0
+    _wait_flag[(1,)](flag, 4, 50, timed_out)
+    assert int(timed_out[0]) == 1
+    _wait_flag[(1,)](flag, 2, 50, timed_out)
+    assert int(timed_out[0]) == 1

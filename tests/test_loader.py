@@ -286,7 +286,7 @@ def test_device_wait_holds_the_stream_until_the_flag_is_set():
     flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
     src = torch.zeros(1 << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
-    timed_out = torch.full((1,), -1, dtype=torch.int32, device="cuda")
+    timed_out = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def later():
         time.sleep(0.05)
@@ -301,6 +301,7 @@ def test_device_wait_holds_the_stream_until_the_flag_is_set():
     t.join()
     assert int(timed_out.item()) == 0 and bool((dst == 42).all())
     wait_flag(flag, 5, timed_out, max_polls=100)                  # never set: gives up, says so
+    wait_flag(flag, 1, timed_out)                                 # a later good wait does not clear it
     torch.cuda.synchronize()
     assert int(timed_out.item()) == 1
 
