@@ -237,8 +237,6 @@ class SimpleLoads:
 # benchmarks/engine_profile_run4.txt) 3 jobs cut the host time after the last read by ~70 us per layer but the
 # token was not faster (the host, not the copy, is what the layer waits for after its reads)
 COPY_CHUNKS = 1
-# seconds the host polls (busy) for a layer's reads before it blocks (native reader threads); 0 = block
-SPIN_WAIT_S = 0.0
 # GPU, native reader threads: queue the copy of a layer's new rows and the FFN over them before the reads
 # end, behind a device-side wait on a flag the reader threads set (real/kernels/wait_flag.py). On by
 # measurement: full OPT-6.7B, H100, 2026-11-23 16:37 UTC, two interleaved rounds (benchmarks/engine-gated.txt):
@@ -250,11 +248,10 @@ class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
-                 read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S,
-                 gate: bool = GATE_READS):
+                 read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS):
         from real.loader import FlashLoader
         self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
-                                  read_threads=read_threads, copy_chunks=copy_chunks, spin_wait_s=spin_wait_s)
+                                  read_threads=read_threads, copy_chunks=copy_chunks)
         self.direct = self.loader.direct
         self.gate = gate and self.loader.can_gate()
 
@@ -291,19 +288,17 @@ LOADERS = ("auto", "loader", "simple")
 
 
 def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
-               read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S,
-               gate: bool = GATE_READS):
+               read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
     former where it imports, else the latter. ``read_threads``: the FlashLoader's reader threads
     (python | native; None = FLASHLAB_READ_THREADS or native). ``copy_chunks``: the FlashLoader's
-    (a layer's reads in that many jobs, each copied to the device once done; 1 = one copy at the end) and
-    ``spin_wait_s`` (seconds its waits poll before they block; native reader threads); ``gate``: see
-    GATE_READS (where the loader can: a GPU and native reader threads)."""
+    (a layer's reads in that many jobs, each copied to the device once done; 1 = one copy at the end);
+    ``gate``: see GATE_READS (where the loader can: a GPU and native reader threads)."""
     if loader not in LOADERS:
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct, read_threads, copy_chunks, spin_wait_s, gate)
+            return LoaderLoads(flash, device, threads, direct, read_threads, copy_chunks, gate)
         except ImportError:
             if loader == "loader":
                 raise
@@ -317,7 +312,7 @@ class FlashFFN:
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
                  kernel: str = "auto", loader: str = "auto", read_threads: str | None = None,
-                 copy_chunks: int = COPY_CHUNKS, spin_wait_s: float = SPIN_WAIT_S, gate_reads: bool = GATE_READS):
+                 copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -332,7 +327,7 @@ class FlashFFN:
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
-        self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks, spin_wait_s,
+        self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks,
                                 gate_reads)
         self.loads_gated = bool(getattr(self.loads, "gate", False))
         gated = self.n_mat == 3
@@ -371,6 +366,22 @@ class FlashFFN:
         gate, up, down = self._views(rows)
         return ffn_rows(x, up, down, gate=gate, idx=idx, bias=bias, activation=self.activation, impl=self.kernel,
                         down_bias=down_bias)
+
+    def _await_reads(self, pending, st: TokenCost) -> None:
+        """Block until ``pending``'s reads are done (their errors raise); count the wait and the reads."""
+        t_wait = time.perf_counter()
+        t_submit, t_done = self.loads.wait_reads(pending)
+        self.io_wait_s += time.perf_counter() - t_wait
+        st.io_s += t_done - t_submit
+
+    def _insert(self, cache: NeuronCache, plan: LayerPlan, rows, bias, keep_sel, span, st: TokenCost) -> None:
+        """The plan's memory management after the reads (on the CPU the evictions too), timed as mem from
+        ``span``."""
+        if not self.clock.cuda:
+            cache.evict(plan)
+        cache.insert(plan, rows, bias, keep_sel)
+        self.clock.stop("mem_s", span, st)
+        self.mark("insert")
 
     # ---- one layer -------------------------------------------------------------------------
     def mark(self, label: str) -> None:
@@ -429,12 +440,7 @@ class FlashFFN:
             clock.stop("mem_s", s, st)
         self.mark("evict")
         if pending is None:
-            s = clock.start()
-            if not gpu:
-                cache.evict(plan)
-            cache.insert(plan, None, None)
-            clock.stop("mem_s", s, st)
-            self.mark("insert")
+            self._insert(cache, plan, None, None, None, clock.start(), st)
         elif getattr(self.loads, "gated", None) and self.loads.gated(pending):
             # the device waits for the reads itself (a flag the reader threads set), so the copy and the
             # FFN over the new rows are queued now; the host then waits for the reads (errors, accounting)
@@ -447,26 +453,15 @@ class FlashFFN:
             y = y_new if y is None else y + y_new
             clock.stop("compute_s", s, st)
             self.mark("ffn_new")
-            t_wait = time.perf_counter()
-            t_submit, t_done = self.loads.wait_reads(pending)
-            self.io_wait_s += time.perf_counter() - t_wait
-            st.io_s += t_done - t_submit
+            self._await_reads(pending, st)
             new_rows = self.loads.rows(pending)              # no copy, unless reads were completed late
             if pending.refetched:                            # then the queued FFN saw them unfinished
                 y_new = self._ffn(x, new_rows, new_bias, None, b2_new)
                 y = y_new if y_pre is None else y_pre + y_new
             self.mark("wait")
-            s = clock.start()
-            if not gpu:                                      # (gating needs a GPU; kept for symmetry)
-                cache.evict(plan)
-            cache.insert(plan, new_rows, new_bias, keep_sel)
-            clock.stop("mem_s", s, st)
-            self.mark("insert")
+            self._insert(cache, plan, new_rows, new_bias, keep_sel, clock.start(), st)
         else:
-            t_wait = time.perf_counter()
-            t_submit, t_done = self.loads.wait_reads(pending)
-            self.io_wait_s += time.perf_counter() - t_wait
-            st.io_s += t_done - t_submit
+            self._await_reads(pending, st)
             self.mark("wait")
             s = clock.start()
             new_rows = self.loads.rows(pending)              # to the device
@@ -478,11 +473,7 @@ class FlashFFN:
             y = y_new if y is None else y + y_new
             s = clock.lap("compute_s", s, st)
             self.mark("ffn_new")
-            if not gpu:
-                cache.evict(plan)
-            cache.insert(plan, new_rows, new_bias, keep_sel)
-            clock.stop("mem_s", s, st)
-            self.mark("insert")
+            self._insert(cache, plan, new_rows, new_bias, keep_sel, s, st)
         if y is None:
             y = torch.zeros_like(x)
         if b2 is not None:

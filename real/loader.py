@@ -144,8 +144,6 @@ def _declare_pool(lib) -> None:
     lib.flashlab_pool_submit_flag.argtypes = [vp, ctypes.c_int64] + [vp] * 6 + [ctypes.c_int32]
     lib.flashlab_pool_submit_flag.restype = vp
     lib.flashlab_pool_wait.argtypes, lib.flashlab_pool_wait.restype = [vp, vp], ctypes.c_double
-    lib.flashlab_pool_wait_spin.argtypes = [vp, vp, ctypes.c_double]
-    lib.flashlab_pool_wait_spin.restype = ctypes.c_double
     lib.flashlab_pool_close.argtypes, lib.flashlab_pool_close.restype = [vp], None
 
 
@@ -303,9 +301,6 @@ class ReadPool:
         if threads not in READ_THREADS:
             raise ValueError(f"threads must be one of {READ_THREADS}, got {threads!r}")
         self.depth = depth
-        # native threads: a waiter polls (busy) up to this many seconds before it blocks (see
-        # flashlab_pool_wait_spin); 0 = block at once
-        self.spin_wait_s = 0.0
         self.pread = pread or default_pread
         self.bounce_max = bounce_max     # reads up to this size land in a per-thread buffer, then memmove
         # the C loop (real/native_read.c) where it builds, unless a custom pread or bounce buffers are asked
@@ -409,10 +404,7 @@ class ReadPool:
 
     def _wait_c(self, job: ReadJob) -> None:
         """Block (in C, the GIL released) until the native pool finished every read of ``job``."""
-        if self.spin_wait_s > 0:
-            job.t_done = self._lib.flashlab_pool_wait_spin(self._cpool, job.cjob, self.spin_wait_s)
-        else:
-            job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
+        job.t_done = self._lib.flashlab_pool_wait(self._cpool, job.cjob)   # CLOCK_MONOTONIC = perf_counter
         job.cjob = None
         self._c_pending.discard(job)
 
@@ -652,7 +644,7 @@ class FlashLoader:
                  max_batch_bytes: int | None = None, direct: bool = True, slots: int = 2,
                  pread: PreadFn | None = None, backend: str = "threads",
                  bounce_max: int = BOUNCE_MAX, side_stream: bool = True, native: bool | None = None,
-                 read_threads: str | None = None, copy_chunks: int = 1, spin_wait_s: float = 0.0):
+                 read_threads: str | None = None, copy_chunks: int = 1):
         import torch
 
         if copy_chunks < 1:
@@ -699,9 +691,6 @@ class FlashLoader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda and side_stream else None
         # native: None = the C loop where it builds; read_threads: python | native (default: FLASHLAB_READ_THREADS)
         self.pool = ReadPool(depth, pread, bounce_max, native, threads=read_threads)   # before any file is open
-        # spin_wait_s > 0 (native reader threads): waiting for a batch polls, busy, up to that long before
-        # it blocks, so the waiting core does not idle (the engine's calls after the wait run faster)
-        self.pool.spin_wait_s = float(spin_wait_s)
         self.files = []
         try:
             for path in self.flash.ffn_paths:
@@ -821,10 +810,9 @@ class FlashLoader:
         the current stream); ``wait`` must still be called (it raises read errors, and copies again where
         short reads were completed after the flag was set: then ``p.refetched``)."""
         st = self.slots[p.slot]
-        for i in range(len(p.jobs)):
-            self._copy_chunk(st, p, i)
+        self._copy_chunks(st, p, 0)
         st.event.record()
-        p.copied, p.queued = len(p.jobs), True
+        p.queued = True
         return st.rec_rows[:p.n]
 
     def check_gate(self) -> None:
@@ -861,6 +849,12 @@ class FlashLoader:
                 self.pool.wait(job)
             except BaseException:  # noqa: BLE001
                 pass
+
+    def _copy_chunks(self, st: "_Slot", p: "PendingLoad", first: int) -> None:
+        """Queue the copies of chunks ``first``.. of ``p``; afterwards all of them count as copied."""
+        for i in range(first, len(p.jobs)):
+            self._copy_chunk(st, p, i)
+        p.copied = len(p.jobs)
 
     def _copy_chunk(self, st: "_Slot", p: "PendingLoad", i: int) -> None:
         """Queue the host -> device copy of chunk ``i`` of ``p``'s staging bytes (whole records)."""
@@ -899,14 +893,11 @@ class FlashLoader:
         n, out = p.n, p.out
         side = self.stream is not None
         rec = lay.record_bytes
-        for i in range(p.copied, len(p.jobs)):                # the chunks wait_reads left: the last one
-            self._copy_chunk(st, p, i)
-        p.copied = len(p.jobs)
+        self._copy_chunks(st, p, p.copied)                     # the chunks wait_reads left: the last one
         if p.queued and any(j.completed_late for j in p.jobs):
-            for i in range(len(p.jobs)):                      # the queued copy may have read the short reads
-                self._copy_chunk(st, p, i)
+            self._copy_chunks(st, p, 0)                       # the queued copy may have read the short reads
             p.refetched = True
-        if p.identity and out is None and not side and rec == spec.neuron_bytes:
+        if p.identity and out is None and not side and st.rec_rows is not None:
             # the engine's case (bundled, unpadded records are the rows, caller's stream): no mapping
             if self.cuda:
                 st.event.record()

@@ -46,8 +46,7 @@ typedef struct flashlab_job {
     const int64_t *fd, *addr, *off, *len;
     int64_t *result;
     int64_t counters[2];
-    int done;                 /* the last read finished (written under the pool's mutex, atomically:
-                                 flashlab_pool_wait_spin reads it without the lock) */
+    int done;                 /* the last read finished (guarded by the pool's mutex) */
     int refs;                 /* pool threads inside drain() for this job (guarded) */
     double t_done;            /* CLOCK_MONOTONIC seconds when the last read finished: Python's perf_counter */
     int32_t *flag;            /* optional: set to flag_value when the last read finished (a GPU may poll it) */
@@ -93,7 +92,7 @@ static void *pool_worker(void *arg) {
             j->t_done = t;
             if (j->flag)          /* every read returned (its bytes are in place, or its error recorded) */
                 __atomic_store_n(j->flag, j->flag_value, __ATOMIC_RELEASE);
-            __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);   /* also read unlocked by wait_spin */
+            j->done = 1;
         }
         if (j->done && j->refs == 0)
             pthread_cond_broadcast(&p->fin);
@@ -144,7 +143,7 @@ void *flashlab_pool_submit_flag(void *pool, int64_t n, const int64_t *fd, const 
         j->t_done = monotonic_seconds();
         if (flag)
             __atomic_store_n(flag, flag_value, __ATOMIC_RELEASE);
-        __atomic_store_n(&j->done, 1, __ATOMIC_RELEASE);
+        j->done = 1;
     } else {
         if (p->tail)
             p->tail->next = j;
@@ -175,21 +174,6 @@ double flashlab_pool_wait(void *pool, void *job) {
     double t = j->t_done;
     free(j);
     return t;
-}
-
-/* flashlab_pool_wait, but first poll the job's done flag for up to spin_s seconds without sleeping:
- * the caller's core stays busy instead of idling through the wait. On the H100 machine the first CUDA
- * and Python calls after a ~7 ms blocking wait took 2-4x their usual host time (benchmarks/post_read.txt),
- * and those calls are the engine's critical path after a layer's reads. */
-double flashlab_pool_wait_spin(void *pool, void *job, double spin_s) {
-    flashlab_job *j = (flashlab_job *)job;
-    double deadline = monotonic_seconds() + spin_s;
-    while (!__atomic_load_n(&j->done, __ATOMIC_ACQUIRE) && monotonic_seconds() < deadline) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-    }
-    return flashlab_pool_wait(pool, job);   /* refs == 0 under the lock, then free */
 }
 
 /* Finish the queued reads, stop and join the threads, free the pool. */

@@ -220,19 +220,6 @@ def test_chunked_jobs_give_the_same_rows(flash_dirs, layout, read_threads):
                                reference_rows(flash, layer)[ids])   # wait() alone does every step
 
 
-@pytest.mark.parametrize("spin_wait_s", [1e-6, 0.05])
-def test_spin_wait_gives_the_same_rows(flash_dirs, spin_wait_s):
-    """Native threads: the waiter polls (up to 1 us: it blocks almost at once; 50 ms: it polls through)."""
-    native_or_skip()
-    flash = flash_dirs["bundled"]
-    ids = np.sort(np.random.default_rng(5).choice(SPEC.d_ff, 250, replace=False))
-    with FlashLoader(flash, depth=8, read_threads="native", spin_wait_s=spin_wait_s, copy_chunks=2) as loader:
-        assert loader.pool.spin_wait_s == spin_wait_s
-        for layer in range(SPEC.n_layers):
-            rows = loader.load(layer, flash.layout.reads_for(layer, ids, 8192), ids)
-            assert torch.equal(rows, reference_rows(flash, layer)[ids])
-
-
 def test_a_refused_chunked_load_drains_every_chunk(flash_dirs):
     """A load refused at submit (a neuron not covered) whose first chunk also fails: every chunk's reads
     must have ended before the slot is handed back, and the refusal is what is raised."""
