@@ -69,9 +69,15 @@ STEPS = [  # (label, policy preset, overrides, token group)
     # directly with the config it chose for that shape
     ("wb+lfu+depth64+autotuner", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
                                                         "direct_dispatch": False}, "main"),
-    # a layer's reads as three loader jobs, each copied to the device as soon as it is done, instead of one
-    # job copied at the end (the default, real.engine.COPY_CHUNKS)
-    ("wb+lfu+depth64+3copies", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3},
+    # a layer's reads as three loader jobs, the host waiting for each and then queueing its copy to the
+    # device, instead of one job copied at the end (real.engine.COPY_CHUNKS; measured before gating existed)
+    ("wb+lfu+depth64+3copies", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3,
+                                                      "gate_reads": False}, "main"),
+    # three loader jobs, each job's copy queued on the device behind a wait on its own flag (gated), so all
+    # but the last chunk's copy overlap the reads. (engine-chunks*.txt, 17:24-17:33 UTC, also ran a layer's
+    # cache insert deferred to while the next layer's reads flew, the default there; "+insertnow" steps
+    # inserted at once, as the engine does since: no consistent difference, so the deferral was removed)
+    ("wb+lfu+depth64+3chunks", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3},
      "main"),
     # the host waits for a layer's reads, then queues the copy of the new rows and the FFN over them (before
     # 2026-11-23 16:40 UTC) instead of queueing both before the reads end, behind a device-side wait on a flag

@@ -44,9 +44,11 @@ VARIANTS = [  # (label, FlashFFN switches, attention as a CUDA graph), each addi
     # engine_profile_run3.txt (2026-11-23 15:12 UTC), one copy at the end vs 3 read jobs with early copies
     # in engine_profile_run4.txt (16:11 UTC); from the lean post-read path (FFN over the new rows before
     # the cache insert, fewer tensor ops per layer) on:
-    # spin-waits in engine_profile_run5.txt (16:25 UTC); from here:
-    ("native threads, host waits, then copies", dict(read_threads="native", gate_reads=False), True),
-    ("+ copy and FFN queued behind a device wait", dict(read_threads="native", gate_reads=True), True),
+    # spin-waits in engine_profile_run5.txt (16:25 UTC); host waits vs gated copy+FFN in engine_profile.txt
+    # before 2026-11-23 17:30 UTC; from here:
+    ("host waits, then copies", dict(read_threads="native", gate_reads=False), True),
+    ("+ gated copy and FFN", dict(read_threads="native", gate_reads=True), True),
+    ("+ 3 gated chunk copies", dict(read_threads="native", gate_reads=True, copy_chunks=3), True),
 ]
 
 

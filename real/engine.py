@@ -233,9 +233,11 @@ class SimpleLoads:
 
 
 # a layer's reads go to the loader as this many jobs, each finished job's rows copied to the device while
-# the later jobs' reads are in flight. 1 by measurement: on the H100 machine (2026-11-23 16:11 UTC,
-# benchmarks/engine_profile_run4.txt) 3 jobs cut the host time after the last read by ~70 us per layer but the
-# token was not faster (the host, not the copy, is what the layer waits for after its reads)
+# the later jobs' reads are in flight (gated: each job's copy queued behind a wait on its own flag). 1 by
+# measurement: on the H100 machine 3 jobs cut the host time after the last read by ~70 us per layer but the
+# token was not faster (2026-11-23 16:11 UTC, benchmarks/engine_profile_run4.txt); gated, 3 jobs against 1
+# in three interleaved rounds: 222 / 241 / 267 against 246 / 230 / 259 ms per token, no consistent
+# difference within the disk's drift (17:29 UTC, benchmarks/engine-chunks2.txt)
 COPY_CHUNKS = 1
 # GPU, native reader threads: queue the copy of a layer's new rows and the FFN over them before the reads
 # end, behind a device-side wait on a flag the reader threads set (real/kernels/wait_flag.py). On by
@@ -262,12 +264,9 @@ class LoaderLoads:
         return self.gate and self.loader.gated(pending)
 
     def queue_rows(self, pending, clock: "Clock", st: TokenCost) -> torch.Tensor:
-        """Queue (no host wait) the device wait for the reads, then the copy (timed as io)."""
-        self.loader.queue_wait(pending)
-        s = clock.start()
-        rows = self.loader.queue_copy(pending)
-        clock.stop("io_s", s, st)
-        return rows
+        """Queue (no host wait) per read chunk a device wait for its reads and its copy; the last chunk's
+        copy is timed as io (the others overlap the reads, which are timed whole)."""
+        return self.loader.queue_copy(pending, (clock.start, lambda s: clock.stop("io_s", s, st)))
 
     def check(self) -> None:
         if self.gate:

@@ -579,7 +579,8 @@ class _Slot:
     stage_rec: Any = None    # staging as [records, record_bytes] uint8 (views made once: each view op
     raw_rec: Any = None      #   costs host time on the engine's critical path after the reads)
     rec_rows: Any = None     # raw_rec as model-dtype rows (bundled layout: a record is a neuron's row)
-    flag: Any = None         # pinned int32 [1]: the native reader threads store the load's gate value here
+    flag: Any = None         # pinned int32 [copy_chunks]: the native reader threads store the load's gate value
+    flags: Any = None        #   in element i when chunk i's reads are done; flags[i] = flag[i:i+1] (made once)
     gate_value: int = 0      # the last value handed out for this slot (values only grow)
 
 
@@ -601,7 +602,7 @@ class PendingLoad:
     out: Any
     copied: int = 0         # chunks already waited for and queued to the device (``wait_reads``)
     gate_value: int = 0     # > 0: the reader threads set the slot's flag to this when the reads are done
-    queued: bool = False    # the device copy was queued behind a wait on that flag (``queue_copy``)
+    queued: bool = False    # the device copies were queued behind waits on those flags (``queue_copy``)
     refetched: bool = False  # queued, but some reads were completed late: copied again by ``wait``
 
     @property
@@ -681,7 +682,8 @@ class FlashLoader:
             if self.layout.bundled and rec == self.spec.neuron_bytes:
                 slot.rec_rows = slot.raw_rec.view(self.dtype)
             if self.cuda:
-                slot.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+                slot.flag = torch.zeros(copy_chunks, dtype=torch.int32, pin_memory=True)
+                slot.flags = [slot.flag[i:i + 1] for i in range(copy_chunks)]
             self.slots.append(slot)
         self.gate_timed_out = torch.zeros(1, dtype=torch.int32, device=self.device) if self.cuda else None
         self._launch_wait = None         # real.kernels.wait_flag.launch_wait, checked at the first gated load
@@ -715,15 +717,15 @@ class FlashLoader:
 
     def can_gate(self) -> bool:
         """Whether ``submit(gate=True)`` loads can be queued on the device before their reads end: a GPU,
-        the native reader threads (they set the flag), one job per batch."""
-        return self.cuda and self.pool.threads == "native" and self.copy_chunks == 1 and self.stream is None
+        the native reader threads (they set the flags), copies on the caller's stream."""
+        return self.cuda and self.pool.threads == "native" and self.stream is None
 
     def submit(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None,
                gate: bool = False) -> "PendingLoad":
         """Start the reads and return at once; ``wait`` gives the rows. Up to ``slots`` loads may be
         pending, so the reads of the next layer can start while this one is consumed. ``gate`` (where
-        ``can_gate()``): the reader threads raise the slot's flag when the reads are done, so that
-        ``queue_wait`` + ``queue_copy`` can put the copy (and what follows) on the device at once."""
+        ``can_gate()``): the reader threads raise a flag of the slot when a chunk's reads are done, so that
+        ``queue_copy`` can put the copies (and what follows) on the device at once."""
         lay, spec = self.layout, self.spec
         fpl = lay.files_per_layer
         file = np.asarray(reads.file, dtype=np.int64)
@@ -747,15 +749,16 @@ class FlashLoader:
         # the reads start now; the record -> row mapping below is worked out while they are in flight
         dst_off = np.cumsum(length) - length
         cut = chunk_bounds(length, self.copy_chunks)
-        flag = None
+        gate_value = 0
         if gate and self.can_gate():
             st.gate_value += 1
-            flag = (st.flag.data_ptr(), st.gate_value)
+            gate_value = st.gate_value
         jobs: list[ReadJob] = []
         st.pending = True
         self._slot = (s + 1) % len(self.slots)
         try:
-            for a, b in zip(cut, cut[1:]):
+            for i, (a, b) in enumerate(zip(cut, cut[1:])):
+                flag = (st.flag.data_ptr() + 4 * i, gate_value) if gate_value else None
                 jobs.append(self.pool.submit(self.files, st.staging.view, file[a:b], dst_off[a:b], offset[a:b],
                                              length[a:b], flag=flag))
             bounds = [int(dst_off[a]) if a < len(length) else total for a in cut[:-1]] + [total]
@@ -788,29 +791,36 @@ class FlashLoader:
             raise
         identity = lay.bundled and rec_neuron.size == n and np.array_equal(out_row, np.arange(n))
         return PendingLoad(layer, s, jobs, bounds, n, total, len(length), rec_group, hit, out_row, identity, out,
-                           gate_value=flag[1] if flag else 0)
+                           gate_value=gate_value)
 
     def gated(self, p: "PendingLoad") -> bool:
         """``p`` can be queued before its reads end: gated at submit, and rows that need no mapping."""
         return bool(p.gate_value) and p.identity and p.out is None and self.slots[p.slot].rec_rows is not None
 
-    def queue_wait(self, p: "PendingLoad") -> None:
-        """Queue, on the current stream, a wait until ``p``'s reads are done (``real.kernels.wait_flag``)."""
+    def queue_copy(self, p: "PendingLoad", around_last_copy: tuple | None = None) -> Any:
+        """Queue on the current stream, chunk by chunk, a device wait until the chunk's reads are done
+        (``real.kernels.wait_flag``) and then its copy to the device; return the rows (valid on that stream).
+        So the copies of all but the last chunk run while later reads are still in flight. ``wait`` must
+        still be called (it raises read errors, and copies again where short reads were completed after a
+        flag was set: then ``p.refetched``). ``around_last_copy`` = (begin, end): ``end(begin())`` brackets
+        the last chunk's copy, after its wait (the engine times that copy with device events)."""
         if not self.gated(p):
-            raise RuntimeError("queue_wait: the load was not submitted with gate=True (or needs mapping)")
+            raise RuntimeError("queue_copy: the load was not submitted with gate=True (or needs mapping)")
         if self._launch_wait is None:
             from real.kernels.wait_flag import check_wait_args, launch_wait
             for st in self.slots:
-                check_wait_args(st.flag, self.gate_timed_out)
+                for f in st.flags:
+                    check_wait_args(f, self.gate_timed_out)
             self._launch_wait = launch_wait
-        self._launch_wait(self.slots[p.slot].flag, p.gate_value, self.gate_timed_out)
-
-    def queue_copy(self, p: "PendingLoad") -> Any:
-        """After ``queue_wait``: queue the copy of the staged rows to the device and return them (valid on
-        the current stream); ``wait`` must still be called (it raises read errors, and copies again where
-        short reads were completed after the flag was set: then ``p.refetched``)."""
         st = self.slots[p.slot]
-        self._copy_chunks(st, p, 0)
+        last = len(p.jobs) - 1
+        for i in range(last + 1):
+            self._launch_wait(st.flags[i], p.gate_value, self.gate_timed_out)
+            span = around_last_copy[0]() if around_last_copy and i == last else None
+            self._copy_chunk(st, p, i)
+            if span is not None:
+                around_last_copy[1](span)
+        p.copied = last + 1
         st.event.record()
         p.queued = True
         return st.rec_rows[:p.n]
@@ -899,7 +909,7 @@ class FlashLoader:
             p.refetched = True
         if p.identity and out is None and not side and st.rec_rows is not None:
             # the engine's case (bundled, unpadded records are the rows, caller's stream): no mapping
-            if self.cuda:
+            if self.cuda and (p.refetched or not p.queued):    # queue_copy recorded it already
                 st.event.record()
             self.stats.map_seconds += time.perf_counter() - t0
             return st.rec_rows[:n]

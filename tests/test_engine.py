@@ -16,6 +16,11 @@ from sim.policy import Policy  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
 SPEC = ModelSpec.preset("opt-tiny")   # 2 layers, d_model 64, d_ff 512, 4 heads, vocab 256, float32
+# d_model 512 float32: a neuron's bundle is exactly one 4 KiB record, so a plan's reads hold only the
+# neurons it loads and the loader can queue them on the device before the reads end (gated loads);
+# opt-tiny's 512-byte bundles share 4 KiB reads with neighbours that are not loaded
+GATE_SPEC = ModelSpec.from_dict({**SPEC.to_dict(), "name": "opt-tiny-gate", "d_model": 512, "n_heads": 8,
+                                 "d_ff": 1024})
 EPS = torch.finfo(torch.float32).eps
 
 
@@ -99,41 +104,97 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 @pytest.mark.parametrize("device,copy_chunks,gate", [("cpu", 3, False), pytest.param("cuda", 1, False, marks=CUDA),
                                                      pytest.param("cuda", 3, False, marks=CUDA),
-                                                     pytest.param("cuda", 1, True, marks=CUDA)])
+                                                     pytest.param("cuda", 1, True, marks=CUDA),
+                                                     pytest.param("cuda", 3, True, marks=CUDA)])
 @pytest.mark.parametrize("loader", ["auto", "simple"])
 @pytest.mark.parametrize("name", ["naive", "predictor", "windowing", "windowing_bundling"])
 def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy_chunks, gate):
     """Trace mode: per layer the FFN output equals the dense FFN restricted to the plan's active set,
     with the weights read from flash through the plan; the cache follows the policy engine. On a GPU
-    too (float32: the torch path, but the device copies, chunked jobs and cache moves are the GPU's)."""
+    too (float32: the torch path, but the device copies, chunked jobs, gated waits and cache moves are
+    the GPU's)."""
     pol = policy(name)
-    flash = flash_dir_for(SPEC, pol.bundling, tmp_path)
-    model = build_opt(SPEC)
-    layers = model.model.decoder.layers
-    trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=12, seed=3, sparsity=0.8, reuse=0.5))
-    engine = PolicyEngine(SPEC, pol)
+    spec = GATE_SPEC if gate else SPEC
+    flash = flash_dir_for(spec, pol.bundling, tmp_path)
+    layers = build_opt(spec).model.decoder.layers
+    trace = generate_trace(spec, SyntheticTraceConfig(tokens=12, seed=3, sparsity=0.8, reuse=0.5))
+    engine = PolicyEngine(spec, pol)
     ffn = FlashFFN(flash, engine.capacity, strategy=pol.mem_strategy, threads=4, loader=loader, device=device,
                    copy_chunks=copy_chunks, gate_reads=gate, up_bias=[l.fc1.bias.detach() for l in layers],
                    down_bias=[l.fc2.bias.detach() for l in layers])
-    if gate and loader == "auto" and pol.bundling:
-        assert ffn.loads_gated, "gated reads should be on (GPU, native reader threads)"
-    gen = torch.Generator().manual_seed(0)
+    queued = count_gated_loads(ffn)
     try:
-        for layer_plans in plans_checked(engine, ffn, trace.active):
-            ffn.begin_token(layer_plans[0].token)
-            for p in layer_plans:
-                x = torch.randn(1, SPEC.d_model, generator=gen)
-                y = ffn.run_layer(p, x.to(device)).cpu()
-                w1, b1 = layers[p.layer].fc1.weight.detach(), layers[p.layer].fc1.bias.detach()
-                w2, b2 = layers[p.layer].fc2.weight.detach(), layers[p.layer].fc2.bias.detach()
-                h = torch.relu(x @ w1.T + b1)
-                mask = torch.zeros(SPEC.d_ff)
-                mask[torch.from_numpy(p.active)] = 1
-                want = (h * mask) @ w2.T + b2
-                assert torch.allclose(y, want, rtol=0, atol=8 * SPEC.d_ff * EPS * float(want.abs().max() + 1)), \
-                    f"token {p.token} layer {p.layer}"
+        assert_trace_mode_exact(ffn, engine, trace, layers, device)
     finally:
         ffn.close()
+    if gate and loader == "auto" and pol.bundling:
+        assert ffn.loads_gated and queued, "gated reads should be on (GPU, native reader threads, 4 KiB bundles)"
+
+
+def count_gated_loads(ffn) -> list:
+    """A list that grows by one per load the engine queued on the device before its reads ended."""
+    queued = []
+    if ffn.loads_gated:
+        real_queue = ffn.loads.queue_rows
+        ffn.loads.queue_rows = lambda *a: (queued.append(1), real_queue(*a))[1]
+    return queued
+
+
+def assert_trace_mode_exact(ffn, engine, trace, layers, device):
+    spec = engine.spec
+    gen = torch.Generator().manual_seed(0)
+    for layer_plans in plans_checked(engine, ffn, trace.active):
+        ffn.begin_token(layer_plans[0].token)
+        for p in layer_plans:
+            x = torch.randn(1, spec.d_model, generator=gen)
+            y = ffn.run_layer(p, x.to(device)).cpu()
+            w1, b1 = layers[p.layer].fc1.weight.detach(), layers[p.layer].fc1.bias.detach()
+            w2, b2 = layers[p.layer].fc2.weight.detach(), layers[p.layer].fc2.bias.detach()
+            h = torch.relu(x @ w1.T + b1)
+            mask = torch.zeros(spec.d_ff)
+            mask[torch.from_numpy(p.active)] = 1
+            want = (h * mask) @ w2.T + b2
+            assert torch.allclose(y, want, rtol=0, atol=8 * spec.d_ff * EPS * float(want.abs().max() + 1)), \
+                f"token {p.token} layer {p.layer}"
+        ffn.end_token()
+
+
+@CUDA
+def test_gated_reads_completed_late_are_copied_and_computed_again(tmp_path, monkeypatch):
+    """Gated reads: the device copy is queued before the reads end. A read that came back short is
+    completed by the host after the reader threads set the flag, so the queued copy may have taken the
+    bytes before the completion: the loader copies again and the engine recomputes the new rows' FFN.
+    Here the first read of every batch comes back half done, its second half scribbled over."""
+    import ctypes
+
+    from real.loader import ReadPool
+    real_wait = ReadPool._wait_c
+
+    def short_first_read(pool, job):
+        real_wait(pool, job)
+        _, addr, _, ln, res, _ = job.native
+        half = int(ln[0]) // 2
+        ctypes.memset(int(addr[0]) + half, 0xFF, int(ln[0]) - half)
+        res[0] = half
+
+    monkeypatch.setattr(ReadPool, "_wait_c", short_first_read)
+    pol = policy("windowing_bundling")
+    flash = flash_dir_for(GATE_SPEC, True, tmp_path)
+    layers = build_opt(GATE_SPEC).model.decoder.layers
+    trace = generate_trace(GATE_SPEC, SyntheticTraceConfig(tokens=6, seed=5, sparsity=0.8, reuse=0.5))
+    engine = PolicyEngine(GATE_SPEC, pol)
+    ffn = FlashFFN(flash, engine.capacity, threads=4, device="cuda", read_threads="native", gate_reads=True,
+                   up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+    refetched = []
+    real_rows = ffn.loads.rows
+    monkeypatch.setattr(ffn.loads, "rows", lambda p: (real_rows(p), refetched.append(p.refetched))[0])
+    queued = count_gated_loads(ffn)
+    try:
+        assert ffn.loads_gated
+        assert_trace_mode_exact(ffn, engine, trace, layers, "cuda")
+    finally:
+        ffn.close()
+    assert queued and sum(refetched) == len(queued), "every gated load had a short read: each is copied again"
 
 
 def test_trace_engine_reports_parts(tmp_path):

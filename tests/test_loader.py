@@ -294,17 +294,18 @@ def test_device_wait_holds_the_stream_until_the_flag_is_set():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gated_loads_give_the_same_rows(flash_dirs):
+@pytest.mark.parametrize("copy_chunks", [1, 3])
+def test_gated_loads_give_the_same_rows(flash_dirs, copy_chunks):
     native_or_skip()
     flash = flash_dirs["bundled"]
     rng = np.random.default_rng(9)
-    with FlashLoader(flash, device="cuda", depth=8, side_stream=False, read_threads="native") as loader:
+    with FlashLoader(flash, device="cuda", depth=8, side_stream=False, read_threads="native",
+                     copy_chunks=copy_chunks) as loader:
         assert loader.can_gate()
         for layer in (0, 1, 2, 0, 1):
             ids = np.sort(rng.choice(SPEC.d_ff, 300, replace=False))
             p = loader.submit(layer, flash.layout.reads_for(layer, ids, 8192), ids, gate=True)
-            assert loader.gated(p)
-            loader.queue_wait(p)
+            assert loader.gated(p) and len(p.jobs) == copy_chunks
             rows = loader.queue_copy(p)           # queued before the host waited for anything
             again = loader.wait(p)
             torch.cuda.synchronize()
