@@ -327,6 +327,9 @@ def main(argv=None) -> int:
         f"{spec.total_bytes / 1e9:.2f} GB; trace sparsity {trace.sparsity().mean():.4f}, new at window 5 "
         f"{trace.new_neurons_curve([5])[0] * 100:.2f}%")
     by_label = {s[0]: s for s in STEPS}
+    unknown = [x for x in args.steps.split(",") if x not in by_label] if args.steps else []
+    if unknown:
+        raise SystemExit(f"--steps: unknown {unknown}. Fix: use labels from {list(by_label)}")
     steps = [by_label[x] for x in args.steps.split(",")] if args.steps else STEPS   # in the order given
     cache_dir = Path(args.flash_dir)
     flash = {}

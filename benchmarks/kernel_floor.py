@@ -8,8 +8,10 @@ at 90-95% sparsity, where those bytes are 13-27 MB (OPT-6.7B). At such sizes a l
 first loads, drain) is a visible share of the time for any kernel, a plain copy included. Per size this
 measures, CUDA-graph replay of 16 rotated input sets (no L2 hits), median per call: a torch copy that
 touches the same bytes (half read, half written, the peak's convention), a torch sum that reads them, our
-fused kernel, and floors: an empty Triton kernel (1 and #SMs programs) and our kernel with 0 active rows
-(count on the device). Writes kernel_floor.txt and results/kernel_floor.json."""
+fused kernel, the same kernel accumulating into a caller's fp32 buffer (``accumulate=``: no epilogue, the
+next op would read and reset the sum), and floors: an empty Triton kernel (1 and #SMs programs) and our
+kernel with 0 active rows (count on the device), both ways. Before timing, the accumulating launch is
+checked against the finishing one. Writes kernel_floor.txt and results/kernel_floor.json."""
 
 from __future__ import annotations
 
@@ -45,6 +47,18 @@ def touched_bytes(n: int) -> int:
     return n * (2 * D * 2 + 4 + 2) + 2 * D * 2
 
 
+def check_accumulate(x, cache, idx, bias, sp) -> str:
+    """The accumulating launch adds the same y as the finishing launch returns (fp16 rounding apart)."""
+    acc = torch.zeros(1, D, device="cuda")
+    bundled_sparse_ffn(x, cache, idx, bias=bias, accumulate=acc)
+    y = bundled_sparse_ffn(x, cache, idx, bias=bias).float()
+    rel = float((acc - y).norm() / y.norm())
+    tol = 2 * torch.finfo(DTYPE).eps
+    if rel > tol:
+        raise SystemExit(f"accumulate mode disagrees with the finishing kernel at {sp}%: {rel:.2e}")
+    return f"# {sp}%: accumulating vs finishing launch, relative difference {rel:.1e} (tolerance {tol:.1e})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
@@ -66,6 +80,10 @@ def main() -> int:
     zero = torch.zeros(1, device="cuda", dtype=torch.int32)
     floors["our kernel, 0 active rows (count on device)"] = graph_ms(
         [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idx0, bias=bias, count=zero) for i in range(ROTATE)])
+    accs = [torch.zeros(1, D, device="cuda") for _ in range(ROTATE)]
+    floors["the same, accumulating (no epilogue)"] = graph_ms(
+        [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idx0, bias=bias, count=zero, accumulate=accs[i])
+         for i in range(ROTATE)])
     records, lines = [], []
     lines.append(f"# single-launch floor at the sparse FFN's sizes (OPT-6.7B, batch 1, fp16): {dev_name}, {date}")
     lines.append(f"# CUDA-graph replay of {ROTATE} rotated input sets, median per call; copy peak {peak:.0f} GB/s "
@@ -77,6 +95,7 @@ def main() -> int:
                         "touched_gbps": None, "pct_of_copy_peak": None, "peak_gbps": round(peak, 1)})
     lines.append("")
     lines.append(f"{'sparsity':>8} {'MB':>6} {'contender':<34} {'us':>7} {'GB/s':>6} {'% peak':>7}")
+    checks = []
     for sp in SPARSITIES:
         n = round(FF * (1 - sp / 100))
         nbytes = touched_bytes(n)
@@ -86,11 +105,14 @@ def main() -> int:
         reads = [torch.randn(nbytes // 2, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
         idxs = [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
                 for _ in range(ROTATE)]
+        checks.append(check_accumulate(xs[0], caches[0], idxs[0], bias, sp))
         contenders = {
             "torch copy (same bytes touched)": [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(ROTATE)],
             "torch sum (reads the same bytes)": [lambda i=i: reads[i].sum() for i in range(ROTATE)],
             "our fused sparse FFN": [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias)
                                      for i in range(ROTATE)],
+            "ours, fp32 accumulate, no epilogue": [lambda i=i: bundled_sparse_ffn(
+                xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i]) for i in range(ROTATE)],
         }
         for name, calls in contenders.items():
             ms = graph_ms(calls)
@@ -99,7 +121,7 @@ def main() -> int:
             records.append({"device": dev_name, "date": date, "case": name, "sparsity": sp, "bytes": nbytes,
                             "ms": round(ms, 5), "touched_gbps": round(gbps, 1),
                             "pct_of_copy_peak": round(100 * gbps / peak, 1), "peak_gbps": round(peak, 1)})
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + [""] + checks) + "\n"
     print(text)
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ host was blocked waiting for reads."""
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from typing import Iterable, Iterator
 
@@ -265,7 +267,8 @@ class LoaderLoads:
 
     def queue_rows(self, pending, clock: "Clock", st: TokenCost) -> torch.Tensor:
         """Queue (no host wait) per read chunk a device wait for its reads and its copy; the last chunk's
-        copy is timed as io (the others overlap the reads, which are timed whole)."""
+        copy is timed as io (the others are assumed to overlap the reads, which are timed whole: where the
+        reads ended before the copies were queued, io is undercounted by their copies)."""
         return self.loader.queue_copy(pending, (clock.start, lambda s: clock.stop("io_s", s, st)))
 
     def check(self) -> None:
@@ -273,7 +276,8 @@ class LoaderLoads:
             self.loader.check_gate()
 
     def wait_reads(self, pending) -> tuple[float, float]:
-        """The reads are done, and all but the last chunk already on their way to the device."""
+        """The reads are done, and all but the last chunk already on their way to the device (gated
+        loads: all chunks, queued by ``queue_rows``)."""
         return self.loader.wait_reads(pending)
 
     def rows(self, pending) -> torch.Tensor:
@@ -443,7 +447,12 @@ class FlashFFN:
         elif getattr(self.loads, "gated", None) and self.loads.gated(pending):
             # the device waits for the reads itself (a flag the reader threads set), so the copy and the
             # FFN over the new rows are queued now; the host then waits for the reads (errors, accounting)
-            new_rows = self.loads.queue_rows(pending, clock, st)
+            try:
+                new_rows = self.loads.queue_rows(pending, clock, st)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.loads.rows(pending)                 # the load's slot is given back, not lost
+                raise
             self.mark("copy")
             y_pre, b2_new = y, b2
             s = clock.start()

@@ -600,8 +600,9 @@ class PendingLoad:
     out_row: np.ndarray
     identity: bool
     out: Any
-    copied: int = 0         # chunks already waited for and queued to the device (``wait_reads``)
-    gate_value: int = 0     # > 0: the reader threads set the slot's flag to this when the reads are done
+    copied: int = 0         # chunks whose device copy is queued (``wait_reads``, or ``queue_copy`` when gated)
+    gate_value: int = 0     # > 0: the reader threads set chunk i's flag element of the slot to this when the
+                            #   chunk's reads are done
     queued: bool = False    # the device copies were queued behind waits on those flags (``queue_copy``)
     refetched: bool = False  # queued, but some reads were completed late: copied again by ``wait``
 
@@ -651,7 +652,8 @@ class FlashLoader:
         if copy_chunks < 1:
             raise ValueError(f"copy_chunks must be >= 1, got {copy_chunks}")
         # copy_chunks > 1: a batch goes to the pool as that many jobs (``chunk_bounds``) and ``wait_reads``
-        # queues each finished chunk's device copy while the later chunks' reads are still in flight
+        # queues each finished chunk's device copy while the later chunks' reads are still in flight (gated
+        # loads: ``queue_copy`` queues them all at once, each behind a device wait on its chunk's flag)
         self.copy_chunks = copy_chunks
 
         self.flash = flash if isinstance(flash, FlashDir) else FlashDir.open(flash)
@@ -717,8 +719,10 @@ class FlashLoader:
 
     def can_gate(self) -> bool:
         """Whether ``submit(gate=True)`` loads can be queued on the device before their reads end: a GPU,
-        the native reader threads (they set the flags), copies on the caller's stream."""
-        return self.cuda and self.pool.threads == "native" and self.stream is None
+        the native reader threads (they set the flags), copies on the caller's stream, and triton (the
+        device wait is a Triton kernel)."""
+        from real.kernels._launch import triton
+        return self.cuda and self.pool.threads == "native" and self.stream is None and triton is not None
 
     def submit(self, layer: int, reads: Reads, neurons: np.ndarray | None = None, out: Any = None,
                gate: bool = False) -> "PendingLoad":

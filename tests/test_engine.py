@@ -16,9 +16,9 @@ from sim.policy import Policy  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
 SPEC = ModelSpec.preset("opt-tiny")   # 2 layers, d_model 64, d_ff 512, 4 heads, vocab 256, float32
-# d_model 512 float32: a neuron's bundle is exactly one 4 KiB record, so a plan's reads hold only the
-# neurons it loads and the loader can queue them on the device before the reads end (gated loads);
-# opt-tiny's 512-byte bundles share 4 KiB reads with neighbours that are not loaded
+# d_model 512 float32: a neuron's bundle is exactly one 4 KiB record, so the staged records are the rows and
+# the loader can queue them on the device before the reads end (gated loads); opt-tiny's 512-byte bundles
+# are padded to 4 KiB records, which need unpadding after the reads (never gated)
 GATE_SPEC = ModelSpec.from_dict({**SPEC.to_dict(), "name": "opt-tiny-gate", "d_model": 512, "n_heads": 8,
                                  "d_ff": 1024})
 EPS = torch.finfo(torch.float32).eps
@@ -160,23 +160,38 @@ def assert_trace_mode_exact(ffn, engine, trace, layers, device):
 
 
 @CUDA
-def test_gated_reads_completed_late_are_copied_and_computed_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copy_chunks", [1, 3])
+def test_gated_reads_completed_late_are_copied_and_computed_again(tmp_path, monkeypatch, copy_chunks):
     """Gated reads: the device copy is queued before the reads end. A read that came back short is
-    completed by the host after the reader threads set the flag, so the queued copy may have taken the
-    bytes before the completion: the loader copies again and the engine recomputes the new rows' FFN.
-    Here the first read of every batch comes back half done, its second half scribbled over."""
+    completed by the host after the reader threads set the flag, so the queued copy may take the bytes
+    before the completion: the loader copies again and the engine recomputes the new rows' FFN. Here the
+    reader threads read nothing for the first read of every job (its bytes scribbled over beforehand) and
+    set the flag; the device consumes the bad bytes (a sync) before the host completes the read: the
+    outputs are right only if the copy and the FFN are redone. (The flags stay the reader threads' job,
+    so an implicit device sync anywhere on the host cannot hold the device wait.)"""
     import ctypes
 
     from real.loader import ReadPool
-    real_wait = ReadPool._wait_c
+    real_submit, real_wait = ReadPool.submit, ReadPool._wait_c
+    full = {}
+
+    def submit_first_read_empty(pool, files, dest, file_idx, dst_off, offset, length, flag=None):
+        length = np.array(length, dtype=np.int64)
+        if length.size:
+            ctypes.memset(np.frombuffer(dest, np.uint8).ctypes.data + int(dst_off[0]), 0xFF, int(length[0]))
+            first, length[0] = int(length[0]), 0
+        job = real_submit(pool, files, dest, file_idx, dst_off, offset, length, flag=flag)
+        if length.size:
+            full[id(job)] = first
+        return job
 
     def short_first_read(pool, job):
         real_wait(pool, job)
-        _, addr, _, ln, res, _ = job.native
-        half = int(ln[0]) // 2
-        ctypes.memset(int(addr[0]) + half, 0xFF, int(ln[0]) - half)
-        res[0] = half
+        torch.cuda.current_stream().synchronize()     # the queued copies and FFN have used the bad bytes
+        if id(job) in full:                           # its real length: 0 of it done, the host does the rest
+            job.native[3][0] = full.pop(id(job))
 
+    monkeypatch.setattr(ReadPool, "submit", submit_first_read_empty)
     monkeypatch.setattr(ReadPool, "_wait_c", short_first_read)
     pol = policy("windowing_bundling")
     flash = flash_dir_for(GATE_SPEC, True, tmp_path)
@@ -184,7 +199,8 @@ def test_gated_reads_completed_late_are_copied_and_computed_again(tmp_path, monk
     trace = generate_trace(GATE_SPEC, SyntheticTraceConfig(tokens=6, seed=5, sparsity=0.8, reuse=0.5))
     engine = PolicyEngine(GATE_SPEC, pol)
     ffn = FlashFFN(flash, engine.capacity, threads=4, device="cuda", read_threads="native", gate_reads=True,
-                   up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+                   copy_chunks=copy_chunks, up_bias=[l.fc1.bias.detach() for l in layers],
+                   down_bias=[l.fc2.bias.detach() for l in layers])
     refetched = []
     real_rows = ffn.loads.rows
     monkeypatch.setattr(ffn.loads, "rows", lambda p: (real_rows(p), refetched.append(p.refetched))[0])

@@ -163,6 +163,46 @@ def test_out_argument_and_its_checks():
         bundled_sparse_ffn(x, cache, idx, bias=bias, out=out[:2])
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_accumulate_adds_in_fp32(gated, tokens, impl):
+    """accumulate=: two calls over disjoint row sets (as the engine's resident and new rows) add into one
+    fp32 buffer that held something already; the sum is y (+ down bias) of all rows in fp32, not rounded to
+    the weights' dtype. Tolerance: fp32 accumulation over k terms (4 eps32 sqrt(k)), plus the rounding of
+    adding into the buffer's prior content (eps32 per add, relative to that content)."""
+    d_model, dtype = 72, torch.float16
+    cache, x, idx, bias = _ffn_inputs(21 + tokens, 150, d_model, tokens, 0.6, dtype, gated, with_bias=not gated)
+    down_bias = None if gated else torch.randn(d_model, generator=_gen(22)).to(dtype)
+    g = _gen(23)
+    acc0 = torch.randn(tokens, d_model, generator=g)
+    acc = acc0.clone()
+    half = idx.numel() // 2
+    first = bundled_sparse_ffn(x, cache, idx[:half], gated=gated, bias=bias, down_bias=down_bias, impl=impl,
+                               accumulate=acc)
+    assert first is acc
+    count = torch.tensor([idx.numel() - half], dtype=torch.int32)          # device-side count, second call
+    bundled_sparse_ffn(x, cache, torch.cat([idx[half:], idx[:3]]), gated=gated, bias=bias, impl=impl,
+                       count=count, accumulate=acc)
+    ref = _ref(x, cache, idx, bias, gated, down_bias=down_bias)
+    eps32 = torch.finfo(torch.float32).eps
+    err = (acc.double() - acc0.double() - ref).norm() / ref.norm()
+    tol = 4 * eps32 * math.sqrt(d_model) + 4 * eps32 * float(acc0.norm() / ref.norm())
+    assert acc.dtype == torch.float32 and err <= tol, f"relative error {err:.3e} > {tol:.3e}"
+
+
+def test_accumulate_checks():
+    cache, x, idx, _ = _ffn_inputs(24, 40, 32, 2, 0.5, torch.float16, False, with_bias=False)
+    with pytest.raises(ValueError, match="accumulate: expected a contiguous float32"):
+        bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(2, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="accumulate: expected"):
+        bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="accumulate: only method='fused'"):
+        bundled_sparse_ffn(x, cache, idx, method="two_phase", accumulate=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="out: not with accumulate"):
+        bundled_sparse_ffn(x, cache, idx, out=torch.empty_like(x), accumulate=torch.zeros(2, 32))
+
+
 def test_wide_rows_fall_back_to_one_launch_per_token():
     """d_model > 8192 does not fit a whole-row tile: tokens go one launch each, same function."""
     cache, x, idx, bias = _ffn_inputs(13, 6, 8200, 2, 0.5, torch.float16, False, with_bias=True)

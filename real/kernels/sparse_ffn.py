@@ -25,6 +25,8 @@ launch leaves as it found it. Ordering: every thread fences its own atomics (fen
 barrier and the acq_rel ticket, and the last program reads the accumulator with atomic adds of zero (served by
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
 mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
+Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
+no ticket or finish: that epilogue is ~3 us of every call at OPT-6.7B sizes (benchmarks/kernel_floor.txt).
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
 bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
@@ -56,8 +58,9 @@ def _activate_torch(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def sparse_ffn_reference(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu",
-                         count=None):
-    """The same function as `sparse_ffn` in plain torch; computes in fp32 (float64 if the inputs are float64).
+                         count=None, out_dtype=None):
+    """The same function as `sparse_ffn` in plain torch; computes in fp32 (float64 if the inputs are float64)
+    and returns x's dtype, or ``out_dtype``.
 
     With `count` (a device tensor), reads it on the host: a synchronisation, fine for a fallback.
     """
@@ -79,7 +82,7 @@ def sparse_ffn_reference(x, up, down, idx=None, *, gate=None, bias=None, down_bi
     y = h @ rows(down).to(work)
     if down_bias is not None:
         y = y + down_bias.to(work)
-    y = y.to(x.dtype)
+    y = y.to(out_dtype or x.dtype)
     return y.reshape(-1) if squeeze else y
 
 
@@ -306,13 +309,16 @@ if triton is not None:
                        HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                       N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr, FENCE: tl.constexpr):
+                       N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr, FENCE: tl.constexpr,
+                       FINISH: tl.constexpr = True):
         """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
         each program keeps a block of weights in flight. One token: y's share stays in fp32 registers and is
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
-        over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D."""
+        over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
+        FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
+        programs only add into it (program 0 adds the down bias) and no epilogue runs."""
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         n = n_active
@@ -352,7 +358,13 @@ if triton is not None:
         if BLOCK_T == 1:
             if start < end:
                 tl.atomic_add(acc_out + d, part, mask=dmask, sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, N_ACC, FENCE)
+        if FINISH:
+            _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, N_ACC, FENCE)
+        elif HAS_OUT_BIAS:
+            if pid == 0:
+                ob = tl.load(out_bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+                for t in range(0, T):
+                    tl.atomic_add(acc_ptr + t * D + d, ob, mask=dmask, sem="relaxed")
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _hidden_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, bias_ptr, idx_ptr, count_ptr,
@@ -552,7 +564,7 @@ def _check(x, up, down, idx, gate, bias, down_bias, count, method):
 
 
 def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu", count=None,
-               method="fused", impl="auto", config=None, out=None):
+               method="fused", impl="auto", config=None, out=None, accumulate=None):
     """y = sum over active rows r of act(x . up[r] + bias[r]) * down[r] (+ down_bias); gated: act(x.gate[r]) * (x.up[r]).
 
     x: [d_model] or [tokens, d_model] (fp16/bf16, same dtype as the weights); up, down, gate: [n_rows, d_model]
@@ -568,17 +580,31 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     'num_warps', 'num_stages'.
     out: optional preallocated result (x's shape, dtype and device, contiguous; at most 16 tokens), so that a
     call allocates nothing (the accumulator is a cached workspace).
+    accumulate: optional float32 tensor of x's shape (contiguous, at most 16 tokens; method 'fused',
+    d_model <= 8192): y (+ down_bias) is ADDED into it in fp32 and it is returned. One launch whose programs
+    only add, with no epilogue (no ticket, cast or re-zeroing): the caller owns the sum, e.g. several calls
+    (resident and new rows) add into one buffer and the next fused op reads and resets it.
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
+    if accumulate is not None:
+        _check_accumulate(x, accumulate, method, out)
     backend = backend_for(x, impl)
     if backend == "torch":
+        if accumulate is not None:
+            return accumulate.add_(sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
+                                                        activation=activation, count=count,
+                                                        out_dtype=torch.float32))
         return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
                                     activation=activation, count=count)
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x: the Triton kernels take float16/bfloat16, got {x.dtype}. Fix: cast, or impl='torch'")
     squeeze = x.dim() == 1
     x2 = (x.reshape(1, -1) if squeeze else x).contiguous()
+    if accumulate is not None:
+        _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
+                acc_into=accumulate.view(x2.shape))
+        return accumulate
     if out is not None:
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous() \
                 or x2.shape[0] > MAX_TOKENS_PER_LAUNCH:
@@ -594,7 +620,35 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     return y.reshape(-1) if squeeze else y
 
 
-def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None):
+def _check_accumulate(x, acc, method, out):
+    if acc.dtype != torch.float32 or acc.shape != x.shape or acc.device != x.device or not acc.is_contiguous():
+        raise ValueError(f"accumulate: expected a contiguous float32 tensor of x's shape {tuple(x.shape)} on "
+                         f"{x.device}, got {acc.dtype} {tuple(acc.shape)} on {acc.device}. Fix: allocate it with "
+                         "torch.zeros(x.shape, dtype=torch.float32, device=x.device)")
+    if method != "fused" or x.shape[-1] > MAX_WHOLE_ROW or (x.dim() == 2 and x.shape[0] > MAX_TOKENS_PER_LAUNCH):
+        raise ValueError(f"accumulate: only method='fused' with d_model <= {MAX_WHOLE_ROW} and at most "
+                         f"{MAX_TOKENS_PER_LAUNCH} tokens (got method={method!r}, x {tuple(x.shape)}). "
+                         "Fix: pass accumulate=None and add the returned y yourself")
+    if out is not None:
+        raise ValueError("out: not with accumulate (the result is the accumulator). Fix: pass one of them")
+
+
+# tuned configs for accumulating launches, by launch shape: tuning runs a kernel several times, which an
+# accumulating launch would add into the caller's buffer each time, so the finishing kernel is tuned instead
+_ACC_CONFIGS: dict = {}
+
+
+def _accumulate_config(key, mode: str, tune) -> dict:
+    cfg = _ACC_CONFIGS.get(key)
+    if cfg is None:
+        tune()                               # a finishing launch of the same shape into a scratch output
+        cfg = dict(STREAM.best_config(mode).all_kwargs(), N_ACC=1)
+        _ACC_CONFIGS[key] = cfg
+    return cfg
+
+
+def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
+            acc_into=None):
     T, D = x.shape
     n_rows = up.shape[0]
     n_cap = n_rows if idx is None else idx.numel()
@@ -603,12 +657,20 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         parts = [_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count, method,
                          config, None if y is None else y[t:t + 1]) for t in range(T)]
         return torch.cat(parts) if y is None else y
+    if acc_into is not None:
+        if config is None and backend == "triton":
+            key = (str(x.device), D, T, next_pow2(n_rows if idx is None else idx.numel()), idx is None,
+                   count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
+            config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
+                backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None))
+        elif config is not None:
+            config = dict(config, N_ACC=1)
     if y is None:
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if acc_into is None else acc_into
     if config is not None and not 1 <= int(config.get("N_ACC", 1)) <= MAX_N_ACC:
         raise ValueError(f"config: N_ACC must be in 1..{MAX_N_ACC} (the accumulator workspace holds that many "
                          f"copies), got {config['N_ACC']}")
-    acc, sem = _workspace(x.device, MAX_N_ACC * T * D)
+    acc, sem = _workspace(x.device, MAX_N_ACC * T * D) if acc_into is None else (acc_into, x)
     if method == "fused" and D <= MAX_WHOLE_ROW:
         kernel, mode = STREAM, ("one" if T == 1 else "multi")
     elif method in ("fused", "per_block"):
@@ -622,6 +684,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         config = dict(kernel.default[mode])
         if kernel is STREAM or config["WHOLE_ROW"]:
             config["BLOCK_D"] = max(config["BLOCK_D"], next_pow2(D))
+        if acc_into is not None:
+            config["N_ACC"] = 1
     whole = kernel is STREAM or (kernel is FUSED and (config or {}).get("WHOLE_ROW"))
     if config is not None and whole and config["BLOCK_D"] < D:
         raise ValueError(f"config: the whole-row kernels (method 'fused', or WHOLE_ROW=True) need BLOCK_D >= "
@@ -645,7 +709,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       bias if bias is not None else dummy, down_bias if down_bias is not None else dummy,
                       *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
-                      ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config, **flags)
+                      ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
+                      **({"FINISH": False} if acc_into is not None else {}), **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
