@@ -31,7 +31,6 @@ host was blocked waiting for reads."""
 from __future__ import annotations
 
 import contextlib
-
 import time
 from typing import Iterable, Iterator
 

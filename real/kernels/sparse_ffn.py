@@ -601,6 +601,8 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
         raise ValueError(f"x: the Triton kernels take float16/bfloat16, got {x.dtype}. Fix: cast, or impl='torch'")
     squeeze = x.dim() == 1
     x2 = (x.reshape(1, -1) if squeeze else x).contiguous()
+    if x2.shape[0] == 0:                  # no tokens: nothing to add (a launch would read token 0 of x)
+        return accumulate if accumulate is not None else out if out is not None else torch.empty_like(x)
     if accumulate is not None:
         _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
                 acc_into=accumulate.view(x2.shape))
@@ -623,8 +625,9 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
 def _check_accumulate(x, acc, method, out):
     if acc.dtype != torch.float32 or acc.shape != x.shape or acc.device != x.device or not acc.is_contiguous():
         raise ValueError(f"accumulate: expected a contiguous float32 tensor of x's shape {tuple(x.shape)} on "
-                         f"{x.device}, got {acc.dtype} {tuple(acc.shape)} on {acc.device}. Fix: allocate it with "
-                         "torch.zeros(x.shape, dtype=torch.float32, device=x.device)")
+                         f"{x.device}, got {acc.dtype} {tuple(acc.shape)} on {acc.device} (contiguous: "
+                         f"{acc.is_contiguous()}). Fix: allocate it with torch.zeros(x.shape, dtype=torch.float32, "
+                         "device=x.device)")
     if method != "fused" or x.shape[-1] > MAX_WHOLE_ROW or (x.dim() == 2 and x.shape[0] > MAX_TOKENS_PER_LAUNCH):
         raise ValueError(f"accumulate: only method='fused' with d_model <= {MAX_WHOLE_ROW} and at most "
                          f"{MAX_TOKENS_PER_LAUNCH} tokens (got method={method!r}, x {tuple(x.shape)}). "
@@ -639,6 +642,8 @@ _ACC_CONFIGS: dict = {}
 
 
 def _accumulate_config(key, mode: str, tune) -> dict:
+    """The finishing launch's tuned config for this shape (the first call of a shape tunes: make it outside
+    CUDA-graph capture; the tuned config is read back as the kernel's last, so not from concurrent threads)."""
     cfg = _ACC_CONFIGS.get(key)
     if cfg is None:
         tune()                               # a finishing launch of the same shape into a scratch output
@@ -664,6 +669,9 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
             config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
                 backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None))
         elif config is not None:
+            if int(config.get("N_ACC", 1)) != 1:
+                raise ValueError(f"config: N_ACC must be 1 with accumulate (the sum goes straight into the caller's "
+                                 f"buffer), got {config['N_ACC']}. Fix: drop N_ACC or set it to 1")
             config = dict(config, N_ACC=1)
     if y is None:
         y = torch.empty_like(x) if acc_into is None else acc_into
