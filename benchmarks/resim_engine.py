@@ -1,0 +1,106 @@
+"""Re-simulate measured engine runs on the CPU: how well does each hardware profile predict them?
+
+    python benchmarks/resim_engine.py [benchmarks/results/engine.json ...]
+                                      [--hardware h100-vda,h100-calibrated,h100-calibrated-fit]
+
+For every record of a ``bench_engine.py`` results file this rebuilds the very plans the engine executed
+(the same synthetic trace, policy step and tokens; warm-up excluded alike) and predicts the per-token
+latency with each profile. No GPU, no torch: the question "which profile predicts that machine?" can be
+asked of any measured run, and of a profile made later (e.g. a re-fit). Records from before
+``trace_tokens`` was stored assume bench_engine's default token counts (a 69-token trace, seed 0).
+Prints the table and writes resim_engine.txt and results/resim_engine.json under --out-dir."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+
+from engine_steps import STEPS  # noqa: E402
+from sim.atomic import atomic_write_text  # noqa: E402
+from sim.hardware import HardwareProfile  # noqa: E402
+from sim.model_spec import ModelSpec  # noqa: E402
+from sim.plan import PolicyEngine  # noqa: E402
+from sim.policy import Policy  # noqa: E402
+from sim.presets import load_preset  # noqa: E402
+from sim.simulator import simulate  # noqa: E402
+from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
+
+ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads")   # not policy fields
+RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction")  # policy fields
+DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
+
+
+def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> dict[str, float]:
+    """Predicted ms per token of one measured record under each profile."""
+    steps = {s[0]: s for s in STEPS}
+    head = rec["policy"].split("+")[0]
+    if rec["policy"] in steps:
+        _, preset, over, _ = steps[rec["policy"]]
+    elif head in steps or head == "wb":       # a step since removed: its preset; the record has the rest
+        preset, over = ("windowing_bundling" if head == "wb" else steps[head][1]), {}
+    else:
+        raise SystemExit(f"{rec['policy']!r}: not a bench_engine step. Fix: use a results file of bench_engine.py")
+    over = {k: v for k, v in over.items() if k not in ENGINE_ONLY}
+    ran = {k: rec[k] for k in RECORDED if k in rec}           # what the record says ran wins
+    spec = ModelSpec.preset(rec["model"])
+    pol = Policy.from_dict({**Policy.preset(preset).to_dict(), **over, **ran})
+    key = (rec["model"], rec.get("trace_tokens", DEFAULT_TRACE_TOKENS), rec.get("trace_seed", 0))
+    if key not in traces:
+        cfg = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
+        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_dict({**cfg, "tokens": key[1], "seed": key[2]}))
+    warm, n = rec["warmup"], rec["tokens"]
+    plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=traces[key].active[: warm + n])))
+    return {name: simulate(spec, hw, pol, plans=plans).summary(warm)["latency_ms"] for name, hw in profiles.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="*", default=[str(ROOT / "benchmarks" / "results" / "engine.json")])
+    ap.add_argument("--hardware", default="h100-vda,h100-calibrated,h100-calibrated-fit")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    args = ap.parse_args(argv)
+    profiles = {h: HardwareProfile.from_dict(load_preset("hardware", h)) for h in args.hardware.split(",")}
+    traces: dict = {}
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    records, lines = [], []
+    head = f"{'file':<22} {'policy':<26} {'rep':>3} {'measured':>9}" + "".join(f" {h[:22]:>24}" for h in profiles)
+    lines += [f"# measured engine runs re-simulated on the CPU ({date}): predicted ms/token (error vs measured)",
+              head]
+    errors: dict[str, list[float]] = {h: [] for h in profiles}
+    for path in args.results:
+        for rec in json.loads(Path(path).read_text()):
+            pred = predict(rec, profiles, traces)
+            cells = ""
+            for h, ms in pred.items():
+                err = (ms - rec["latency_ms"]) / rec["latency_ms"] * 100
+                errors[h].append(err)
+                cells += f" {ms:14.1f} ({err:+5.1f}%)"
+                records.append({"device": f"cpu (re-simulation of: {rec['device']})", "date": date,
+                                "measured_date": rec["date"], "source": Path(path).name, "policy": rec["policy"],
+                                "repeat": rec.get("repeat", 0), "hardware": h, "measured_ms": rec["latency_ms"],
+                                "predicted_ms": round(ms, 3), "error_pct": round(err, 2)})
+            lines.append(f"{Path(path).name[:22]:<22} {rec['policy'][:26]:<26} {rec.get('repeat', 0):>3} "
+                         f"{rec['latency_ms']:9.1f}{cells}")
+    lines.append("")
+    for h, e in errors.items():
+        a = np.abs(e)
+        lines.append(f"{h}: |error| median {np.median(a):.1f}%, max {a.max():.1f}% over {a.size} measured runs")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out_dir)
+    atomic_write_text(out / "resim_engine.txt", text)
+    atomic_write_text(out / "results" / "resim_engine.json", json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
