@@ -286,9 +286,8 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     spec = ModelSpec.preset(args.model)
     hw = HardwareProfile.from_dict(load_preset("hardware", args.hardware))
-    trace_cfg = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
     n_tok = args.warmup + max(args.tokens, args.unbundled_tokens, args.naive_tokens)
-    trace = generate_trace(spec, SyntheticTraceConfig.from_dict({**trace_cfg, "tokens": n_tok, "seed": 0}))
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0))
     log(f"device {dev_name}; {spec.name} {spec.dtype}: FFN {spec.ffn_bytes / 1e9:.2f} GB, total "
         f"{spec.total_bytes / 1e9:.2f} GB; trace sparsity {trace.sparsity().mean():.4f}, new at window 5 "
         f"{trace.new_neurons_curve([5])[0] * 100:.2f}%")

@@ -111,8 +111,7 @@ def main() -> int:
     capacity = PolicyEngine(base, pol).capacity
     warm, timed, stamped = 5, args.tokens, 4
     n_tok = warm + timed + 2 * stamped
-    cfg = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
-    trace = generate_trace(spec, SyntheticTraceConfig.from_dict({**cfg, "tokens": n_tok, "seed": 0}))
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0))
 
     def plans():
         eng = PolicyEngine(spec, Policy.from_dict({**pol.to_dict(), "memory_budget": 1.0}))

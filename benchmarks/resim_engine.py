@@ -55,8 +55,7 @@ def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> di
     pol = Policy.from_dict({**Policy.preset(preset).to_dict(), **over, **ran})
     key = (rec["model"], rec.get("trace_tokens", DEFAULT_TRACE_TOKENS), rec.get("trace_seed", 0))
     if key not in traces:
-        cfg = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
-        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_dict({**cfg, "tokens": key[1], "seed": key[2]}))
+        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=key[1], seed=key[2]))
     warm, n = rec["warmup"], rec["tokens"]
     plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=traces[key].active[: warm + n])))
     return {name: simulate(spec, hw, pol, plans=plans).summary(warm)["latency_ms"] for name, hw in profiles.items()}

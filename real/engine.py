@@ -183,6 +183,8 @@ class IndexUpload:
 class SimpleLoads:
     """Plan reads through ``real.flash_reader.FlashReader`` into one staging area; rows on the device."""
 
+    gate = False                     # the host waits for the reads, then copies (no device-side wait)
+
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool):
         spec, layout = flash.spec, flash.layout
         self.spec, self.device, self.cuda = spec, device, device.type == "cuda"
@@ -211,6 +213,9 @@ class SimpleLoads:
         which = plan.reads.file.astype(np.int64) - plan.layer * self.files
         t = time.perf_counter()
         return (t, plan.load.size, self.reader.submit(plan.reads, self.host_np, which * self.slot + pos * self.rec))
+
+    def gated(self, pending) -> bool:
+        return False
 
     def wait_reads(self, pending) -> tuple[float, float]:
         return pending[0], pending[2].wait()
@@ -331,7 +336,7 @@ class FlashFFN:
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
         self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks,
                                 gate_reads)
-        self.loads_gated = bool(getattr(self.loads, "gate", False))
+        self.loads_gated = self.loads.gate
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -443,7 +448,7 @@ class FlashFFN:
         self.mark("evict")
         if pending is None:
             self._insert(cache, plan, None, None, None, clock.start(), st)
-        elif getattr(self.loads, "gated", None) and self.loads.gated(pending):
+        elif self.loads.gated(pending):
             # the device waits for the reads itself (a flag the reader threads set), so the copy and the
             # FFN over the new rows are queued now; the host then waits for the reads (errors, accounting)
             try:

@@ -579,8 +579,8 @@ class _Slot:
     stage_rec: Any = None    # staging as [records, record_bytes] uint8 (views made once: each view op
     raw_rec: Any = None      #   costs host time on the engine's critical path after the reads)
     rec_rows: Any = None     # raw_rec as model-dtype rows (bundled layout: a record is a neuron's row)
-    flag: Any = None         # pinned int32 [copy_chunks]: the native reader threads store the load's gate value
-    flags: Any = None        #   in element i when chunk i's reads are done; flags[i] = flag[i:i+1] (made once)
+    flags: Any = None        # pinned int32 [1] per chunk (views of one [copy_chunks] tensor, made once): the native
+                             #   reader threads store the load's gate value in flags[i] when chunk i's reads are done
     gate_value: int = 0      # the last value handed out for this slot (values only grow)
 
 
@@ -684,8 +684,8 @@ class FlashLoader:
             if self.layout.bundled and rec == self.spec.neuron_bytes:
                 slot.rec_rows = slot.raw_rec.view(self.dtype)
             if self.cuda:
-                slot.flag = torch.zeros(copy_chunks, dtype=torch.int32, pin_memory=True)
-                slot.flags = [slot.flag[i:i + 1] for i in range(copy_chunks)]
+                flag = torch.zeros(copy_chunks, dtype=torch.int32, pin_memory=True)
+                slot.flags = [flag[i:i + 1] for i in range(copy_chunks)]
             self.slots.append(slot)
         self.gate_timed_out = torch.zeros(1, dtype=torch.int32, device=self.device) if self.cuda else None
         self._launch_wait = None         # real.kernels.wait_flag.launch_wait, checked at the first gated load
@@ -762,7 +762,7 @@ class FlashLoader:
         self._slot = (s + 1) % len(self.slots)
         try:
             for i, (a, b) in enumerate(zip(cut, cut[1:])):
-                flag = (st.flag.data_ptr() + 4 * i, gate_value) if gate_value else None
+                flag = (st.flags[i].data_ptr(), gate_value) if gate_value else None
                 jobs.append(self.pool.submit(self.files, st.staging.view, file[a:b], dst_off[a:b], offset[a:b],
                                              length[a:b], flag=flag))
             bounds = [int(dst_off[a]) if a < len(length) else total for a in cut[:-1]] + [total]

@@ -142,6 +142,13 @@ class SyntheticTraceConfig:
                 "0.0 means no false positives")
 
     @classmethod
+    def from_preset(cls, name: str = "synthetic", **overrides: Any) -> "SyntheticTraceConfig":
+        """The knobs of conf/trace/<name>.yaml (a synthetic trace preset), with ``overrides`` (e.g. tokens, seed)."""
+        from sim.presets import load_preset
+        knobs = {k: v for k, v in load_preset("trace", name).items() if k != "kind"}
+        return cls.from_dict({**knobs, **overrides})
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SyntheticTraceConfig":
         reject_unknown(cls, data, "trace", "synthetic trace knob")
         data = dict(data)

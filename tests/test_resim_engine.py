@@ -23,8 +23,7 @@ def record(policy, **kw):
 
 def direct(pol: Policy) -> float:
     spec = ModelSpec.preset("opt-6.7b")
-    cfg = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
-    trace = generate_trace(spec, SyntheticTraceConfig.from_dict({**cfg, "tokens": 3, "seed": 0}))
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=3, seed=0))
     plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=trace.active)))
     return simulate(spec, HW, pol, plans=plans).summary(1)["latency_ms"]
 

@@ -61,10 +61,8 @@ def test_predictor_knobs():
 
 def test_paper_calibrated_default_trace():
     """conf/trace/synthetic.yaml: ~97% sparsity, ~2.4% new neurons per token at window 5."""
-    from sim.presets import load_preset
-    knobs = {k: v for k, v in load_preset("trace", "synthetic").items() if k != "kind"}
     spec = ModelSpec.from_dict({**ModelSpec.preset("opt-6.7b").to_dict(), "n_layers": 2})
-    t = generate_trace(spec, SyntheticTraceConfig(tokens=60, **knobs))
+    t = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=60))
     assert t.sparsity().mean() == pytest.approx(0.97, abs=0.003)
     assert t.new_neurons_curve([5])[0] == pytest.approx(0.024, abs=0.002)
 

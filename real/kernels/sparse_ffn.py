@@ -664,7 +664,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         return torch.cat(parts) if y is None else y
     if acc_into is not None:
         if config is None and backend == "triton":
-            key = (str(x.device), D, T, next_pow2(n_rows if idx is None else idx.numel()), idx is None,
+            key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
                    count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
             config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
                 backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None))
