@@ -218,7 +218,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
             "sim_error_pct"]
     lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
              f"{args.memory_budget}, synthetic trace (sparsity {trace.sparsity().mean():.3f}, "
-             f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5)",
+             f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5; warm-start steps: an activation profile "
+             f"of {args.calibration_tokens} calibration tokens run before the measured ones)",
              f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
              f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
@@ -260,6 +261,9 @@ def main(argv=None) -> int:
     # of 17:24-17:40 UTC it predicts with median |error| 7.9% against 9.9% (benchmarks/resim_engine.txt)
     ap.add_argument("--hardware", default="h100-calibrated-fit", help="profile the simulator times the same plans on")
     ap.add_argument("--flash-dir", default="/root/flash")
+    ap.add_argument("--calibration-tokens", type=int, default=512,
+                    help="trace tokens run before the measured ones only to count activations: the activation "
+                         "profile of the warm-start steps (the others ignore it; before 2026-11-23 19:00 UTC: 0)")
     ap.add_argument("--tokens", type=int, default=64, help="measured tokens of bundled policies")
     ap.add_argument("--unbundled-tokens", type=int, default=10)
     ap.add_argument("--naive-tokens", type=int, default=3)
@@ -287,7 +291,8 @@ def main(argv=None) -> int:
     spec = ModelSpec.preset(args.model)
     hw = HardwareProfile.from_dict(load_preset("hardware", args.hardware))
     n_tok = args.warmup + max(args.tokens, args.unbundled_tokens, args.naive_tokens)
-    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0))
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0,
+                                                                  calibration_tokens=args.calibration_tokens))
     log(f"device {dev_name}; {spec.name} {spec.dtype}: FFN {spec.ffn_bytes / 1e9:.2f} GB, total "
         f"{spec.total_bytes / 1e9:.2f} GB; trace sparsity {trace.sparsity().mean():.4f}, new at window 5 "
         f"{trace.new_neurons_curve([5])[0] * 100:.2f}%")
@@ -332,7 +337,8 @@ def main(argv=None) -> int:
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
         warm = 1 if group == "naive" else args.warmup
-        tr_plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=trace.active[: warm + measured])))
+        tr_plans = list(PolicyEngine(spec, pol).plan_trace(
+            Trace(active=trace.active[: warm + measured], calibration_counts=trace.calibration_counts)))
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
@@ -371,6 +377,7 @@ def main(argv=None) -> int:
             "new_neurons_per_token": round(real["new_neurons_per_token"], 1),
             "window": pol.window, "bundling": pol.bundling, "chunk_kib": pol.chunk_kib,
             "reads_in_flight": pol.reads_in_flight, "eviction": pol.eviction, "warmup": warm, "trace_tokens": n_tok, "trace_seed": 0,
+            "trace_calibration_tokens": args.calibration_tokens, "warm_start": pol.warm_start,
             "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,

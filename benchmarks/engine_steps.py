@@ -15,6 +15,12 @@ STEPS = [  # (label, policy preset, overrides, token group)
     ("wb+lfu", "windowing_bundling", {"eviction": "lfu"}, "main"),
     ("wb+lfu+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu"}, "main"),
     ("wb+lfu+depth128", "windowing_bundling", {"reads_in_flight": 128, "eviction": "lfu"}, "main"),
+    # the cache filled at the first (warm-up) token with the hottest neurons of an activation profile (the trace's
+    # calibration tokens, which are not measured), then kept by how often neurons fire, window or not
+    ("wb+freq+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                    "warm_start": True}, "main"),
+    ("wb+lfu+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "warm_start": True},
+     "main"),
     # kernels launched through Triton's autotuner on every call (before 2026-11-23 15:40 UTC) instead of
     # directly with the config it chose for that shape
     ("wb+lfu+depth64+autotuner", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",

@@ -7,7 +7,7 @@ For every record of a ``bench_engine.py`` results file this rebuilds the very pl
 (the same synthetic trace, policy step and tokens; warm-up excluded alike) and predicts the per-token
 latency with each profile. No GPU, no torch: the question "which profile predicts that machine?" can be
 asked of any measured run, and of a profile made later (e.g. a re-fit). Records from before
-``trace_tokens`` was stored assume bench_engine's default token counts (a 69-token trace, seed 0).
+``trace_tokens`` was stored assume bench_engine's default token counts (a 69-token trace, seed 0, no calibration tokens).
 Prints the table and writes resim_engine.txt and results/resim_engine.json under --out-dir."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from sim.simulator import simulate  # noqa: E402
 from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
 
 ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads")   # not policy fields
-RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction")  # policy fields
+RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction",
+            "warm_start")  # policy fields
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
 
 
@@ -53,11 +54,14 @@ def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> di
     ran = {k: rec[k] for k in RECORDED if k in rec}           # what the record says ran wins
     spec = ModelSpec.preset(rec["model"])
     pol = Policy.from_dict({**Policy.preset(preset).to_dict(), **over, **ran})
-    key = (rec["model"], rec.get("trace_tokens", DEFAULT_TRACE_TOKENS), rec.get("trace_seed", 0))
+    key = (rec["model"], rec.get("trace_tokens", DEFAULT_TRACE_TOKENS), rec.get("trace_seed", 0),
+           rec.get("trace_calibration_tokens", 0))
     if key not in traces:
-        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=key[1], seed=key[2]))
-    warm, n = rec["warmup"], rec["tokens"]
-    plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=traces[key].active[: warm + n])))
+        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=key[1], seed=key[2],
+                                                                            calibration_tokens=key[3]))
+    warm, n, tr = rec["warmup"], rec["tokens"], traces[key]
+    plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=tr.active[: warm + n],
+                                                          calibration_counts=tr.calibration_counts)))
     return {name: simulate(spec, hw, pol, plans=plans).summary(warm)["latency_ms"] for name, hw in profiles.items()}
 
 

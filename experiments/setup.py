@@ -87,6 +87,13 @@ def build_run(cfg: DictConfig) -> RunSetup:
             "backend.threads", f"= {backend.get('threads')} would read at another depth than the simulated "
             f"policy.reads_in_flight={policy.reads_in_flight}, so error_pct would compare different runs",
             "leave backend.threads=0 and set policy.reads_in_flight instead")
+    if policy.warm_start:   # before any work: a warm start needs an activation profile to start from
+        require(trace_cfg["kind"] != "synthetic" or trace_cfg.get("calibration_tokens", 0) > 0,
+                "trace.calibration_tokens", "is 0, so the trace has no activation profile for policy.warm_start",
+                "set trace.calibration_tokens=512 (tokens counted before the measured ones) or policy.warm_start=false")
+        require(backend["name"] == "sim" or backend.get("mode", "trace") != "model", "policy.warm_start",
+                "needs the model's own activation profile, which backend.mode=model does not record",
+                "use backend.mode=trace")
     for key in ("tokens", "warmup", "seed"):
         v = cfg.get(key)
         require(isinstance(v, int) and v >= 0, key, f"must be an integer >= 0, got {v!r}", f"e.g. {key}=10")

@@ -432,17 +432,21 @@ class FlashFFN:
         self.mark("ffn_resident")
         if gpu:
             cache.evict(plan)
-        new_bias, keep_sel = None, None
+        new_bias, keep_sel, new_idx = None, None, None
         if load.size:
-            # index arrays the post-read steps need go up now, in one copy, while the reads fly:
-            # the loaded neurons' bias rows, and which loaded rows the cache keeps (if not all)
+            # index arrays the post-read steps need go up now, in one copy, while the reads fly: the loaded
+            # neurons' bias rows, which loaded rows the cache keeps (if not all), which are active (if not
+            # all: a warm start also reads neurons only to keep them)
             kept = plan.insert_rows >= 0
-            arrays = ([load] if self.b1 is not None else []) + ([] if kept.all() else [np.flatnonzero(kept)])
-            up = self.upload(*arrays) if arrays else []
-            if self.b1 is not None:
-                new_bias = self.b1[l].index_select(0, up[0])
-            if not kept.all():
-                keep_sel = up[-1]
+            named = {"bias": load if self.b1 is not None else None,
+                     "keep": None if kept.all() else np.flatnonzero(kept),
+                     "active": None if plan.n_new_active == load.size else
+                     np.flatnonzero(np.isin(load, plan.active, assume_unique=True))}
+            named = {k: v for k, v in named.items() if v is not None}
+            up = dict(zip(named, self.upload(*named.values()))) if named else {}
+            if "bias" in up:
+                new_bias = self.b1[l].index_select(0, up["bias"])
+            keep_sel, new_idx = up.get("keep"), up.get("active")
         if gpu:
             clock.stop("mem_s", s, st)
         self.mark("evict")
@@ -460,7 +464,7 @@ class FlashFFN:
             self.mark("copy")
             y_pre, b2_new = y, b2
             s = clock.start()
-            y_new = self._ffn(x, new_rows, new_bias, None, b2)
+            y_new = self._ffn(x, new_rows, new_bias, new_idx, b2)
             b2 = None
             y = y_new if y is None else y + y_new
             clock.stop("compute_s", s, st)
@@ -468,7 +472,7 @@ class FlashFFN:
             self._await_reads(pending, st)
             new_rows = self.loads.rows(pending)              # no copy, unless reads were completed late
             if pending.refetched:                            # then the queued FFN saw them unfinished
-                y_new = self._ffn(x, new_rows, new_bias, None, b2_new)
+                y_new = self._ffn(x, new_rows, new_bias, new_idx, b2_new)
                 y = y_new if y_pre is None else y_pre + y_new
             self.mark("wait")
             self._insert(cache, plan, new_rows, new_bias, keep_sel, clock.start(), st)
@@ -480,7 +484,7 @@ class FlashFFN:
             s = clock.lap("io_s", s, st)
             self.mark("copy")
             # the new neurons' FFN first: the layer's output needs it, the cache insert can follow
-            y_new = self._ffn(x, new_rows, new_bias, None, b2)
+            y_new = self._ffn(x, new_rows, new_bias, new_idx, b2)
             b2 = None
             y = y_new if y is None else y + y_new
             s = clock.lap("compute_s", s, st)
@@ -680,11 +684,13 @@ class OPTFlashModel:
     """An ``OPTForCausalLM`` with every FFN served from ``flash`` through live plans.
 
     ``predictor``: None for the oracle (exact ReLU mask), or an object with
-    ``predict(layer, x: np.ndarray [n, d]) -> bool [n, d_ff]`` (``real.predictor.LowRankPredictor``)."""
+    ``predict(layer, x: np.ndarray [n, d]) -> bool [n, d_ff]`` (``real.predictor.LowRankPredictor``).
+    ``calibration_counts``: int [layers, d_ff] activations per neuron on calibration prompts (a recorded
+    trace's ``activation_counts()``), for ``policy.warm_start``."""
 
     def __init__(self, model, flash: FlashDir, policy: Policy, *, device: torch.device | str = "cpu",
                  threads: int = 32, direct: bool = True, predictor=None, kernel: str = "auto",
-                 loader: str = "auto", check_cache: bool = False):
+                 loader: str = "auto", check_cache: bool = False, calibration_counts: np.ndarray | None = None):
         if getattr(model.config, "model_type", None) != "opt":
             raise ValueError(f"model: OPTFlashModel serves OPT models, got {model.config.model_type!r}")
         spec = flash.spec
@@ -695,7 +701,7 @@ class OPTFlashModel:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.policy, self.predictor, self.check_cache = policy, predictor, check_cache
-        self.engine = PolicyEngine(spec, policy)
+        self.engine = PolicyEngine(spec, policy, calibration_counts)
         self.oracle = []
         b1, b2 = [], []
         for l, layer in enumerate(layers):

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from sim.errors import ConfigError
+from sim.errors import ConfigError, require
 from sim.layout import FlashLayout, Reads
 from sim.model_spec import ModelSpec
 from sim.policy import Policy
@@ -70,6 +70,11 @@ class LayerPlan:
         return len(self.reads)
 
     @property
+    def n_new_active(self) -> int:
+        """Active neurons that come from this plan's reads (a warm start also reads inactive ones)."""
+        return int(self.active.size - self.resident_active)
+
+    @property
     def n_inserted(self) -> int:
         return int(np.count_nonzero(self.insert_rows >= 0))
 
@@ -124,12 +129,32 @@ class LayerCacheState:
 class PolicyEngine:
     """Plans every token of a trace under one policy. Stateful: feed tokens in order."""
 
-    def __init__(self, spec: ModelSpec, policy: Policy):
+    def __init__(self, spec: ModelSpec, policy: Policy, calibration_counts: np.ndarray | None = None):
+        """``calibration_counts`` (int [layers, d_ff], an offline activation profile; plan_trace takes the
+        trace's): what ``policy.warm_start`` preloads and starts the use counts from."""
         self.spec, self.policy = spec, policy
         self.layout = FlashLayout(spec, bundled=policy.bundling)
         self.capacity = ffn_cache_neurons(spec, policy)
         self.caches = [LayerCacheState(spec.d_ff, self.capacity) for _ in range(spec.n_layers)]
         self.token = 0
+        self.hot: list[np.ndarray] | None = None          # per layer: the neurons a warm start preloads
+        if calibration_counts is not None:
+            self._warm(calibration_counts)
+
+    def _warm(self, counts: np.ndarray) -> None:
+        require(self.policy.warm_start, "policy.warm_start",
+                "is false, but calibration counts were given", "set policy.warm_start=true to use them")
+        counts = np.asarray(counts)
+        require(counts.shape == (self.spec.n_layers, self.spec.d_ff), "trace.calibration_counts",
+                f"has shape {list(counts.shape)}, the model needs [{self.spec.n_layers}, {self.spec.d_ff}]",
+                "count activations on a trace of this model (Trace.activation_counts)")
+        require(self.token == 0, "policy.warm_start", "the cache can be warmed only before the first token",
+                "give the calibration counts when the PolicyEngine is built")
+        self.hot = []
+        for cache, c in zip(self.caches, counts):
+            cache.uses[:] = c
+            hot = np.argsort(-c.astype(np.int64), kind="stable")[: min(self.capacity, c.size)]
+            self.hot.append(np.sort(hot[c[hot] > 0]))      # never-seen neurons are not worth a read
 
     def plan_token(self, active_per_layer: Sequence[np.ndarray]) -> list[LayerPlan]:
         """``active_per_layer[l]`` is a bool mask [d_ff] of neurons to compute at this token."""
@@ -148,6 +173,12 @@ class PolicyEngine:
 
     def plan_trace(self, trace: Trace) -> Iterator[list[LayerPlan]]:
         trace.check_matches(self.spec)
+        if self.policy.warm_start and self.hot is None:
+            require(trace.calibration_counts is not None, "policy.warm_start",
+                    "needs the trace's calibration counts (an activation profile), but this trace has none",
+                    "generate it with trace.calibration_tokens=512, set trace.calibration_counts on a recorded "
+                    "trace (Trace.activation_counts of a calibration trace), or set policy.warm_start=false")
+            self._warm(trace.calibration_counts)
         use = trace.active
         if self.policy.predictor == "trace":
             if trace.predicted is None:
@@ -162,9 +193,14 @@ class PolicyEngine:
     def _plan_layer(self, t: int, layer: int, active: np.ndarray) -> LayerPlan:
         if not self.policy.sparse:
             return self._plan_naive(t, layer)
+        require(not self.policy.warm_start or self.hot is not None, "policy.warm_start",
+                "needs calibration counts (an activation profile), none were given",
+                "build PolicyEngine(spec, policy, calibration_counts=...) or plan a trace that has them")
         cache, pol = self.caches[layer], self.policy
         resident = cache.resident_mask()
         active_ids = np.flatnonzero(active)
+        if self.hot is not None and t == 0 and cache.n_rows == 0:
+            return self._plan_warm(t, layer, active_ids)
         new = np.flatnonzero(active & ~resident)
         if pol.window == 0:
             evict = np.flatnonzero(resident)
@@ -184,6 +220,8 @@ class PolicyEngine:
                     if pol.eviction == "lfu":   # outside the window first, then least often, then least recently active
                         in_window = cache.last_used[extra] > t - pol.window
                         order = np.lexsort((cache.last_used[extra], cache.uses[extra], in_window))
+                    elif pol.eviction == "frequency":  # least often, then least recently active
+                        order = np.lexsort((cache.last_used[extra], cache.uses[extra]))
                     else:
                         order = np.argsort(cache.last_used[extra], kind="stable")
                     evict_mask[extra[order[:need]]] = True
@@ -200,6 +238,21 @@ class PolicyEngine:
             moves=moves, rows_copied=copied, resident=cache.n_rows,
             resident_active=int(active_ids.size - new.size),
             reads=self.layout.reads_for(layer, new, pol.chunk_bytes), dense=False)
+
+    def _plan_warm(self, t: int, layer: int, active_ids: np.ndarray) -> LayerPlan:
+        """The first token of a warm start: read the profile's hottest neurons (they fill the cache) and
+        this token's active ones (those not among them stay transient), like any other load."""
+        cache, hot = self.caches[layer], self.hot[layer]
+        load = np.union1d(hot, active_ids)
+        moves, copied, rows = cache.evict_and_insert(np.zeros(0, np.int64), hot, self.policy.mem_strategy)
+        insert_rows = np.full(load.size, -1, dtype=np.int64)
+        insert_rows[np.searchsorted(load, hot)] = rows               # in load order, as the cache inserts them
+        cache.last_used[active_ids] = t
+        cache.uses[active_ids] += 1
+        return LayerPlan(
+            token=t, layer=layer, active=active_ids, load=load, insert_rows=insert_rows,
+            evict=np.zeros(0, np.int64), moves=moves, rows_copied=copied, resident=cache.n_rows,
+            resident_active=0, reads=self.layout.reads_for(layer, load, self.policy.chunk_bytes), dense=False)
 
     def _plan_naive(self, t: int, layer: int) -> LayerPlan:
         """Pinned: neurons [0, capacity) stay resident after the first token; all others are read

@@ -10,7 +10,7 @@ from sim.presets import load_preset
 
 PREDICTORS = ("oracle", "trace")
 MEM_STRATEGIES = ("preallocated", "concat")
-EVICTIONS = ("window", "lru", "lfu")
+EVICTIONS = ("window", "lru", "lfu", "frequency")
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,10 @@ class Policy:
     memory_budget: float = 0.5        # fraction of the whole model's bytes that may sit in memory
     reads_in_flight: int = 32
     mem_strategy: str = "preallocated"  # the paper's scheme; "concat" rebuilds the matrix (baseline)
-    eviction: str = "window"          # window: drop neurons that left the window; lru/lfu: only when full (lfu: least often active
-                                      # outside the window first)
+    eviction: str = "window"          # window: drop neurons that left the window; lru/lfu/frequency: only when full (lfu: least
+                                      # often active outside the window first; frequency: least often active, window or not)
+    warm_start: bool = False          # fill the cache at the first token with the neurons the trace's calibration counts
+                                      # (an offline activation profile) rank hottest, and start the use counts from them
 
     def __post_init__(self) -> None:
         require(self.predictor in PREDICTORS, "policy.predictor", f"unknown predictor {self.predictor!r}",
@@ -40,6 +42,12 @@ class Policy:
                 "e.g. policy.memory_budget=0.5 for half the model in memory")
         require(isinstance(self.reads_in_flight, int) and self.reads_in_flight >= 1, "policy.reads_in_flight",
                 f"must be an integer >= 1, got {self.reads_in_flight!r}", "e.g. policy.reads_in_flight=32")
+        require(isinstance(self.warm_start, bool), "policy.warm_start", f"must be true or false, got {self.warm_start!r}",
+                "e.g. policy.warm_start=true with policy.eviction=frequency")
+        require(not self.warm_start or (self.sparse and self.window > 0 and self.eviction != "window"),
+                "policy.warm_start", "needs a cache that keeps neurons beyond the window (sparse, window > 0, eviction "
+                f"lru, lfu or frequency), got sparse={self.sparse}, window={self.window}, eviction={self.eviction}",
+                "set policy.eviction=frequency (window eviction would drop the preloaded neurons at the next token)")
         require(isinstance(self.predictor_rank, int) and self.predictor_rank >= 1, "policy.predictor_rank",
                 f"must be an integer >= 1, got {self.predictor_rank!r}", "e.g. policy.predictor_rank=128")
         require(self.mem_strategy in MEM_STRATEGIES, "policy.mem_strategy",

@@ -201,7 +201,7 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
             if not (hw.overlap and on_device):
                 yield from busy(compute, cost.evict(p), tc, "mem_s", t, l, "mem", "evict")
             yield from busy(compute, cost.insert(p), tc, "mem_s", t, l, "mem", "insert")
-            yield from busy(compute, cost.ffn(p.load.size), tc, "compute_s", t, l, "compute", "ffn_new")
+            yield from busy(compute, cost.ffn(p.n_new_active), tc, "compute_s", t, l, "compute", "ffn_new")
             tc.bytes += p.bytes
             tc.reads += p.n_reads
             tc.new_neurons += int(p.load.size)

@@ -1,8 +1,10 @@
 """Activation traces: which FFN neurons fire, per token and layer.
 
 File format (``.npz``): ``active`` and optionally ``predicted`` as bit-packed bool arrays
-[tokens, layers, ceil(d_ff/8)], and ``meta`` as a JSON string (model geometry, seed, source,
-generator knobs). Small, portable, loadable without torch.
+[tokens, layers, ceil(d_ff/8)], optionally ``calibration_counts`` (int32 [layers, d_ff]: how often each
+neuron fired over calibration tokens that are not in ``active``, an offline activation profile), and
+``meta`` as a JSON string (model geometry, seed, source, generator knobs). Small, portable, loadable
+without torch.
 
 The synthetic generator gives each neuron a two-state Markov chain (fire / not) whose stationary
 rate is the layer's density and whose "stay on" probability is the ``reuse`` knob; ``rate_skew``
@@ -30,6 +32,9 @@ class Trace:
     active: np.ndarray                    # bool [tokens, layers, d_ff]
     predicted: np.ndarray | None = None   # bool [tokens, layers, d_ff], where a predictor was used
     meta: dict[str, Any] = field(default_factory=dict)
+    # int [layers, d_ff]: activations per neuron over meta["calibration_tokens"] tokens run before (and not
+    # part of) ``active``: the offline profile a policy with warm_start uses (sim.plan)
+    calibration_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         require(self.active.ndim == 3 and self.active.dtype == bool, "trace.active",
@@ -39,6 +44,17 @@ class Trace:
             require(self.predicted.shape == self.active.shape, "trace.predicted",
                     f"shape {self.predicted.shape} differs from active {self.active.shape}",
                     "record both sets for the same tokens and layers")
+        if self.calibration_counts is not None:
+            c = self.calibration_counts
+            require(c.shape == self.active.shape[1:] and np.issubdtype(c.dtype, np.integer) and
+                    (c.size == 0 or c.min() >= 0), "trace.calibration_counts",
+                    f"must be non-negative integers [layers, d_ff] = {list(self.active.shape[1:])}, "
+                    f"got {c.dtype} {list(c.shape)}", "count activations with Trace.activation_counts()")
+
+    def activation_counts(self) -> np.ndarray:
+        """int32 [layers, d_ff]: how many tokens each neuron fired in. A trace recorded on calibration
+        prompts gives another trace its profile: ``other.calibration_counts = calib.activation_counts()``."""
+        return self.active.sum(axis=0, dtype=np.int32)
 
     @property
     def tokens(self) -> int:
@@ -84,6 +100,8 @@ class Trace:
         arrays = {"active": np.packbits(self.active, axis=-1), "meta": np.array(json.dumps(meta))}
         if self.predicted is not None:
             arrays["predicted"] = np.packbits(self.predicted, axis=-1)
+        if self.calibration_counts is not None:
+            arrays["calibration_counts"] = self.calibration_counts.astype(np.int32)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
         return path
@@ -103,12 +121,13 @@ class Trace:
                 active = np.unpackbits(z["active"], axis=-1, count=d_ff).astype(bool)
                 predicted = (np.unpackbits(z["predicted"], axis=-1, count=d_ff).astype(bool)
                              if "predicted" in z.files else None)
+                counts = z["calibration_counts"] if "calibration_counts" in z.files else None
         except (OSError, ValueError, KeyError, IndexError, EOFError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError("trace.path", f"{path} is not a readable Flashlab trace ({type(e).__name__}: {e})",
                               "give a file written by Trace.save / real.record") from e
-        return cls(active=active, predicted=predicted, meta=meta)
+        return cls(active=active, predicted=predicted, meta=meta, calibration_counts=counts)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,7 @@ class SyntheticTraceConfig:
     cluster_size: int = 8
     predictor_recall: float = 1.0          # synthetic predictor: share of true actives it finds
     predictor_fp: float = 0.0              # false positives per true active
+    calibration_tokens: int = 0            # tokens run first only to count activations (an offline profile)
 
     def __post_init__(self) -> None:
         require(isinstance(self.tokens, int) and self.tokens >= 1, "trace.tokens",
@@ -140,6 +160,9 @@ class SyntheticTraceConfig:
                 f"must be in (0, 1], got {self.predictor_recall!r}", "1.0 is a perfect predictor")
         require(self.predictor_fp >= 0, "trace.predictor_fp", f"must be >= 0, got {self.predictor_fp!r}",
                 "0.0 means no false positives")
+        require(isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 0,
+                "trace.calibration_tokens", f"must be an integer >= 0, got {self.calibration_tokens!r}",
+                "e.g. trace.calibration_tokens=512 (0: no activation profile)")
 
     @classmethod
     def from_preset(cls, name: str = "synthetic", **overrides: Any) -> "SyntheticTraceConfig":
@@ -175,11 +198,16 @@ def neuron_rates(density: float, weights: np.ndarray) -> np.ndarray:
 
 
 def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
-    """A synthetic trace for ``spec``: deterministic for ``cfg.seed``."""
+    """A synthetic trace for ``spec``: deterministic for ``cfg.seed``.
+
+    ``cfg.calibration_tokens`` > 0: every neuron's chain first runs that many tokens, which are only
+    counted (``Trace.calibration_counts``, the profile an offline calibration run of the same model would
+    give: same firing rates, other tokens); ``active`` holds the ``cfg.tokens`` that follow."""
     rng = np.random.default_rng(cfg.seed)
-    T, L, F = cfg.tokens, spec.n_layers, spec.d_ff
+    T, L, F, C = cfg.tokens, spec.n_layers, spec.d_ff, cfg.calibration_tokens
     density = cfg.layer_density(L)
     active = np.zeros((T, L, F), dtype=bool)
+    counts = np.zeros((L, F), dtype=np.int32) if C else None
     for l in range(L):
         a = density[l]
         w = rng.lognormal(0.0, cfg.rate_skew, F) if cfg.rate_skew > 0 else np.ones(F)
@@ -195,11 +223,14 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
             follows = rng.random(F) < cfg.coactivation
             leader = np.where(follows, leaders[cluster_of], np.arange(F))
         state = rng.random(F) < rate
-        for t in range(T):
+        for t in range(C + T):
             if t:
                 u = rng.random(F)
                 state = np.where(state, u < p_stay, u < p_wake)
-            active[t, l] = state[leader]
+            if t < C:
+                counts[l] += state[leader]
+            else:
+                active[t - C, l] = state[leader]
     predicted = None
     if cfg.predictor_recall < 1.0 or cfg.predictor_fp > 0.0:
         keep = rng.random(active.shape) < cfg.predictor_recall
@@ -207,5 +238,5 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
         extra = rng.random(active.shape) < fp_prob
         predicted = (active & keep) | (~active & extra)
     meta = {"source": "synthetic", "model": spec.name, "seed": cfg.seed, "knobs": asdict(cfg),
-            "n_layers": L, "d_ff": F}
-    return Trace(active=active, predicted=predicted, meta=meta)
+            "n_layers": L, "d_ff": F, "calibration_tokens": C}
+    return Trace(active=active, predicted=predicted, meta=meta, calibration_counts=counts)

@@ -48,6 +48,8 @@ CASES = [
     ("windowing_bundling", {"window": 2, "memory_budget": 0.65, "chunk_kib": 4}),
     ("windowing_bundling", {"window": 8, "eviction": "lru", "mem_strategy": "concat"}),
     ("windowing_bundling", {"window": 2, "eviction": "lfu", "memory_budget": 0.7, "read_threads": "python"}),
+    # a warm start: the first token also reads neurons it does not compute (the profile's hottest)
+    ("windowing_bundling", {"window": 2, "eviction": "frequency", "warm_start": True, "memory_budget": 0.7}),
 ]
 
 
@@ -63,7 +65,9 @@ def test_flash_logits_equal_dense(tmp_path_factory, monkeypatch, name, kw):
     cache_dir = tmp_path_factory.getbasetemp() / "flash"
     flash = flash_dir_for(SPEC, pol.bundling, cache_dir)
     ref = build_opt(SPEC, seed=0)
-    m = OPTFlashModel(build_opt(SPEC, seed=0), flash, pol, check_cache=True)
+    counts = (np.random.default_rng(5).integers(0, 50, (SPEC.n_layers, SPEC.d_ff)).astype(np.int32)
+              if pol.warm_start else None)   # any profile: the output must not depend on what is cached
+    m = OPTFlashModel(build_opt(SPEC, seed=0), flash, pol, check_cache=True, calibration_counts=counts)
     try:
         from real.loader import native_drain
         want = threads or ("native" if native_drain() is not None else "python")
@@ -129,6 +133,29 @@ def test_trace_mode_ffn_equals_masked_dense(tmp_path, name, loader, device, copy
         ffn.close()
     if gate and loader == "auto" and pol.bundling:
         assert ffn.loads_gated and queued, "gated reads should be on (GPU, native reader threads, 4 KiB bundles)"
+
+
+@pytest.mark.parametrize("device,gate", [("cpu", False), pytest.param("cuda", True, marks=CUDA)])
+def test_trace_mode_warm_start_computes_only_the_active_neurons(tmp_path, device, gate):
+    """A warm start's first token reads the profile's hottest neurons too; the FFN must still cover exactly
+    the active ones (the others are only stored), and the caches follow the policy engine."""
+    pol = policy("windowing_bundling", window=2, eviction="frequency", warm_start=True)
+    spec = GATE_SPEC if gate else SPEC
+    flash = flash_dir_for(spec, True, tmp_path)
+    layers = build_opt(spec).model.decoder.layers
+    trace = generate_trace(spec, SyntheticTraceConfig(tokens=6, seed=3, sparsity=0.8, reuse=0.5, rate_skew=1.0,
+                                                      calibration_tokens=30))
+    engine = PolicyEngine(spec, pol, trace.calibration_counts)
+    ffn = FlashFFN(flash, engine.capacity, threads=4, device=device, gate_reads=gate,
+                   up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+    loads = []
+    real_run = ffn.run_layer
+    ffn.run_layer = lambda p, *a, **k: (loads.append(p.load.size - p.n_new_active), real_run(p, *a, **k))[1]
+    try:
+        assert_trace_mode_exact(ffn, engine, trace, layers, device)
+    finally:
+        ffn.close()
+    assert loads[0] > 0, "the first token should read neurons it does not compute"
 
 
 def count_gated_loads(ffn) -> list:

@@ -18,7 +18,7 @@ knobs = st.fixed_dictionaries({
 })
 policies = st.fixed_dictionaries({
     "window": st.integers(0, 8), "chunk_kib": st.sampled_from([4, 8, 16, 64, 256]),
-    "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru", "lfu"]),
+    "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru", "lfu", "frequency"]),
     "mem_strategy": st.sampled_from(["preallocated", "concat"]), "bundling": st.booleans(),
 })
 
@@ -71,7 +71,7 @@ def test_budget_never_exceeded_and_window_resident(k, p):
             # for its next w - 1 tokens, and are only read again when next active
             window = window_at(t, l)
             span_fits = all(len(window_at(s, l)) <= cap for s in range(max(0, t - policy.window + 1), t + 1))
-            if policy.window > 0 and span_fits:
+            if policy.window > 0 and span_fits and policy.eviction != "frequency":   # frequency: by counts only
                 assert window <= resident, "a neuron active within the window was evicted"
 
 
@@ -152,3 +152,73 @@ def test_lfu_keeps_the_frequent_neuron_lru_keeps_the_recent(eviction, evicted):
     want = cap - 1 if evicted == "rare" else evicted
     assert plans[0].evict.tolist() == [want]
     assert plans[0].load.tolist() == [cap]
+
+
+@pytest.mark.parametrize("eviction,evicted", [("lfu", "rare"), ("frequency", "rare_in_window")])
+def test_frequency_eviction_ignores_the_window(eviction, evicted):
+    """Window 2. Neurons 1..cap-2 fire at every token; neuron 0 fired at tokens 0-1 (twice, then left the
+    window); neuron cap-1 fired once, at token 2 (still in the window). A new neuron needs a row at token 3:
+    LFU drops neuron 0 (outside the window first), frequency drops the rarer neuron cap-1 although it is in
+    the window."""
+    engine = PolicyEngine(SPEC, Policy(window=2, eviction=eviction, memory_budget=0.5, predictor_rank=16))
+    cap = engine.capacity
+    sets = [range(0, cap - 1), range(0, cap - 1), range(1, cap), [*range(1, cap - 1), cap]]
+    for ids in sets:
+        active = np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=bool)
+        active[:, list(ids)] = True
+        plans = engine.plan_token(active)
+    assert plans[0].evict.tolist() == [cap - 1 if evicted == "rare_in_window" else 0]
+
+
+def warm_trace(tokens=12, calibration=64, seed=0):
+    return generate_trace(SPEC, SyntheticTraceConfig(tokens=tokens, seed=seed, sparsity=0.9, rate_skew=1.0,
+                                                     calibration_tokens=calibration))
+
+
+def test_warm_start_preloads_the_hottest_neurons_and_counts_them():
+    trace = warm_trace()
+    pol = Policy(window=2, eviction="frequency", warm_start=True, memory_budget=0.5, predictor_rank=16)
+    engine = PolicyEngine(SPEC, pol)
+    plans = list(engine.plan_trace(trace))
+    cap = engine.capacity
+    for l in range(SPEC.n_layers):
+        c = trace.calibration_counts[l]
+        first = plans[0][l]
+        kept = set(first.load[first.insert_rows >= 0].tolist())
+        assert len(kept) == cap == first.resident
+        assert min(c[list(kept)]) >= max(np.delete(c, list(kept))), "the preload is not the profile's hottest"
+        # this token's active neurons are read too (the ones not preloaded stay transient)
+        assert set(first.active.tolist()) <= set(first.load.tolist())
+        assert first.n_new_active == first.active.size and first.load.size > first.active.size
+        # the rows are inserted in load order, as the cache inserts them
+        rows = first.insert_rows[first.insert_rows >= 0]
+        assert rows.tolist() == list(range(cap))
+        # counts start from the profile
+        assert np.array_equal(engine.caches[l].uses, c + trace.active[:, l].sum(0))
+
+
+def test_warm_start_with_frequency_reads_less_than_lfu():
+    """On a skewed trace an activation profile (other tokens of the same neurons' chains) picks the cache
+    better than counting from scratch: fewer bytes after the first token."""
+    trace = warm_trace(tokens=40, calibration=200, seed=1)
+    def bytes_after_first(**kw):
+        pol = Policy(window=2, memory_budget=0.5, predictor_rank=16, **kw)
+        return sum(lp.bytes for token in list(PolicyEngine(SPEC, pol).plan_trace(trace))[1:] for lp in token)
+    lfu, warm = bytes_after_first(eviction="lfu"), bytes_after_first(eviction="frequency", warm_start=True)
+    assert warm < 0.95 * lfu, (warm, lfu)
+
+
+def test_warm_start_errors_name_the_fix():
+    from sim.errors import ConfigError
+    with pytest.raises(ConfigError, match="policy.warm_start.*eviction"):
+        Policy(window=2, eviction="window", warm_start=True)
+    pol = Policy(window=2, eviction="frequency", warm_start=True, memory_budget=0.5, predictor_rank=16)
+    with pytest.raises(ConfigError, match="calibration_tokens"):
+        list(PolicyEngine(SPEC, pol).plan_trace(warm_trace(calibration=0)))
+    with pytest.raises(ConfigError, match="calibration counts"):
+        PolicyEngine(SPEC, pol).plan_token(np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=bool))
+    with pytest.raises(ConfigError, match="trace.calibration_counts"):
+        PolicyEngine(SPEC, pol, np.zeros((1, SPEC.d_ff), dtype=np.int32))
+    with pytest.raises(ConfigError, match="warm_start"):
+        PolicyEngine(SPEC, Policy(window=2, eviction="lfu", memory_budget=0.5, predictor_rank=16),
+                     np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=np.int32))

@@ -81,3 +81,30 @@ def test_a_file_that_is_not_a_trace_is_named(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ConfigError, match="trace.path"):
         Trace.load(tmp_path / "other.npz")
+
+
+def test_calibration_tokens_count_the_same_chains_before_the_trace(tmp_path):
+    """calibration_tokens=0 leaves a trace as before; C > 0 counts C tokens of the same neurons' chains
+    first (an offline profile: same rates, other tokens) and the trace holds the tokens that follow."""
+    plain = generate_trace(SPEC, SyntheticTraceConfig(tokens=8, seed=4))
+    assert plain.calibration_counts is None
+    same = generate_trace(SPEC, SyntheticTraceConfig(tokens=8, seed=4, calibration_tokens=0))
+    assert np.array_equal(plain.active, same.active)
+    long = generate_trace(SPEC, SyntheticTraceConfig(tokens=308, seed=4, rate_skew=1.0))
+    cal = generate_trace(SPEC, SyntheticTraceConfig(tokens=8, seed=4, rate_skew=1.0, calibration_tokens=300))
+    assert np.array_equal(cal.active, long.active[300:])
+    assert np.array_equal(cal.calibration_counts, long.active[:300].sum(0))
+    assert np.array_equal(cal.calibration_counts, Trace(active=long.active[:300]).activation_counts())
+    assert cal.meta["calibration_tokens"] == 300
+    u = Trace.load(cal.save(tmp_path / "c.npz"))
+    assert np.array_equal(u.calibration_counts, cal.calibration_counts)
+
+
+def test_calibration_counts_are_checked():
+    active = np.zeros((2, SPEC.n_layers, SPEC.d_ff), dtype=bool)
+    with pytest.raises(ConfigError, match="trace.calibration_counts"):
+        Trace(active=active, calibration_counts=np.zeros((SPEC.n_layers, 5), dtype=np.int32))
+    with pytest.raises(ConfigError, match="trace.calibration_counts"):
+        Trace(active=active, calibration_counts=-np.ones((SPEC.n_layers, SPEC.d_ff), dtype=np.int32))
+    with pytest.raises(ConfigError, match="trace.calibration_tokens"):
+        SyntheticTraceConfig(calibration_tokens=-1)
