@@ -333,6 +333,7 @@ def main(argv=None) -> int:
         dispatch = over.pop("direct_dispatch", True)                                             # kernels, not policy
         copy_chunks = over.pop("copy_chunks", COPY_CHUNKS)                                         # loader, not policy
         gate_reads = over.pop("gate_reads", GATE_READS)                                            # engine, not policy
+        defer_insert = over.pop("defer_insert", False)                                             # engine, not policy
         set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
@@ -342,7 +343,8 @@ def main(argv=None) -> int:
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
-                           read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads)
+                           read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads,
+                           defer_insert=defer_insert)
             try:
                 # the disk drifts by tens of percent between minutes: probe just before and just after
                 # the step's tokens, and bound by the mean of the two
@@ -381,7 +383,8 @@ def main(argv=None) -> int:
             "probe_gbps": probe_gbps, "probe_after_gbps": probe_after, "sim_hardware": hw.name, "sim_latency_ms": round(sim["latency_ms"], 3),
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,
-            "copy_chunks": copy_chunks, "gate_reads": gate_reads, "wall_s": round(wall, 1),
+            "copy_chunks": copy_chunks, "gate_reads": gate_reads, "defer_insert": ffn.defer_insert,
+            "wall_s": round(wall, 1),
         }
         records.append(rec)
         log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "

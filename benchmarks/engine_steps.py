@@ -1,6 +1,6 @@
 """The steps of benchmarks/bench_engine.py: (label, policy preset, overrides, token group). Torch-free, so
 that the simulator side (benchmarks/resim_engine.py) rebuilds a measured step's policy from its label.
-Overrides that are not policy fields (read_threads, direct_dispatch, copy_chunks, gate_reads) are the
+Overrides that are not policy fields (read_threads, direct_dispatch, copy_chunks, gate_reads, defer_insert) are the
 engine's and loader's switches; bench_engine pops them before building the policy."""
 
 STEPS = [  # (label, policy preset, overrides, token group)
@@ -19,6 +19,9 @@ STEPS = [  # (label, policy preset, overrides, token group)
     # calibration tokens, which are not measured), then kept by how often neurons fire, window or not
     ("wb+freq+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
                                                     "warm_start": True}, "main"),
+    # each layer's cache insert queued after the next layer's reads are submitted (real.engine FlashFFN defer_insert)
+    ("wb+freq+warm+depth64+deferinsert", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                                "warm_start": True, "defer_insert": True}, "main"),
     ("wb+lfu+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "warm_start": True},
      "main"),
     # kernels launched through Triton's autotuner on every call (before 2026-11-23 15:40 UTC) instead of

@@ -34,7 +34,7 @@ from sim.presets import load_preset  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
 from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
 
-ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads")   # not policy fields
+ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert")   # not policy fields
 RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction",
             "warm_start")  # policy fields
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured

@@ -319,7 +319,7 @@ class FlashFFN:
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
                  kernel: str = "auto", loader: str = "auto", read_threads: str | None = None,
-                 copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS):
+                 copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS, defer_insert: bool = False):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -337,6 +337,10 @@ class FlashFFN:
         self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks,
                                 gate_reads)
         self.loads_gated = self.loads.gate
+        # a layer's cache insert queued after the next layer's reads are submitted (GPU, FlashLoader: the new
+        # rows stay in the load's slot until the slot after next is loaded, which the insert is queued before)
+        self.defer_insert = defer_insert and self.clock.cuda and isinstance(self.loads, LoaderLoads)
+        self._deferred: tuple | None = None
         gated = self.n_mat == 3
         mk = lambda n: torch.zeros(n, dtype=self.dtype, device=self.device)  # noqa: E731
         self.b1 = None if gated else [(b.to(self.device, self.dtype) if up_bias is not None else mk(spec.d_ff))
@@ -381,6 +385,19 @@ class FlashFFN:
         self.io_wait_s += time.perf_counter() - t_wait
         st.io_s += t_done - t_submit
 
+    def flush_insert(self) -> None:
+        """Queue the cache insert that ``defer_insert`` held back (before the caches are read or checked)."""
+        if self._deferred is not None:
+            args, self._deferred = self._deferred, None
+            self._insert(*args, self.clock.start(), self.stats)
+
+    def _insert_or_defer(self, cache: NeuronCache, plan: LayerPlan, rows, bias, keep_sel, span, st) -> None:
+        if self.defer_insert:
+            self.clock.stop("mem_s", span, st)
+            self._deferred = (cache, plan, rows, bias, keep_sel)
+        else:
+            self._insert(cache, plan, rows, bias, keep_sel, span, st)
+
     def _insert(self, cache: NeuronCache, plan: LayerPlan, rows, bias, keep_sel, span, st: TokenCost) -> None:
         """The plan's memory management after the reads (on the CPU the evictions too), timed as mem from
         ``span``."""
@@ -410,9 +427,12 @@ class FlashFFN:
         them into the cache (CPU: evicts first), so the insert's host time is off the critical path."""
         l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
+        if self._deferred is not None and self._deferred[0] is cache:
+            self.flush_insert()                              # this layer's own insert is still held back
         self.mark("plan")
         pending = self.loads.submit(plan) if load.size else None
         self.mark("submit")
+        self.flush_insert()                                  # the previous layer's, while these reads fly
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         b2 = self.b2[l] if self.b2 is not None else None
         y = residual
@@ -475,7 +495,7 @@ class FlashFFN:
                 y_new = self._ffn(x, new_rows, new_bias, new_idx, b2_new)
                 y = y_new if y_pre is None else y_pre + y_new
             self.mark("wait")
-            self._insert(cache, plan, new_rows, new_bias, keep_sel, clock.start(), st)
+            self._insert_or_defer(cache, plan, new_rows, new_bias, keep_sel, clock.start(), st)
         else:
             self._await_reads(pending, st)
             self.mark("wait")
@@ -489,7 +509,7 @@ class FlashFFN:
             y = y_new if y is None else y + y_new
             s = clock.lap("compute_s", s, st)
             self.mark("ffn_new")
-            self._insert(cache, plan, new_rows, new_bias, keep_sel, s, st)
+            self._insert_or_defer(cache, plan, new_rows, new_bias, keep_sel, s, st)
         if y is None:
             y = torch.zeros_like(x)
         if b2 is not None:
@@ -775,5 +795,6 @@ def plans_checked(engine: PolicyEngine, ffn: FlashFFN, active: np.ndarray) -> It
     the FlashFFN's caches equal the policy engine's bookkeeping (for tests and debug runs)."""
     for t in range(active.shape[0]):
         yield engine.plan_token(active[t])
+        ffn.flush_insert()
         for l, cache in enumerate(ffn.caches):
             cache.check(engine.caches[l])

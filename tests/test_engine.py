@@ -158,6 +158,26 @@ def test_trace_mode_warm_start_computes_only_the_active_neurons(tmp_path, device
     assert loads[0] > 0, "the first token should read neurons it does not compute"
 
 
+@pytest.mark.parametrize("device,gate", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
+                                         pytest.param("cuda", True, marks=CUDA)])
+def test_deferred_cache_inserts_keep_the_ffn_and_the_caches_exact(tmp_path, device, gate):
+    """defer_insert: each layer's cache insert is queued after the next layer's reads are submitted (GPU
+    only; ignored on the CPU). Outputs and the caches (checked after every token) stay exact."""
+    pol = policy("windowing_bundling", window=2, eviction="lfu")
+    spec = GATE_SPEC if gate else SPEC
+    flash = flash_dir_for(spec, True, tmp_path)
+    layers = build_opt(spec).model.decoder.layers
+    trace = generate_trace(spec, SyntheticTraceConfig(tokens=10, seed=2, sparsity=0.8, reuse=0.5))
+    engine = PolicyEngine(spec, pol)
+    ffn = FlashFFN(flash, engine.capacity, threads=4, device=device, gate_reads=gate, defer_insert=True,
+                   up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+    try:
+        assert ffn.defer_insert == (device == "cuda")
+        assert_trace_mode_exact(ffn, engine, trace, layers, device)
+    finally:
+        ffn.close()
+
+
 def count_gated_loads(ffn) -> list:
     """A list that grows by one per load the engine queued on the device before its reads ended."""
     queued = []
