@@ -7,7 +7,11 @@ the paper-calibrated synthetic trace that benchmarks/bench_engine.py runs).
 Rules (each keeps the current token's active neurons resident and at most ``capacity`` rows):
   window      policy.eviction=window, planned by the policy engine: the union of the last k tokens
   lru         policy.eviction=lru (policy engine): fill the cache, evict the least recently active
-  lfu         policy.eviction=lfu (policy engine): evict the least often active so far
+  lfu         policy.eviction=lfu (policy engine): evict the least often active so far (outside the window first)
+  frequency   policy.eviction=frequency (policy engine): evict the least often active, window or not
+  freq+warm   frequency with policy.warm_start (policy engine): the cache filled at the first token with the
+              neurons an activation profile ranks hottest (--calibration-tokens run before the trace, not
+              measured: what an offline calibration run gives), and the counts started from it
   static-hot  (here only) pin the neurons with the highest firing rate over the whole trace (known in
               advance, as an offline profile would give); the most recently active fill the rest
   belady      (a bound, here only) keep the neurons whose next activation comes first, and decline to
@@ -39,7 +43,9 @@ from sim.policy import Policy  # noqa: E402
 from sim.presets import load_preset  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
-RULES = ("window", "lru", "lfu", "static-hot", "belady")
+RULES = ("window", "lru", "lfu", "frequency", "freq+warm", "static-hot", "belady")
+POLICY_RULES = {"window": {"eviction": "window"}, "lru": {"eviction": "lru"}, "lfu": {"eviction": "lfu"},
+                "frequency": {"eviction": "frequency"}, "freq+warm": {"eviction": "frequency", "warm_start": True}}
 
 
 def next_use(active: np.ndarray) -> np.ndarray:
@@ -116,7 +122,7 @@ def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
 
     plt = plots._plt()
     lengths = sorted({r["tokens"] for r in records})
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(lengths)
     for k, n in enumerate(lengths):
         rows = [r for r in records if r["tokens"] == n]
@@ -129,7 +135,7 @@ def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
         ax.text(-0.4, mb20 + 3, f"20x naive at zero overhead: {mb20:.0f} MB/token", ha="left", va="bottom",
                 fontsize=9)
     ax.set_ylabel("MB read from flash per token")
-    ax.set_xlabel("eviction rule (window, lru, lfu: policy engine; static-hot, belady: bounds)")
+    ax.set_xlabel("eviction rule (window .. freq+warm: policy engine; static-hot, belady: outside it, belady the bound)")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, max(r["mb_per_token"] for r in records) * 1.18)
     ax.legend(loc="upper right")
@@ -144,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="measured tokens (bench_engine's count)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--long", type=int, default=512, help="a second, longer trace (0: skip)")
+    ap.add_argument("--calibration-tokens", type=int, default=512,
+                    help="tokens counted before each trace: the activation profile of freq+warm (bench_engine's)")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = ap.parse_args(argv)
 
@@ -156,10 +164,11 @@ def main(argv=None) -> int:
     records = []
     for tokens in [args.tokens] + ([args.long] if args.long else []):
         T = args.warmup + tokens
-        trace = generate_trace(spec, SyntheticTraceConfig.from_dict({**trace_cfg, "tokens": T, "seed": 0}))
+        trace = generate_trace(spec, SyntheticTraceConfig.from_dict(
+            {**trace_cfg, "tokens": T, "seed": 0, "calibration_tokens": args.calibration_tokens}))
         for rule in RULES:
-            if rule in ("window", "lru", "lfu"):
-                per_token = policy_loads(spec, dataclasses.replace(policy, eviction=rule), trace)
+            if rule in POLICY_RULES:
+                per_token = policy_loads(spec, dataclasses.replace(policy, **POLICY_RULES[rule]), trace)
             else:
                 per_token = np.sum([bound_loads(trace.active[:, l], rule, capacity, policy.window)
                                     for l in range(spec.n_layers)], axis=0)
@@ -180,7 +189,8 @@ def main(argv=None) -> int:
     lines = [f"# Bytes per token under eviction rules of growing knowledge: {spec.name} {spec.dtype}, "
              f"{args.policy} (window {policy.window}), memory_budget {policy.memory_budget} -> "
              f"{capacity} of {spec.d_ff} neurons per layer cached",
-             f"# synthetic trace conf/trace/synthetic.yaml (seed 0), first {args.warmup} tokens excluded; date {date}",
+             f"# synthetic trace conf/trace/synthetic.yaml (seed 0, after {args.calibration_tokens} calibration tokens "
+             f"that only freq+warm's profile counts), first {args.warmup} tokens excluded; date {date}",
              f"# io bound = MB/token / {ref.get('gbps', float('nan')):.3f} GB/s (the probe at 16 KiB in that run); "
              "ceiling = naive ms / io bound (an engine with zero overhead)",
              f"# measured inputs: naive {ref.get('naive_ms', float('nan')):.1f} ms/token and the read rate from "

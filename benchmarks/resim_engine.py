@@ -40,6 +40,25 @@ RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
 
 
+def drift_factor(hw: HardwareProfile, rec: dict) -> float | None:
+    """How much faster the disk read during this step than ``hw`` says: the step's own O_DIRECT probes (the
+    mean of the one before and the one after its tokens, at each of its read sizes, at its depth) over the
+    profile's table at the same size and depth; the geometric mean over sizes. None without probes."""
+    before, after = rec.get("probe_gbps") or {}, rec.get("probe_after_gbps") or {}
+    ratios = []
+    for key, gbps in before.items():
+        measured = (gbps + after[key]) / 2 if key in after else gbps
+        size = float(key.removesuffix("KiB")) * 1024
+        ratios.append(measured / float(hw.read_throughput_gbps(size, rec["reads_in_flight"])))
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+
+
+def at_probe(hw: HardwareProfile, factor: float) -> HardwareProfile:
+    """``hw`` with its flash (random-read table and sequential rate) scaled by ``factor``: the disk as it was."""
+    return hw.with_changes(name=f"{hw.name}@probe", read_gbps=(np.asarray(hw.read_gbps) * factor).tolist(),
+                           seq_gbps=hw.seq_gbps * factor)
+
+
 def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> dict[str, float]:
     """Predicted ms per token of one measured record under each profile."""
     steps = {s[0]: s for s in STEPS}
@@ -69,34 +88,50 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="*", default=[str(ROOT / "benchmarks" / "results" / "engine.json")])
     ap.add_argument("--hardware", default="h100-vda,h100-calibrated,h100-calibrated-fit")
+    ap.add_argument("--at-probe", default="h100-calibrated-fit",
+                    help="also predict with this profile's flash scaled to each step's own probes (disk drift "
+                         "removed: what is left is the simulator's error); '' to skip")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = ap.parse_args(argv)
     profiles = {h: HardwareProfile.from_dict(load_preset("hardware", h)) for h in args.hardware.split(",")}
+    base = HardwareProfile.from_dict(load_preset("hardware", args.at_probe)) if args.at_probe else None
+    columns = list(profiles) + ([f"{base.name}@probe"] if base else [])
     traces: dict = {}
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     records, lines = [], []
-    head = f"{'file':<22} {'policy':<26} {'rep':>3} {'measured':>9}" + "".join(f" {h[:22]:>24}" for h in profiles)
-    lines += [f"# measured engine runs re-simulated on the CPU ({date}): predicted ms/token (error vs measured)",
-              head]
-    errors: dict[str, list[float]] = {h: [] for h in profiles}
+    head = f"{'file':<22} {'policy':<26} {'rep':>3} {'measured':>9}" + "".join(f" {h[:22]:>24}" for h in columns)
+    lines += [f"# measured engine runs re-simulated on the CPU ({date}): predicted ms/token (error vs measured)"]
+    if base:
+        lines += [f"# {base.name}@probe: {base.name} with its flash scaled, per step, to that step's own O_DIRECT probes "
+                  "(before and after its tokens): the disk's drift between minutes taken out"]
+    lines += [head]
+    errors: dict[str, list[float]] = {h: [] for h in columns}
     for path in args.results:
         for rec in json.loads(Path(path).read_text()):
-            pred = predict(rec, profiles, traces)
+            factor = drift_factor(base, rec) if base else None
+            pred = predict(rec, {**profiles, **({f"{base.name}@probe": at_probe(base, factor)} if factor else {})},
+                           traces)
             cells = ""
-            for h, ms in pred.items():
+            for h in columns:
+                if h not in pred:
+                    cells += f" {'-':>24}"
+                    continue
+                ms = pred[h]
                 err = (ms - rec["latency_ms"]) / rec["latency_ms"] * 100
                 errors[h].append(err)
                 cells += f" {ms:14.1f} ({err:+5.1f}%)"
                 records.append({"device": f"cpu (re-simulation of: {rec['device']})", "date": date,
                                 "measured_date": rec["date"], "source": Path(path).name, "policy": rec["policy"],
                                 "repeat": rec.get("repeat", 0), "hardware": h, "measured_ms": rec["latency_ms"],
-                                "predicted_ms": round(ms, 3), "error_pct": round(err, 2)})
+                                "predicted_ms": round(ms, 3), "error_pct": round(err, 2),
+                                "drift_factor": round(factor, 3) if h.endswith("@probe") else None})
             lines.append(f"{Path(path).name[:22]:<22} {rec['policy'][:26]:<26} {rec.get('repeat', 0):>3} "
                          f"{rec['latency_ms']:9.1f}{cells}")
     lines.append("")
     for h, e in errors.items():
         a = np.abs(e)
-        lines.append(f"{h}: |error| median {np.median(a):.1f}%, max {a.max():.1f}% over {a.size} measured runs")
+        if a.size:
+            lines.append(f"{h}: |error| median {np.median(a):.1f}%, max {a.max():.1f}% over {a.size} measured runs")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out_dir)

@@ -63,6 +63,11 @@ def test_every_hardware_preset_loads(name):
     (["+policy.windw=3"], "policy.windw"),
     (["policy.predictor=trace"], "policy.predictor"),          # the default synthetic trace predicts perfectly
     (["backend=both", "backend.threads=3"], "backend.threads"),
+    (["policy.eviction=frequency", "policy.warm_start=true"], "trace.calibration_tokens"),  # no profile
+    (["policy.warm_start=true"], "policy.warm_start"),                   # window eviction drops the preload
+    (["policy.eviction=lfu", "policy.warm_start=true", "trace.calibration_tokens=64", "backend=real",
+      "backend.mode=model"], "policy.warm_start"),
+    (["trace.calibration_tokens=-1"], "trace.calibration_tokens"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, key):
     with pytest.raises(ConfigError) as err:

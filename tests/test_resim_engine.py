@@ -44,3 +44,28 @@ def test_a_removed_step_is_rebuilt_from_its_record():
                             "reads_in_flight": 64, "eviction": "lru"})
     got = predict(record("wb+since-removed", reads_in_flight=64, eviction="lru"), {"h": HW}, {})["h"]
     assert abs(got - direct(pol)) < 1e-9 * got
+
+
+def test_a_warm_start_step_uses_the_traces_calibration_counts():
+    pol = Policy.from_dict({**Policy.preset("windowing_bundling").to_dict(), "memory_budget": 0.5,
+                            "reads_in_flight": 64, "eviction": "frequency", "warm_start": True})
+    spec = ModelSpec.preset("opt-6.7b")
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=3, seed=0, calibration_tokens=20))
+    plans = list(PolicyEngine(spec, pol).plan_trace(trace))
+    want = simulate(spec, HW, pol, plans=plans).summary(1)["latency_ms"]
+    got = predict(record("wb+freq+warm+depth64", trace_calibration_tokens=20), {"h": HW}, {})["h"]
+    assert abs(got - want) < 1e-9 * got
+
+
+def test_drift_factor_scales_the_profile_to_the_steps_probes():
+    from resim_engine import at_probe, drift_factor
+    size, depth = 16 * 1024, 64
+    table = float(HW.read_throughput_gbps(size, depth))
+    rec = record("wb+lfu+depth64", reads_in_flight=depth, probe_gbps={"16KiB": 1.5 * table},
+                 probe_after_gbps={"16KiB": 2.5 * table})
+    f = drift_factor(HW, rec)
+    assert abs(f - 2.0) < 1e-9                       # the mean of before and after, over the table
+    scaled = at_probe(HW, f)
+    assert abs(float(scaled.read_throughput_gbps(size, depth)) - 2 * table) < 1e-6 * table
+    assert scaled.seq_gbps == 2 * HW.seq_gbps
+    assert drift_factor(HW, record("naive")) is None  # no probes recorded: no column
