@@ -252,6 +252,11 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
     (out / "engine.txt").write_text("\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
+        try:
+            from plot_engine import plot_engine
+            print(f"plot: {plot_engine(records, out / 'engine.png')}")
+        except Exception as e:  # noqa: BLE001 -- the table and records are written; a plot can be redone
+            print(f"no plot ({type(e).__name__}: {e}); later: python benchmarks/plot_engine.py RESULTS.json")
 
 
 def main(argv=None) -> int:
