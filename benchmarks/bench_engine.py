@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from engine_steps import STEPS  # noqa: E402
+from resim_engine import at_probe, drift_factor  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import COPY_CHUNKS, GATE_READS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
@@ -215,7 +216,7 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
     atomic_write_text(out / "results" / "engine.json", json.dumps(records, indent=1))
     head = ["policy", "repeat", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
             "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
-            "sim_error_pct"]
+            "sim_error_pct", "sim_at_probe_error_pct"]
     lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
              f"{args.memory_budget}, synthetic trace (sparsity {trace.sparsity().mean():.3f}, "
              f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5; warm-start steps: an activation profile "
@@ -224,7 +225,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"(naive: 1 token, others: {args.warmup}); O_DIRECT; loader {args.loader}; kernel {args.kernel}",
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
              f"(the step's own loader and reader threads; the mean of the bounds from a probe just before and one just "
-             f"after the step's tokens); sim = simulator on the same plans, hardware {hw.name}",
+             f"after the step's tokens); sim = simulator on the same plans, hardware {hw.name} "
+             f"(sim_at_probe: its flash scaled to the step's own probes)",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -391,6 +393,11 @@ def main(argv=None) -> int:
             "copy_chunks": copy_chunks, "gate_reads": gate_reads, "defer_insert": ffn.defer_insert,
             "wall_s": round(wall, 1),
         }
+        factor = drift_factor(hw, rec)     # the simulator again, its disk scaled to this step's own probes
+        if factor:
+            at = simulate(spec, at_probe(hw, factor), pol, plans=tr_plans).summary(warm)["latency_ms"]
+            rec.update(sim_at_probe_ms=round(at, 3), sim_drift_factor=round(factor, 3),
+                       sim_at_probe_error_pct=round((at - real["latency_ms"]) / real["latency_ms"] * 100, 2))
         records.append(rec)
         log(f"{label} (repeat {rep}): {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}, mem {rec['mem_ms']:.2f}, compute "
             f"{rec['compute_ms']:.1f}), {rec['bytes_per_token'] / 1e6:.1f} MB/token, bound "
