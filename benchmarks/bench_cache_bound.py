@@ -100,8 +100,9 @@ def bound_loads(active: np.ndarray, rule: str, capacity: int, window: int) -> np
 
 
 def measured_reference(root: Path, policy: str) -> dict:
-    """From one committed GPU run of bench_engine: naive ms/token, and the policy's effective read
-    rate (its bytes per token over its own I/O lower bound, i.e. the probe at its read size and depth)."""
+    """From one committed GPU run of bench_engine, medians over its rounds: naive ms/token, and the policy's
+    effective read rate (its bytes per token over its own I/O lower bound, i.e. the probe at its read size
+    and depth)."""
     try:
         eng = json.loads((root / "results" / "engine.json").read_text())
     except (OSError, ValueError):
@@ -111,9 +112,10 @@ def measured_reference(root: Path, policy: str) -> dict:
     if not naive or not mine:
         return {}
     r = mine[0]
-    return {"naive_ms": float(naive[0]["latency_ms"]),
-            "gbps": float(r["bytes_per_token"]) / 1e6 / float(r["io_lower_bound_ms"]),
-            "source": f"benchmarks/results/engine.json ({r.get('device')}, {r.get('date')})"}
+    return {"naive_ms": float(np.median([x["latency_ms"] for x in naive])),
+            "gbps": float(np.median([float(x["bytes_per_token"]) / 1e6 / float(x["io_lower_bound_ms"]) for x in mine])),
+            "source": f"benchmarks/results/engine.json ({r.get('device')}, {r.get('date')}, medians of "
+                      f"{len(naive)} naive and {len(mine)} {policy} rounds)"}
 
 
 def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
              f"{capacity} of {spec.d_ff} neurons per layer cached",
              f"# synthetic trace conf/trace/synthetic.yaml (seed 0, after {args.calibration_tokens} calibration tokens "
              f"that only freq+warm's profile counts), first {args.warmup} tokens excluded; date {date}",
-             f"# io bound = MB/token / {ref.get('gbps', float('nan')):.3f} GB/s (the probe at 16 KiB in that run); "
+             f"# io bound = MB/token / {ref.get('gbps', float('nan')):.3f} GB/s (the probe at 16 KiB and 32 KiB in that run); "
              "ceiling = naive ms / io bound (an engine with zero overhead)",
              f"# measured inputs: naive {ref.get('naive_ms', float('nan')):.1f} ms/token and the read rate from "
              f"{ref.get('source', 'none (no engine.json)')}",

@@ -101,9 +101,6 @@ def run_model(setup, opts: RealOptions, progress: bool = False) -> list[TokenCos
     spec, policy = setup.spec, setup.policy
     require(is_small_opt(spec), "backend.mode", f"model mode runs small OPT presets; {spec.name} is not one",
             "use backend.mode=trace for this geometry")
-    require(not policy.warm_start, "policy.warm_start",
-            "needs an activation profile of the model itself, which backend.mode=model does not record",
-            "use backend.mode=trace, or OPTFlashModel(calibration_counts=...) from Python")
     device = resolve_device(opts.device)
     flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed)
     m = OPTFlashModel(build_opt(spec, setup.seed), flash, policy, device=device,

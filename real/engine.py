@@ -386,7 +386,8 @@ class FlashFFN:
         st.io_s += t_done - t_submit
 
     def flush_insert(self) -> None:
-        """Queue the cache insert that ``defer_insert`` held back (before the caches are read or checked)."""
+        """Queue the cache insert that ``defer_insert`` held back (before the caches are read or checked, and
+        at the end of every token: the caches then match the policy engine between tokens)."""
         if self._deferred is not None:
             args, self._deferred = self._deferred, None
             self._insert(*args, self.clock.start(), self.stats)
@@ -427,12 +428,10 @@ class FlashFFN:
         them into the cache (CPU: evicts first), so the insert's host time is off the critical path."""
         l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
-        if self._deferred is not None and self._deferred[0] is cache:
-            self.flush_insert()                              # this layer's own insert is still held back
         self.mark("plan")
         pending = self.loads.submit(plan) if load.size else None
         self.mark("submit")
-        self.flush_insert()                                  # the previous layer's, while these reads fly
+        self.flush_insert()          # the previous layer's (one layer: its own), while these reads fly
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         b2 = self.b2[l] if self.b2 is not None else None
         y = residual
@@ -679,6 +678,7 @@ class TraceEngine:
             clock.sync()                   # a real predictor's mask must reach the host before reads
             ffn.mark("sync")
             h = ffn.run_layer(p, x, residual=h)
+        ffn.flush_insert()                 # the last layer's insert, if deferred: inside the token, in order
         s = clock.start()
         body.head(h)
         clock.stop("compute_s", s, tc)
@@ -768,6 +768,7 @@ class OPTFlashModel:
         self.plans = []
         t0 = self.clock.now(sync=True)
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.past, use_cache=True)
+        self.ffn.flush_insert()                       # a deferred insert of the last layer, inside the token
         logits = out.logits[:, -1]
         tc.latency_s = self.clock.now(sync=True) - t0
         self.clock.settle()

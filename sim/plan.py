@@ -141,12 +141,17 @@ class PolicyEngine:
         if calibration_counts is not None:
             self._warm(calibration_counts)
 
-    def _warm(self, counts: np.ndarray) -> None:
+    def _warm(self, counts: np.ndarray, source: str = "calibration_counts") -> None:
+        """Seed the use counts from an activation profile and choose each layer's preload (its hottest
+        neurons, at most the capacity; never-seen ones are not worth a read). ``source`` names where the
+        counts came from, for errors."""
         require(self.policy.warm_start, "policy.warm_start",
-                "is false, but calibration counts were given", "set policy.warm_start=true to use them")
+                f"is false, but {source} were given", "set policy.warm_start=true to use them")
         counts = np.asarray(counts)
-        require(counts.shape == (self.spec.n_layers, self.spec.d_ff), "trace.calibration_counts",
-                f"has shape {list(counts.shape)}, the model needs [{self.spec.n_layers}, {self.spec.d_ff}]",
+        require(counts.shape == (self.spec.n_layers, self.spec.d_ff) and np.issubdtype(counts.dtype, np.integer)
+                and (counts.size == 0 or counts.min() >= 0), source,
+                f"must be non-negative integers [layers, d_ff] = [{self.spec.n_layers}, {self.spec.d_ff}], "
+                f"got {counts.dtype} {list(counts.shape)}",
                 "count activations on a trace of this model (Trace.activation_counts)")
         require(self.token == 0, "policy.warm_start", "the cache can be warmed only before the first token",
                 "give the calibration counts when the PolicyEngine is built")
@@ -154,7 +159,7 @@ class PolicyEngine:
         for cache, c in zip(self.caches, counts):
             cache.uses[:] = c
             hot = np.argsort(-c.astype(np.int64), kind="stable")[: min(self.capacity, c.size)]
-            self.hot.append(np.sort(hot[c[hot] > 0]))      # never-seen neurons are not worth a read
+            self.hot.append(np.sort(hot[c[hot] > 0]))
 
     def plan_token(self, active_per_layer: Sequence[np.ndarray]) -> list[LayerPlan]:
         """``active_per_layer[l]`` is a bool mask [d_ff] of neurons to compute at this token."""
@@ -178,7 +183,7 @@ class PolicyEngine:
                     "needs the trace's calibration counts (an activation profile), but this trace has none",
                     "generate it with trace.calibration_tokens=512, set trace.calibration_counts on a recorded "
                     "trace (Trace.activation_counts of a calibration trace), or set policy.warm_start=false")
-            self._warm(trace.calibration_counts)
+            self._warm(trace.calibration_counts, "trace.calibration_counts")
         use = trace.active
         if self.policy.predictor == "trace":
             if trace.predicted is None:
@@ -240,13 +245,16 @@ class PolicyEngine:
             reads=self.layout.reads_for(layer, new, pol.chunk_bytes), dense=False)
 
     def _plan_warm(self, t: int, layer: int, active_ids: np.ndarray) -> LayerPlan:
-        """The first token of a warm start: read the profile's hottest neurons (they fill the cache) and
-        this token's active ones (those not among them stay transient), like any other load."""
+        """The first token of a warm start: read the profile's hottest neurons and this token's active ones;
+        the cache keeps the hot ones and, in the rows they leave free (a profile with fewer seen neurons than
+        the capacity), the active ones, as a cold start would; the rest of the active stay transient."""
         cache, hot = self.caches[layer], self.hot[layer]
         load = np.union1d(hot, active_ids)
-        moves, copied, rows = cache.evict_and_insert(np.zeros(0, np.int64), hot, self.policy.mem_strategy)
+        others = np.setdiff1d(active_ids, hot, assume_unique=True)
+        keep = np.union1d(hot, others[: max(0, cache.capacity - hot.size)])
+        moves, copied, rows = cache.evict_and_insert(np.zeros(0, np.int64), keep, self.policy.mem_strategy)
         insert_rows = np.full(load.size, -1, dtype=np.int64)
-        insert_rows[np.searchsorted(load, hot)] = rows               # in load order, as the cache inserts them
+        insert_rows[np.searchsorted(load, keep)] = rows              # in load order, as the cache inserts them
         cache.last_used[active_ids] = t
         cache.uses[active_ids] += 1
         return LayerPlan(

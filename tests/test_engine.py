@@ -158,24 +158,33 @@ def test_trace_mode_warm_start_computes_only_the_active_neurons(tmp_path, device
     assert loads[0] > 0, "the first token should read neurons it does not compute"
 
 
+@pytest.mark.parametrize("layers_n", [2, 1])
 @pytest.mark.parametrize("device,gate", [("cpu", False), pytest.param("cuda", False, marks=CUDA),
                                          pytest.param("cuda", True, marks=CUDA)])
-def test_deferred_cache_inserts_keep_the_ffn_and_the_caches_exact(tmp_path, device, gate):
-    """defer_insert: each layer's cache insert is queued after the next layer's reads are submitted (GPU
-    only; ignored on the CPU). Outputs and the caches (checked after every token) stay exact."""
+def test_deferred_cache_inserts_keep_the_ffn_and_the_caches_exact(tmp_path, device, gate, layers_n):
+    """defer_insert: each layer's cache insert is queued after the next layer's reads are submitted (on by
+    default only on a GPU; forced on the CPU here, where the work is synchronous, so that CI runs the path).
+    With one layer the held-back insert is the layer's own, queued before its resident FFN reads the cache.
+    Outputs and the caches (checked after every token) stay exact."""
     pol = policy("windowing_bundling", window=2, eviction="lfu")
     spec = GATE_SPEC if gate else SPEC
+    spec = ModelSpec.from_dict({**spec.to_dict(), "name": f"{spec.name}-{layers_n}l", "n_layers": layers_n})
     flash = flash_dir_for(spec, True, tmp_path)
     layers = build_opt(spec).model.decoder.layers
     trace = generate_trace(spec, SyntheticTraceConfig(tokens=10, seed=2, sparsity=0.8, reuse=0.5))
     engine = PolicyEngine(spec, pol)
     ffn = FlashFFN(flash, engine.capacity, threads=4, device=device, gate_reads=gate, defer_insert=True,
                    up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
+    held = []
     try:
         assert ffn.defer_insert == (device == "cuda")
+        ffn.defer_insert = True
+        real_defer = ffn._insert_or_defer
+        ffn._insert_or_defer = lambda *a: (real_defer(*a), held.append(ffn._deferred is not None))[0]
         assert_trace_mode_exact(ffn, engine, trace, layers, device)
     finally:
         ffn.close()
+    assert held and all(held), "inserts should have been held back"
 
 
 def count_gated_loads(ffn) -> list:

@@ -20,18 +20,25 @@ policies = st.fixed_dictionaries({
     "window": st.integers(0, 8), "chunk_kib": st.sampled_from([4, 8, 16, 64, 256]),
     "memory_budget": st.floats(0.3, 1.0), "predictor_rank": st.just(16), "eviction": st.sampled_from(["window", "lru", "lfu", "frequency"]),
     "mem_strategy": st.sampled_from(["preallocated", "concat"]), "bundling": st.booleans(),
+    "warm_start": st.booleans(),
 })
 
 
+def make_policy(p: dict) -> Policy:
+    """A warm start only where the policy keeps neurons beyond the window (else Policy refuses it)."""
+    return Policy(**{**p, "warm_start": p["warm_start"] and p["window"] > 0 and p["eviction"] != "window"})
+
+
 def plans_for(policy: Policy, k: dict, tokens: int = 12):
-    trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=tokens, **k))
+    trace = generate_trace(SPEC, SyntheticTraceConfig(tokens=tokens, calibration_tokens=6 if policy.warm_start else 0,
+                                                      **k))
     return trace, list(PolicyEngine(SPEC, policy).plan_trace(trace))
 
 
 @settings(max_examples=40, deadline=None)
 @given(k=knobs, p=policies)
 def test_bytes_equal_new_neurons_times_record(k, p):
-    policy = Policy(**p)
+    policy = make_policy(p)
     layout = FlashLayout(SPEC, bundled=policy.bundling)
     _, plans = plans_for(policy, k)
     for token in plans:
@@ -47,9 +54,9 @@ def test_bytes_equal_new_neurons_times_record(k, p):
 # found by hypothesis (2026-11-23): the window outgrew the cache at token 6 and fitted again at token 7
 @example(k={"sparsity": 0.5, "reuse": 0.75, "rate_skew": 0.0, "coactivation": 0.0, "seed": 0},
          p={"window": 4, "chunk_kib": 4, "memory_budget": 0.859375, "predictor_rank": 16, "eviction": "lfu",
-            "mem_strategy": "preallocated", "bundling": False})
+            "mem_strategy": "preallocated", "bundling": False, "warm_start": False})
 def test_budget_never_exceeded_and_window_resident(k, p):
-    policy = Policy(**p)
+    policy = make_policy(p)
     trace, plans = plans_for(policy, k)
     cap = ffn_cache_neurons(SPEC, policy)
     def window_at(t, l):
@@ -71,15 +78,17 @@ def test_budget_never_exceeded_and_window_resident(k, p):
             # for its next w - 1 tokens, and are only read again when next active
             window = window_at(t, l)
             span_fits = all(len(window_at(s, l)) <= cap for s in range(max(0, t - policy.window + 1), t + 1))
-            if policy.window > 0 and span_fits and policy.eviction != "frequency":   # frequency: by counts only
+            # frequency keeps by counts only; a warm start's first token prefers the profile's neurons
+            warm_span = policy.warm_start and t - policy.window + 1 <= 0
+            if policy.window > 0 and span_fits and policy.eviction != "frequency" and not warm_span:
                 assert window <= resident, "a neuron active within the window was evicted"
 
 
 @settings(max_examples=30, deadline=None)
 @given(k=knobs, p=policies)
 def test_windowing_never_reads_more_than_no_windowing(k, p):
-    with_window = Policy(**{**p, "window": max(1, p["window"])})
-    without = Policy(**{**p, "window": 0})
+    with_window = Policy(**{**p, "window": max(1, p["window"]), "warm_start": False})
+    without = Policy(**{**p, "window": 0, "warm_start": False})
     _, a = plans_for(with_window, k)
     _, b = plans_for(without, k)
     for ta, tb in zip(a, b):
@@ -197,6 +206,21 @@ def test_warm_start_preloads_the_hottest_neurons_and_counts_them():
         assert np.array_equal(engine.caches[l].uses, c + trace.active[:, l].sum(0))
 
 
+def test_a_small_profile_leaves_its_free_rows_to_the_first_tokens_active_neurons():
+    """A profile that saw fewer neurons than the cache holds (here: 2 calibration tokens) preloads only those;
+    the free rows keep the first token's other active neurons, as a cold start would."""
+    trace = warm_trace(calibration=2)
+    pol = Policy(window=2, eviction="frequency", warm_start=True, memory_budget=0.5, predictor_rank=16)
+    engine = PolicyEngine(SPEC, pol)
+    first = next(iter(engine.plan_trace(trace)))
+    for l, lp in enumerate(first):
+        seen = np.flatnonzero(trace.calibration_counts[l])
+        assert seen.size + lp.active.size < engine.capacity        # all fit
+        kept = lp.load[lp.insert_rows >= 0]
+        assert set(kept.tolist()) == set(seen.tolist()) | set(lp.active.tolist())
+        assert lp.resident == kept.size
+
+
 def test_warm_start_with_frequency_reads_less_than_lfu():
     """On a skewed trace an activation profile (other tokens of the same neurons' chains) picks the cache
     better than counting from scratch: fewer bytes after the first token."""
@@ -217,8 +241,10 @@ def test_warm_start_errors_name_the_fix():
         list(PolicyEngine(SPEC, pol).plan_trace(warm_trace(calibration=0)))
     with pytest.raises(ConfigError, match="calibration counts"):
         PolicyEngine(SPEC, pol).plan_token(np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=bool))
-    with pytest.raises(ConfigError, match="trace.calibration_counts"):
+    with pytest.raises(ConfigError, match="^calibration_counts: must be non-negative integers"):
         PolicyEngine(SPEC, pol, np.zeros((1, SPEC.d_ff), dtype=np.int32))
+    with pytest.raises(ConfigError, match="^calibration_counts: must be non-negative integers"):
+        PolicyEngine(SPEC, pol, np.full((SPEC.n_layers, SPEC.d_ff), 0.5))
     with pytest.raises(ConfigError, match="warm_start"):
         PolicyEngine(SPEC, Policy(window=2, eviction="lfu", memory_budget=0.5, predictor_rank=16),
                      np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=np.int32))
