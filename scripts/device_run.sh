@@ -22,7 +22,7 @@ case $stage in
     python3 benchmarks/profile_engine.py --out "$OUT/engine_profile.txt" 2>&1 | tail -40
     ;;
   engine)
-    STEPS=${STEPS:-naive,windowing_bundling,wb+lfu+depth64,wb+lfu+depth64+3chunks,wb+lfu+depth64+hostwait}
+    STEPS=${STEPS:-naive,windowing_bundling,wb+lfu+depth64,wb+freq+warm+depth64}
     python3 benchmarks/bench_engine.py --repeat "${REPEAT:-2}" --steps "$STEPS" --time-limit "${LIMIT:-520}" \
       --out-dir "$OUT" 2>&1 | tee "$OUT/engine.log" | tail -40
     ;;
