@@ -226,7 +226,7 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
              f"(the step's own loader and reader threads; the mean of the bounds from a probe just before and one just "
              f"after the step's tokens); sim = simulator on the same plans, hardware {hw.name} "
-             f"(sim_at_probe: its flash scaled to the step's own probes)",
+             f"(sim_at_probe: {args.at_probe_hardware} with its flash scaled to the step's own probes)",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -268,6 +268,9 @@ def main(argv=None) -> int:
     # of 17:24-17:40 UTC it predicted with median |error| 7.9% against 9.9%; over the 83 of 17:24-18:59 UTC,
     # as the disk drifted, 14.8% against 14.7%, and 6.9% scaled to each step's probes (resim_engine.txt)
     ap.add_argument("--hardware", default="h100-calibrated-fit", help="profile the simulator times the same plans on")
+    ap.add_argument("--at-probe-hardware", default="h100-engine-fit",
+                    help="profile of the sim_at_probe columns (scaled to each step's probes; h100-engine-fit was "
+                         "fitted that way: benchmarks/validation/h100-engine-fit.txt)")
     ap.add_argument("--flash-dir", default="/root/flash")
     ap.add_argument("--calibration-tokens", type=int, default=512,
                     help="trace tokens run before the measured ones only to count activations: the activation "
@@ -298,6 +301,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     spec = ModelSpec.preset(args.model)
     hw = HardwareProfile.from_dict(load_preset("hardware", args.hardware))
+    hw_probe = HardwareProfile.from_dict(load_preset("hardware", args.at_probe_hardware))
     n_tok = args.warmup + max(args.tokens, args.unbundled_tokens, args.naive_tokens)
     trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0,
                                                                   calibration_tokens=args.calibration_tokens))
@@ -394,9 +398,9 @@ def main(argv=None) -> int:
             "copy_chunks": copy_chunks, "gate_reads": gate_reads, "defer_insert": ffn.defer_insert,
             "wall_s": round(wall, 1),
         }
-        factor = drift_factor(hw, rec)     # the simulator again, its disk scaled to this step's own probes
+        factor = drift_factor(hw_probe, rec)    # the simulator again, its disk scaled to this step's own probes
         if factor:
-            at = simulate(spec, at_probe(hw, factor), pol, plans=tr_plans).summary(warm)["latency_ms"]
+            at = simulate(spec, at_probe(hw_probe, factor), pol, plans=tr_plans).summary(warm)["latency_ms"]
             rec.update(sim_at_probe_ms=round(at, 3), sim_drift_factor=round(factor, 3),
                        sim_at_probe_error_pct=round((at - real["latency_ms"]) / real["latency_ms"] * 100, 2))
         records.append(rec)

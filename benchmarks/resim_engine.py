@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,8 @@ def at_probe(hw: HardwareProfile, factor: float) -> HardwareProfile:
                            seq_gbps=hw.seq_gbps * factor)
 
 
-def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> dict[str, float]:
-    """Predicted ms per token of one measured record under each profile."""
+def rebuild(rec: dict, traces: dict) -> tuple[ModelSpec, Policy, list, int]:
+    """The spec, policy, plans and warm-up count a measured record ran (``traces`` caches generated traces)."""
     steps = {s[0]: s for s in STEPS}
     head = rec["policy"].split("+")[0]
     if rec["policy"] in steps:
@@ -81,7 +82,60 @@ def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> di
     warm, n, tr = rec["warmup"], rec["tokens"], traces[key]
     plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=tr.active[: warm + n],
                                                           calibration_counts=tr.calibration_counts)))
+    return spec, pol, plans, warm
+
+
+def predict(rec: dict, profiles: dict[str, HardwareProfile], traces: dict) -> dict[str, float]:
+    """Predicted ms per token of one measured record under each profile."""
+    spec, pol, plans, warm = rebuild(rec, traces)
     return {name: simulate(spec, hw, pol, plans=plans).summary(warm)["latency_ms"] for name, hw in profiles.items()}
+
+
+class _AtProbe:
+    """One record's plans, re-timed on any profile scaled to the record's own disk probes."""
+
+    def __init__(self, rec: dict):
+        self.rec = rec
+        self.spec, self.pol, self.plans, self.warm = rebuild(rec, _TRACES)
+
+    def predict(self, hw: HardwareProfile) -> float:
+        hw = at_probe(hw, drift_factor(hw, self.rec))
+        return simulate(self.spec, hw, self.pol, plans=self.plans).summary(self.warm)["latency_ms"]
+
+
+_TRACES: dict = {}
+
+
+@dataclass
+class EnginePoint:
+    """A measured bench_engine step as a point for experiments.calibrate_sim.fit (predicted at its probes)."""
+    rec: dict
+    measured_ms: float
+    label: str = ""
+
+    def prepare(self) -> _AtProbe:
+        return _AtProbe(self.rec)
+
+
+FIT_PARAMS = ("io_overhead_us", "op_overhead_us", "row_op_us", "compute_gbps", "mem_gbps")  # not read_scale:
+# scaling to each step's probes cancels it
+
+
+def fit_at_probe(paths: list[str], base: HardwareProfile, out: Path, jobs: int, seed: int) -> dict:
+    """Fit the simulator's constants (FIT_PARAMS) to the measured steps with the disk drift taken out, on a
+    seeded half; report the held-out half; write the profile (its flash table stays the base's)."""
+    from experiments.calibrate_sim import fit, format_report
+
+    points = [EnginePoint(rec, float(rec["latency_ms"]), f"{Path(p).name}:{rec['policy']}:{rec.get('repeat', 0)}")
+              for p in paths for rec in json.loads(Path(p).read_text()) if rec.get("probe_gbps")]
+    cal = fit(points, base, params=FIT_PARAMS, overlap="keep", seed=seed, name=out.stem, jobs=jobs,
+              max_evals=120)
+    cal.profile.to_yaml(out, header=f"# Fitted by benchmarks/resim_engine.py --fit to {len(points)} bench_engine steps "
+                                    f"({', '.join(Path(p).name for p in paths)}),\n# each predicted with the flash "
+                                    "scaled to its own disk probes: use it that way (--at-probe); the flash table "
+                                    "is the base profile's.\n")
+    print(format_report(cal.report))
+    return cal.report
 
 
 def main(argv=None) -> int:
@@ -92,7 +146,17 @@ def main(argv=None) -> int:
                     help="also predict with this profile's flash scaled to each step's own probes (disk drift "
                          "removed: what is left is the simulator's error); '' to skip")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--fit", default=None, metavar="OUT.yaml",
+                    help="instead: fit the --at-probe profile's constants to these runs (drift taken out), half "
+                         "held out, and write the profile there")
+    ap.add_argument("--jobs", type=int, default=2, help="--fit: worker processes")
+    ap.add_argument("--seed", type=int, default=0, help="--fit: seeds the fit / held-out split")
     args = ap.parse_args(argv)
+    if args.fit:
+        report = fit_at_probe(args.results, HardwareProfile.from_dict(load_preset("hardware", args.at_probe)),
+                              Path(args.fit), args.jobs, args.seed)
+        Path(args.fit).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     profiles = {h: HardwareProfile.from_dict(load_preset("hardware", h)) for h in args.hardware.split(",")}
     base = HardwareProfile.from_dict(load_preset("hardware", args.at_probe)) if args.at_probe else None
     columns = list(profiles) + ([f"{base.name}@probe"] if base else [])

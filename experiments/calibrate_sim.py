@@ -104,8 +104,14 @@ class _Prepared:
         return res.summary(s.warmup)["latency_ms"]
 
 
-def _worker(conn, configs: list[dict]) -> None:
-    prepared = [_Prepared(c) for c in configs]
+def _prepare(point):
+    """A point ready to re-time: its own ``prepare()`` where it has one (e.g. a bench_engine record,
+    benchmarks/resim_engine.py), else its run rebuilt from its Hydra config."""
+    return point.prepare() if hasattr(point, "prepare") else _Prepared(point.config)
+
+
+def _worker(conn, points: list) -> None:
+    prepared = [_prepare(p) for p in points]
     conn.send("ready")
     while True:
         msg = conn.recv()
@@ -117,21 +123,23 @@ def _worker(conn, configs: list[dict]) -> None:
 
 class Evaluator:
     """Predicted latency of every point for a profile; with ``jobs`` > 1 the points are spread over
-    worker processes that keep their plans (planned once), so a fit costs only re-simulation."""
+    worker processes that keep their plans (planned once), so a fit costs only re-simulation. A point is a
+    ``Point`` (a run's config) or anything with ``measured_ms`` and ``prepare()`` -> an object with
+    ``predict(hw) -> ms``."""
 
     def __init__(self, points: Sequence[Point], jobs: int = 1):
         self.n = len(points)
         self.jobs = max(1, min(jobs, self.n))
         self.calls = 0
         if self.jobs == 1:
-            self.prepared = [_Prepared(p.config) for p in points]
+            self.prepared = [_prepare(p) for p in points]
             return
         ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
         self.parts = [list(range(i, self.n, self.jobs)) for i in range(self.jobs)]
         self.conns, self.procs = [], []
         for part in self.parts:
             a, b = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(b, [points[i].config for i in part]), daemon=True)
+            proc = ctx.Process(target=_worker, args=(b, [points[i] for i in part]), daemon=True)
             proc.start()
             self.conns.append(a)
             self.procs.append(proc)

@@ -4,6 +4,8 @@ on plans built directly, and a step removed from bench_engine is rebuilt from wh
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from resim_engine import predict  # noqa: E402
@@ -69,3 +71,20 @@ def test_drift_factor_scales_the_profile_to_the_steps_probes():
     assert abs(float(scaled.read_throughput_gbps(size, depth)) - 2 * table) < 1e-6 * table
     assert scaled.seq_gbps == 2 * HW.seq_gbps
     assert drift_factor(HW, record("naive")) is None  # no probes recorded: no column
+
+
+def test_an_engine_point_is_timed_at_its_own_probes():
+    """resim_engine --fit hands bench_engine records to experiments.calibrate_sim as points whose prediction
+    scales any candidate profile to the record's own probes."""
+    from resim_engine import EnginePoint, at_probe, drift_factor
+    from experiments.calibrate_sim import Evaluator
+    table = float(HW.read_throughput_gbps(16 * 1024, 64))
+    rec = record("wb+lfu+depth64", reads_in_flight=64, eviction="lfu", probe_gbps={"16KiB": 0.5 * table})
+    ev = Evaluator([EnginePoint(rec, 1.0)])
+    got = ev(HW)[0]
+    want = predict(rec, {"h": at_probe(HW, drift_factor(HW, rec))}, {})["h"]
+    assert abs(got - want) < 1e-9 * want
+    assert got > 1.2 * predict(rec, {"h": HW}, {})["h"]      # half the disk rate: clearly slower
+    # read_scale cancels: the same disk as probed, whatever the profile's table says
+    fast = HW.with_changes(read_gbps=(2 * np.asarray(HW.read_gbps)).tolist(), seq_gbps=2 * HW.seq_gbps)
+    assert abs(ev(fast)[0] - got) < 1e-6 * got
