@@ -8,7 +8,12 @@ For every record of a ``bench_engine.py`` results file this rebuilds the very pl
 latency with each profile. No GPU, no torch: the question "which profile predicts that machine?" can be
 asked of any measured run, and of a profile made later (e.g. a re-fit). Records from before
 ``trace_tokens`` was stored assume bench_engine's default token counts (a 69-token trace, seed 0, no calibration tokens).
-Prints the table and writes resim_engine.txt and results/resim_engine.json under --out-dir."""
+Prints the table and writes resim_engine.txt and results/resim_engine.json under --out-dir.
+
+    python benchmarks/resim_engine.py RESULTS... --fit conf/hardware/h100-engine-fit.yaml
+
+instead fits the simulator's timing constants (not the disk: each step is timed at its own probes) to the
+records, with whole steps held out, as experiments.calibrate_sim fits backend=both runs."""
 
 from __future__ import annotations
 
@@ -95,6 +100,9 @@ class _AtProbe:
     """One record's plans, re-timed on any profile scaled to the record's own disk probes."""
 
     def __init__(self, rec: dict):
+        if not rec.get("probe_gbps"):
+            raise SystemExit(f"{rec.get('policy')!r} (repeat {rec.get('repeat', 0)}): the record has no probe_gbps, so "
+                             "its disk rate is unknown. Fix: leave such records out (bench_engine runs record probes)")
         self.rec = rec
         self.spec, self.pol, self.plans, self.warm = rebuild(rec, _TRACES)
 
@@ -121,21 +129,31 @@ FIT_PARAMS = ("io_overhead_us", "op_overhead_us", "row_op_us", "compute_gbps", "
 # scaling to each step's probes cancels it
 
 
-def fit_at_probe(paths: list[str], base: HardwareProfile, out: Path, jobs: int, seed: int) -> dict:
-    """Fit the simulator's constants (FIT_PARAMS) to the measured steps with the disk drift taken out, on a
-    seeded half; report the held-out half; write the profile (its flash table stays the base's)."""
+def fit_at_probe(paths: list[str], base: HardwareProfile, out: Path, jobs: int, seed: int,
+                 report_stem: Path) -> dict:
+    """Fit the simulator's constants (FIT_PARAMS) to the measured steps with the disk drift taken out; the
+    steps are split by step (every measurement of a step, in any run, stays on one side: the held-out steps
+    are configurations the fit never saw), a seeded half fitted and the rest held out. Writes the profile
+    (its flash table stays the base's) and ``report_stem``.json / .txt."""
     from experiments.calibrate_sim import fit, format_report
 
-    points = [EnginePoint(rec, float(rec["latency_ms"]), f"{Path(p).name}:{rec['policy']}:{rec.get('repeat', 0)}")
+    points = [EnginePoint(rec, float(rec["latency_ms"]), rec["policy"])
               for p in paths for rec in json.loads(Path(p).read_text()) if rec.get("probe_gbps")]
     cal = fit(points, base, params=FIT_PARAMS, overlap="keep", seed=seed, name=out.stem, jobs=jobs,
-              max_evals=120)
-    cal.profile.to_yaml(out, header=f"# Fitted by benchmarks/resim_engine.py --fit to {len(points)} bench_engine steps "
-                                    f"({', '.join(Path(p).name for p in paths)}),\n# each predicted with the flash "
-                                    "scaled to its own disk probes: use it that way (--at-probe); the flash table "
-                                    "is the base profile's.\n")
-    print(format_report(cal.report))
-    return cal.report
+              max_evals=120, groups=[p.label for p in points])
+    files = ", ".join(Path(p).name for p in paths)
+    cal.profile.to_yaml(out, header=f"# Fitted by benchmarks/resim_engine.py --fit: {cal.fit_idx.size} of {len(points)} "
+                                    f"bench_engine steps ({files}) fitted, {cal.heldout_idx.size} held out\n# (whole "
+                                    "steps), each predicted with the flash scaled to its own disk probes: use "
+                                    "it that way (--at-probe); the flash table is the base profile's.\n")
+    text = format_report(cal.report)
+    report = {**cal.report, "results": [str(p) for p in paths], "split": "by step (all its rounds and runs on one side)",
+              "heldout": sorted({points[i].label for i in cal.heldout_idx})}
+    report_stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report_stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(report_stem.with_suffix(".txt"), f"# resim_engine.py --fit {files} (seed {seed})\n{text}\n")
+    print(text)
+    return report
 
 
 def main(argv=None) -> int:
@@ -147,15 +165,17 @@ def main(argv=None) -> int:
                          "removed: what is left is the simulator's error); '' to skip")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     ap.add_argument("--fit", default=None, metavar="OUT.yaml",
-                    help="instead: fit the --at-probe profile's constants to these runs (drift taken out), half "
-                         "held out, and write the profile there")
+                    help="instead: fit the --at-probe profile's constants to these runs (drift taken out), whole "
+                         "steps held out; writes the profile there and its report to "
+                         "benchmarks/validation/<stem>.json/.txt")
     ap.add_argument("--jobs", type=int, default=2, help="--fit: worker processes")
     ap.add_argument("--seed", type=int, default=0, help="--fit: seeds the fit / held-out split")
     args = ap.parse_args(argv)
     if args.fit:
-        report = fit_at_probe(args.results, HardwareProfile.from_dict(load_preset("hardware", args.at_probe)),
-                              Path(args.fit), args.jobs, args.seed)
-        Path(args.fit).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        out = Path(args.fit)
+        fit_at_probe(args.results, HardwareProfile.from_dict(load_preset("hardware", args.at_probe or
+                                                                         "h100-calibrated-fit")),
+                     out, args.jobs, args.seed, ROOT / "benchmarks" / "validation" / out.stem)
         return 0
     profiles = {h: HardwareProfile.from_dict(load_preset("hardware", h)) for h in args.hardware.split(",")}
     base = HardwareProfile.from_dict(load_preset("hardware", args.at_probe)) if args.at_probe else None

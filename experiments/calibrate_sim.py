@@ -19,6 +19,7 @@ sequential rate), ``io_overhead_us``, ``op_overhead_us``, ``row_op_us``, ``compu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -81,12 +82,27 @@ def load_points(results: Sequence[str | Path]) -> list[Point]:
     return points
 
 
-def split(n: int, seed: int, fit_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the fit and held-out points: a seeded permutation, cut at ``fit_fraction``."""
+def split(n: int, seed: int, fit_fraction: float = 0.5, groups: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the fit and held-out points: a seeded permutation, cut at ``fit_fraction``. With ``groups``
+    (a label per point, e.g. the same configuration measured in several rounds) whole groups go to one side,
+    so that no held-out point has a twin in the fit."""
     require(n >= 2, "RESULTS", f"{n} measured point(s): cannot hold any out", "measure at least 2 (24+ advised)")
-    perm = np.random.default_rng(seed).permutation(n)
-    k = min(max(1, int(round(n * fit_fraction))), n - 1)
-    return np.sort(perm[:k]), np.sort(perm[k:])
+    if groups is None:
+        perm = np.random.default_rng(seed).permutation(n)
+        k = min(max(1, int(round(n * fit_fraction))), n - 1)
+        return np.sort(perm[:k]), np.sort(perm[k:])
+    labels = list(dict.fromkeys(groups))
+    require(len(labels) >= 2, "RESULTS", "all points are one group: cannot hold any group out",
+            "measure at least two configurations")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    fit_labels, count = set(), 0
+    for i in order[:-1]:                                    # at least one group stays held out
+        if count >= n * fit_fraction:
+            break
+        fit_labels.add(labels[i])
+        count += sum(g == labels[i] for g in groups)
+    is_fit = np.array([g in fit_labels for g in groups])
+    return np.flatnonzero(is_fit), np.flatnonzero(~is_fit)
 
 
 # ---- predicting a point for a candidate profile -------------------------------------------
@@ -141,10 +157,18 @@ class Evaluator:
             a, b = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(b, [points[i] for i in part]), daemon=True)
             proc.start()
+            b.close()                        # only the worker holds its end: its death ends our recv()
             self.conns.append(a)
             self.procs.append(proc)
         for c in self.conns:
-            require(c.recv() == "ready", "calibrate", "a worker failed to plan its points", "run with --jobs 1")
+            try:
+                ready = c.recv()
+            except EOFError:
+                ready = None
+            if ready != "ready":
+                self.close()
+                raise ConfigError("calibrate", "a worker failed to prepare its points (its error is printed above)",
+                                  "run with --jobs 1 to see it here")
 
     def __call__(self, hw: HardwareProfile, which: Sequence[int] | None = None) -> np.ndarray:
         """Predicted latency (ms) of the points ``which`` (all by default), NaN for the others."""
@@ -167,7 +191,8 @@ class Evaluator:
 
     def close(self) -> None:
         for c in getattr(self, "conns", []):
-            c.send(None)
+            with contextlib.suppress(OSError):
+                c.send(None)
         for p in getattr(self, "procs", []):
             p.join(timeout=10)
 
@@ -223,15 +248,15 @@ class Calibration:
 
 def fit(points: Sequence[Point], base: HardwareProfile, *, params: Sequence[str] = DEFAULT_PARAMS,
         overlap: str = "both", seed: int = 0, fit_fraction: float = 0.5, prior: float = 0.02,
-        name: str | None = None, jobs: int = 1, max_evals: int = 300) -> Calibration:
-    """Fit ``params`` of ``base`` on a seeded part of ``points``; report on the rest."""
+        name: str | None = None, jobs: int = 1, max_evals: int = 300, groups: Sequence | None = None) -> Calibration:
+    """Fit ``params`` of ``base`` on a seeded part of ``points``; report on the rest (``groups``: see split)."""
     from scipy.optimize import least_squares
 
     require(overlap in ("both", "true", "false", "keep"), "--overlap", f"unknown choice {overlap!r}",
             "use both, true, false or keep")
     measured = np.array([p.measured_ms for p in points])
     require(bool(np.all(measured > 0)), "latency_ms", "a measured latency is not > 0", "re-run those points")
-    fit_idx, held_idx = split(len(points), seed, fit_fraction)
+    fit_idx, held_idx = split(len(points), seed, fit_fraction, groups)
     x0 = start_values(base, params)
     ev = Evaluator(points, jobs)
     try:

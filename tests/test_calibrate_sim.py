@@ -80,3 +80,43 @@ def test_no_measured_rows_is_a_clear_error(tmp_path, capsys):
     pd.DataFrame([{"model": "opt-small", "backend": "sim", "latency_ms": 1.0, "run_dir": str(tmp_path)}]).to_csv(csv)
     assert main([str(csv), "--base-hardware", "h100-vda", "--out", str(tmp_path / "x.yaml")]) == 2
     assert "backend=both" in capsys.readouterr().err
+
+
+def test_a_split_by_groups_keeps_each_group_on_one_side():
+    groups = [f"cfg{i % 7}" for i in range(40)]            # 7 configurations, several rounds each
+    fit_idx, held = split(40, seed=3, groups=groups)
+    assert sorted(np.concatenate([fit_idx, held]).tolist()) == list(range(40))
+    assert held.size and fit_idx.size
+    assert not {groups[i] for i in fit_idx} & {groups[i] for i in held}
+    assert 0.3 < fit_idx.size / 40 < 0.75
+
+
+class _Failing:
+    measured_ms = 1.0
+
+    def prepare(self):
+        raise RuntimeError("cannot plan this point")
+
+
+class _Fixed:
+    measured_ms = 1.0
+
+    def prepare(self):
+        return self
+
+    def predict(self, hw):
+        return 2.0
+
+
+def test_a_worker_that_cannot_prepare_its_points_is_an_error_not_a_hang():
+    """Points with prepare() (e.g. bench_engine records) in worker processes: a failing one ends the
+    evaluator with a named error, whichever worker it lands in."""
+    from sim.errors import ConfigError
+    for points in ([_Fixed(), _Failing()], [_Failing(), _Fixed()]):
+        with pytest.raises(ConfigError, match="calibrate.*--jobs 1"):
+            Evaluator(points, jobs=2)
+    ev = Evaluator([_Fixed(), _Fixed(), _Fixed()], jobs=2)
+    try:
+        assert ev(HardwareProfile.preset("h100-vda")).tolist() == [2.0, 2.0, 2.0]
+    finally:
+        ev.close()
