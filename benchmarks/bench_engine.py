@@ -55,7 +55,7 @@ from sim.plan import PolicyEngine  # noqa: E402
 from sim.policy import Policy  # noqa: E402
 from sim.presets import load_preset  # noqa: E402
 from sim.simulator import SimResult, simulate  # noqa: E402
-from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
+from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
 
 
@@ -351,8 +351,7 @@ def main(argv=None) -> int:
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
         warm = 1 if group == "naive" else args.warmup
-        tr_plans = list(PolicyEngine(spec, pol).plan_trace(
-            Trace(active=trace.active[: warm + measured], calibration_counts=trace.calibration_counts)))
+        tr_plans = list(PolicyEngine(spec, pol).plan_trace(trace.first(warm + measured)))
         try:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,

@@ -1,7 +1,9 @@
 """The steps of benchmarks/bench_engine.py: (label, policy preset, overrides, token group). Torch-free, so
 that the simulator side (benchmarks/resim_engine.py) rebuilds a measured step's policy from its label.
-Overrides that are not policy fields (read_threads, direct_dispatch, copy_chunks, gate_reads, defer_insert) are the
-engine's and loader's switches; bench_engine pops them before building the policy."""
+Overrides that are not policy fields (ENGINE_ONLY) are the engine's and loader's switches; bench_engine
+pops them before building the policy."""
+
+ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert")
 
 STEPS = [  # (label, policy preset, overrides, token group)
     ("naive", "naive", {}, "naive"),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from engine_steps import STEPS  # noqa: E402
+from engine_steps import ENGINE_ONLY, STEPS  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -38,9 +38,8 @@ from sim.plan import PolicyEngine  # noqa: E402
 from sim.policy import Policy  # noqa: E402
 from sim.presets import load_preset  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
-from sim.trace import SyntheticTraceConfig, Trace, generate_trace  # noqa: E402
+from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
-ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert")   # not policy fields
 RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction",
             "warm_start")  # policy fields
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
@@ -84,9 +83,8 @@ def rebuild(rec: dict, traces: dict) -> tuple[ModelSpec, Policy, list, int]:
     if key not in traces:
         traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=key[1], seed=key[2],
                                                                             calibration_tokens=key[3]))
-    warm, n, tr = rec["warmup"], rec["tokens"], traces[key]
-    plans = list(PolicyEngine(spec, pol).plan_trace(Trace(active=tr.active[: warm + n],
-                                                          calibration_counts=tr.calibration_counts)))
+    warm = rec["warmup"]
+    plans = list(PolicyEngine(spec, pol).plan_trace(traces[key].first(warm + rec["tokens"])))
     return spec, pol, plans, warm
 
 

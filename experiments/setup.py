@@ -47,10 +47,7 @@ class RunSetup:
         trace.check_matches(self.spec)
         require(trace.tokens >= self.tokens, "tokens", f"the trace holds only {trace.tokens} tokens",
                 f"set tokens<={trace.tokens} or record a longer trace")
-        trace.active = trace.active[: self.tokens]
-        if trace.predicted is not None:
-            trace.predicted = trace.predicted[: self.tokens]
-        return trace
+        return trace.first(self.tokens)
 
 
 def _section(cfg: DictConfig, key: str) -> dict[str, Any]:

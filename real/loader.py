@@ -139,8 +139,6 @@ def _declare_pool(lib) -> None:
     vp = ctypes.c_void_p
     lib.flashlab_pool_new.argtypes, lib.flashlab_pool_new.restype = [ctypes.c_int], vp
     lib.flashlab_pool_threads.argtypes, lib.flashlab_pool_threads.restype = [vp], ctypes.c_int
-    lib.flashlab_pool_submit.argtypes = [vp, ctypes.c_int64] + [vp] * 5
-    lib.flashlab_pool_submit.restype = vp
     lib.flashlab_pool_submit_flag.argtypes = [vp, ctypes.c_int64] + [vp] * 6 + [ctypes.c_int32]
     lib.flashlab_pool_submit_flag.restype = vp
     lib.flashlab_pool_wait.argtypes, lib.flashlab_pool_wait.restype = [vp, vp], ctypes.c_double

@@ -157,11 +157,6 @@ void *flashlab_pool_submit_flag(void *pool, int64_t n, const int64_t *fd, const 
     return j;
 }
 
-void *flashlab_pool_submit(void *pool, int64_t n, const int64_t *fd, const int64_t *addr, const int64_t *off,
-                           const int64_t *len, int64_t *result) {
-    return flashlab_pool_submit_flag(pool, n, fd, addr, off, len, result, NULL, 0);
-}
-
 /* Block until every read of the job finished (results in result[]); frees the job; returns the
  * CLOCK_MONOTONIC time at which its last read finished. */
 double flashlab_pool_wait(void *pool, void *job) {

@@ -114,7 +114,7 @@ class NeuronCache:
         ins_rows = plan.insert_rows[insert_mask]
         ins_neurons = plan.load[insert_mask]
         m, k = self.n_rows, ins_rows.size
-        if ins_rows.size and (ins_rows[0] != m or ins_rows[-1] != m + k - 1):
+        if k and (ins_rows[0] != m or ins_rows[-1] != m + k - 1):
             raise RuntimeError(f"layer {plan.layer}: inserts must fill rows {m}.. in order")
         if k:
             if k == insert_mask.size:
@@ -135,12 +135,12 @@ class NeuronCache:
             if k:
                 parts.append(pick(new_rows))
                 bparts.append(pick(new_bias) if new_bias is not None else
-                              torch.zeros(ins_rows.size, dtype=self.bias.dtype, device=self.device))
+                              torch.zeros(k, dtype=self.bias.dtype, device=self.device))
             self.data = torch.cat(parts)
             self.bias = torch.cat(bparts)
-        self.neuron_at[m: m + ins_rows.size] = ins_neurons
-        self.row_of[ins_neurons] = np.arange(m, m + ins_rows.size)
-        self.n_rows = m + ins_rows.size
+        self.neuron_at[m: m + k] = ins_neurons
+        self.row_of[ins_neurons] = np.arange(m, m + k)
+        self.n_rows = m + k
         if self.n_rows != plan.resident:
             raise RuntimeError(f"layer {plan.layer} token {plan.token}: cache holds {self.n_rows} rows, "
                                f"plan says {plan.resident}")

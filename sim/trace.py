@@ -51,6 +51,11 @@ class Trace:
                     f"must be non-negative integers [layers, d_ff] = {list(self.active.shape[1:])}, "
                     f"got {c.dtype} {list(c.shape)}", "count activations with Trace.activation_counts()")
 
+    def first(self, n: int) -> "Trace":
+        """The first ``n`` tokens (views), with the same predicted sets, profile and meta."""
+        return Trace(active=self.active[:n], predicted=None if self.predicted is None else self.predicted[:n],
+                     meta=self.meta, calibration_counts=self.calibration_counts)
+
     def activation_counts(self) -> np.ndarray:
         """int32 [layers, d_ff]: how many tokens each neuron fired in. A trace recorded on calibration
         prompts gives another trace its profile: ``other.calibration_counts = calib.activation_counts()``."""

@@ -108,3 +108,10 @@ def test_calibration_counts_are_checked():
         Trace(active=active, calibration_counts=-np.ones((SPEC.n_layers, SPEC.d_ff), dtype=np.int32))
     with pytest.raises(ConfigError, match="trace.calibration_tokens"):
         SyntheticTraceConfig(calibration_tokens=-1)
+
+
+def test_first_keeps_predicted_sets_profile_and_meta():
+    t = generate_trace(SPEC, SyntheticTraceConfig(tokens=6, predictor_recall=0.9, calibration_tokens=5))
+    u = t.first(4)
+    assert u.tokens == 4 and np.array_equal(u.active, t.active[:4]) and np.array_equal(u.predicted, t.predicted[:4])
+    assert u.calibration_counts is t.calibration_counts and u.meta == t.meta
