@@ -334,20 +334,72 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
             cfg = _short(sparse_ffn_mod.STREAM.best_config(mode))
+            fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log)
+            # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
+            acc_touched = touched - T * D * 2 + 2 * T * D * 4
             records.append(dict(device=stamp["device"], date=stamp["date"], op="sparse_ffn", model=model, batch=T,
                                 sparsity=sp, ours_ms=ours_ms, gather_ms=gather_ms, dense_ms=dense_ms,
                                 touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, per_block_ms=v1_ms,
                                 read_peak_gbps=READ_PEAK.get("gbps"), n_active=n,
                                 touched_mb=touched / 1e6, dtype="float16", correct=ok, timing="cuda_graph",
                                 ours_ms_do_bench=ours_db, gather_ms_do_bench=gather_db, dense_ms_do_bench=dense_db,
-                                config=cfg))
+                                config=cfg, acc_touched_gbps=acc_touched / fused["acc_ms"] / 1e6, **fused))
             two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
             v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
             log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
                 f"  two_phase {two} us  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
+            log(f"    fused form: accumulate {fused['acc_ms'] * 1e3:6.1f} us ({acc_touched / fused['acc_ms'] / 1e6:5.0f}"
+                f" GB/s, {100 * acc_touched / fused['acc_ms'] / 1e6 / peak:3.0f}% of peak); with add+norm: finishing "
+                f"{fused['pair_ms'] * 1e3:.1f} us, accumulate + consuming {fused['pair_acc_ms'] * 1e3:.1f} us")
     del cache, caches, c64, w_up, w_down, w_gate
     torch.cuda.empty_cache()
+
+
+def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
+    """The sparse FFN's fused form, timed beside the finishing kernel: ``accumulate=`` adds y into an fp32 sum
+    with no epilogue, and the next op (add + norm with ``consume=True``) reads that sum and leaves it zeroed.
+    acc_ms: the accumulating launch alone (into rotated fp32 buffers that are not reset between calls: the
+    launch's work does not depend on their content); pair_ms: finishing FFN + add+norm of its fp16 y;
+    pair_acc_ms: accumulating FFN + consuming add+norm, the same result (checked). Both pairs leave every
+    buffer as they found it, so their difference is what the fused form saves per layer."""
+    T, D = xs[0].shape
+    rms = gated  # Llama-style models use RMSNorm
+    w = torch.randn(D, device="cuda", dtype=DTYPE)
+    b = None if rms else torch.randn(D, device="cuda", dtype=DTYPE)
+    rs = [torch.randn(T, D, device="cuda", dtype=DTYPE) for _ in range(ROTATE)]
+    accs = [torch.zeros(T, D, device="cuda") for _ in range(ROTATE)]
+
+    def ffn(i, **kw):
+        return bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated, bias=bias, **kw)
+
+    def norm(x, r, consume=False):
+        return add_rms_norm(x, r, w, 1e-6, consume=consume) if rms else add_layer_norm(x, r, w, b, 1e-5,
+                                                                                        consume=consume)
+
+    def pair_finishing(i):
+        return lambda: norm(ffn(i), rs[i])
+
+    def pair_accumulating(i):
+        return lambda: norm(ffn(i, accumulate=accs[i]), rs[i], consume=True)
+
+    n = caches[0].shape[0] if idxs[0] is None else idxs[0].numel()
+    label = f"{model} T={T} n={n}"
+    acc_ok = check(f"{label} accumulate (fp32 sum)", ffn(0, accumulate=accs[0]).clone(), ref, torch.float32,
+                   max(D, n), log)
+    accs[0].zero_()
+    out_f, _ = pair_finishing(0)()
+    out_a, _ = pair_accumulating(0)()
+    pair_ok = check(f"{label} accumulate + consuming add+norm vs finishing pair", out_a, out_f.double(), DTYPE, D, log)
+    if accs[0].any():
+        FAILURES.append(f"{label}: the consuming add+norm left the fp32 sum non-zero")
+        pair_ok = False
+    acc_ms = graph_ms([lambda i=i: ffn(i, accumulate=accs[i]) for i in range(ROTATE)])
+    for a in accs:
+        a.zero_()
+    pair_ms = graph_ms([pair_finishing(i) for i in range(ROTATE)])
+    pair_acc_ms = graph_ms([pair_accumulating(i) for i in range(ROTATE)])
+    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, acc_correct=bool(acc_ok and pair_ok))
 
 
 def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
@@ -431,6 +483,18 @@ def bench_add_norm(peak, stamp, log, records):
                 f"torch unfused {torch_ms * 1e3:.2f} us")
 
 
+def _fused_form_line(r) -> str:
+    """Acceptance of the fused form (accumulating FFN whose fp32 sum the next add+norm consumes)."""
+    if not r.get("acc_correct", True):
+        return "fused form: INVALID (failed its float64 check)"
+    vs_g, vs_d = r["gather_ms"] / r["acc_ms"], r["dense_ms"] / r["acc_ms"]
+    frac = r["acc_touched_gbps"] / r["peak_gbps"]
+    bw = "" if r["sparsity"] > 95 else f", {100 * frac:.0f}% of peak (need >= 70): {'PASS' if frac >= 0.7 else 'FAIL'}"
+    return (f"fused form (accumulate, add+norm consumes): {vs_g:.1f}x vs gather: {'PASS' if vs_g >= 2 else 'FAIL'}, "
+            f"{vs_d:.1f}x vs dense: {'PASS' if vs_d >= 5 else 'FAIL'}{bw}; FFN + add+norm {r['pair_ms'] * 1e3:.1f} us "
+            f"finishing vs {r['pair_acc_ms'] * 1e3:.1f} us fused")
+
+
 def must_show(records, log):
     """The issue's acceptance criteria, computed from the records (printed, not asserted)."""
     lines = []
@@ -444,6 +508,8 @@ def must_show(records, log):
             lines.append(f"{r['model']} b1 {r['sparsity']}%: {vs_g:.1f}x vs gather (need >= 2): "
                          f"{'PASS' if vs_g >= 2 else 'FAIL'}, {vs_d:.1f}x vs dense (need >= 5): "
                          f"{'PASS' if vs_d >= 5 else 'FAIL'}{bw}")
+            if r.get("acc_ms") is not None:
+                lines.append("  " + _fused_form_line(r))
         if r["op"] == "predictor":
             # records before 2026-11-23 15:00 UTC: ours_ms is split_k=1 and split_ms the d_model split (auto),
             # today's default; later records: ours_ms is the default itself
@@ -465,7 +531,18 @@ CONVENTIONS = [
     "# bytes touched (sparse FFN) = HBM bytes the kernel must read or write: active rows of the cache (up [+gate] + "
     "down, fp16) + int32 index + fp16 bias of those rows + x + y; the fp32 accumulator's atomics (L2-resident) are "
     "not counted",
+    "# fused form ('acc'): sparse_ffn(accumulate=sum) adds y into an fp32 sum with no epilogue; the next add+norm "
+    "(consume=True) reads the sum and zeroes it. Its bytes: the same rows, index, bias and x, plus the sum read and "
+    "written (8 bytes per element). 'pair' = FFN + add+norm, finishing kernel (fp16 y) vs fused form",
 ]
+
+
+def _us(ms) -> str:
+    return "-" if ms is None else f"{ms * 1e3:.1f}"
+
+
+def _pct(gbps, peak) -> str:
+    return "-" if gbps is None else f"{100 * gbps / peak:.0f}"
 
 
 def write_table(path, records, stamp, peak, checks, source=None):
@@ -479,7 +556,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
            "## sparse FFN: ours (fused, persistent) vs v1 (one program per row block) vs two-phase vs torch "
            "index_select+matmul vs dense cuBLAS FFN (us)",
            f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'gather':>7} "
-           f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5}  config"]
+           f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5} {'acc':>6} "
+           f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7}  config"]
     for r in records:
         if r["op"] != "sparse_ffn":
             continue
@@ -490,7 +568,9 @@ def write_table(path, records, stamp, peak, checks, source=None):
                    f"{r['dense_ms'] * 1e3:>7.1f} {r['gather_ms'] / r['ours_ms']:>6.1f} "
                    f"{r['dense_ms'] / r['ours_ms']:>7.1f} {r['touched_gbps']:>6.0f} "
                    f"{100 * r['touched_gbps'] / r['peak_gbps']:>5.0f} "
-                   f"{'ok' if r.get('correct', True) else 'FAIL':>5}  {r['config']}")
+                   f"{'ok' if r.get('correct', True) and r.get('acc_correct', True) else 'FAIL':>5} "
+                   f"{_us(r.get('acc_ms')):>6} {_pct(r.get('acc_touched_gbps'), r['peak_gbps']):>6} "
+                   f"{_us(r.get('pair_ms')):>6} {_us(r.get('pair_acc_ms')):>7}  {r['config']}")
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
             "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
@@ -530,6 +610,10 @@ def plot(path, records, peak):
                 ax.plot(*zip(*good), "o-", color="C0", label="ours (fused Triton)")
             if bad:
                 ax.plot(*zip(*bad), "rx", label="ours, FAILED float64 check (invalid)")
+            acc = [(r["sparsity"], r["acc_ms"] * 1e3) for r in rows
+                   if r.get("acc_ms") is not None and r.get("acc_correct", True)]
+            if acc:
+                ax.plot(*zip(*acc), "o--", color="C3", label="ours, fused form (fp32 sum, no epilogue)")
             two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r.get("two_phase_ms") is not None]
             if two:
                 ax.plot(*zip(*two), "s--", color="C1", label="ours (two-phase)")

@@ -396,12 +396,43 @@ def test_add_norm_matches_float64(norm, shape, dtype):
     assert_close(ref_out, ref, dtype, shape[-1])
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_accumulating_ffn_then_consuming_add_norm(norm, dtype, impl):
+    """The FFN's fused form: sparse_ffn(accumulate=acc) adds y in fp32, add+norm(acc, residual, consume=True)
+    reads it and leaves it zeroed, so a second layer's pair gives that layer's own result (nothing left over).
+    The new residual is (y32 + residual) rounded once to the dtype; normed is checked against float64 on that
+    same rounded sum (dtype tolerance)."""
+    d_model, tokens = 72, 3
+    add_norm = add_layer_norm if norm == "layer" else add_rms_norm
+    w = torch.randn(d_model, generator=_gen(31)).to(dtype)
+    acc = torch.zeros(tokens, d_model)
+    for layer in range(2):
+        cache, x, idx, bias = _ffn_inputs(32 + layer, 150, d_model, tokens, 0.6, dtype, False, with_bias=True)
+        residual = (3 * torch.randn(tokens, d_model, generator=_gen(40 + layer))).to(dtype)
+        bundled_sparse_ffn(x, cache, idx, bias=bias, impl=impl, accumulate=acc)
+        y64 = _ref(x, cache, idx, bias, False)
+        y32 = acc.clone()
+        assert_close(y32, y64, torch.float32, d_model)
+        out, new_res = add_norm(acc, residual, w, consume=True, impl=impl)
+        assert not acc.any(), "the consumed sum must be left zeroed for the next accumulating launch"
+        assert new_res.dtype == dtype and out.dtype == dtype
+        assert torch.equal(new_res, (y32 + residual.float()).to(dtype))
+        s = new_res.double()
+        ref = (torch.nn.functional.layer_norm(s, (d_model,), w.double(), None, 1e-5) if norm == "layer"
+               else s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double())
+        assert_close(out, ref, dtype, d_model)
+
+
 def test_add_norm_rejects_mismatch():
     x = torch.zeros(2, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match="residual"):
         add_layer_norm(x, torch.zeros(2, 9, dtype=torch.float16))
     with pytest.raises(ValueError, match="weight"):
         add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="consume: x must be a contiguous float32"):
+        add_layer_norm(x, x, consume=True)
 
 
 def test_wait_flag_passes_a_raised_flag_and_reports_a_timeout_stickily():

@@ -3,6 +3,12 @@
 new_residual = x + residual (rounded to the input dtype, exactly as torch's unfused add stores it), then
 normed = norm(new_residual) computed in fp32 from that rounded sum. Returns (normed, new_residual).
 One program per token row keeps the whole row (d_model <= 65536) in registers.
+
+x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``consume=True``: the kernel
+reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
+a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
+of a workspace, ~3 us on the H100: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
+store per element of a row it holds anyway.
 """
 
 from __future__ import annotations
@@ -13,16 +19,26 @@ import torch.nn.functional as F
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
 
 
-def add_layer_norm_reference(x, residual, weight=None, bias=None, eps: float = 1e-5):
-    new_res = x + residual
+def _sum_reference(x, residual, consume):
+    """x + residual in the residual's dtype; x zeroed afterwards when consumed."""
+    new_res = (x + residual).to(residual.dtype)
+    if consume:
+        x.zero_()
+    return new_res
+
+
+def add_layer_norm_reference(x, residual, weight=None, bias=None, eps: float = 1e-5, consume: bool = False):
+    new_res = _sum_reference(x, residual, consume)
+    x = new_res
     normed = F.layer_norm(new_res.to(torch.promote_types(x.dtype, torch.float32)), new_res.shape[-1:],
                           None if weight is None else weight.to(torch.promote_types(x.dtype, torch.float32)),
                           None if bias is None else bias.to(torch.promote_types(x.dtype, torch.float32)), eps)
     return normed.to(x.dtype), new_res
 
 
-def add_rms_norm_reference(x, residual, weight=None, eps: float = 1e-6):
-    new_res = x + residual
+def add_rms_norm_reference(x, residual, weight=None, eps: float = 1e-6, consume: bool = False):
+    new_res = _sum_reference(x, residual, consume)
+    x = new_res
     v = new_res.to(torch.promote_types(x.dtype, torch.float32))
     normed = v * torch.rsqrt(v.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
@@ -35,12 +51,15 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, D, eps, s_x, s_r, s_o, s_res,
-                         RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+                         RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CONSUME: tl.constexpr,
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK)
         m = d < D
         x = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
+        if CONSUME:  # x is the FFN's fp32 sum: leave it zeroed for the next accumulating launch
+            tl.store(x_ptr + row * s_x + d, tl.zeros([BLOCK], tl.float32), mask=m)
         s = (x + r).to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + row * s_res + d, s, mask=m)
         v = s.to(tl.float32)
@@ -59,10 +78,13 @@ if triton is not None:
                       key=["D", "RMS"])
 
 
-def _check(x, residual, weight, bias):
-    if x.shape != residual.shape or x.dtype != residual.dtype or x.device != residual.device:
+def _check(x, residual, weight, bias, consume):
+    if x.shape != residual.shape or x.device != residual.device or x.dtype not in (residual.dtype, torch.float32):
         raise ValueError(f"residual: shape/dtype/device {tuple(residual.shape)}/{residual.dtype}/{residual.device} "
-                         f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device}")
+                         f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device} (x may be float32: an FFN's sum)")
+    if consume and (x.dtype != torch.float32 or not x.is_contiguous()):
+        raise ValueError(f"consume: x must be a contiguous float32 sum (sparse_ffn's accumulate buffer), got "
+                         f"{x.dtype} (contiguous: {x.is_contiguous()}). Fix: pass consume=False")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != x.shape[-1:]:
             raise ValueError(f"{name}: expected [{x.shape[-1]}], got {tuple(p.shape)}")
@@ -70,35 +92,39 @@ def _check(x, residual, weight, bias):
         raise ValueError(f"x: d_model={x.shape[-1]} exceeds the one-row-per-program limit of 65536")
 
 
-def _fused(backend, x, residual, weight, bias, eps, rms):
+def _fused(backend, x, residual, weight, bias, eps, rms, consume):
     D = x.shape[-1]
-    x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)
+    x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)   # a view when consume (x is contiguous)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if r2.stride(-1) != 1:
         r2 = r2.contiguous()
-    out, new_res = torch.empty_like(x2), torch.empty_like(x2)
+    out, new_res = torch.empty_like(r2), torch.empty_like(r2)
     if x2.shape[0] > 0:
         ADD_NORM.launch(backend, "row", (x2.shape[0],), x2, r2, weight if weight is not None else x2,
                         bias if bias is not None else x2, out, new_res, D, float(eps), x2.stride(0), r2.stride(0),
                         out.stride(0), new_res.stride(0), RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-                        BLOCK=next_pow2(D))
+                        CONSUME=consume, BLOCK=next_pow2(D))
     return out.reshape(x.shape), new_res.reshape(x.shape)
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, impl="auto"):
-    """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype."""
-    _check(x, residual, weight, bias)
-    backend = backend_for(x, impl)
+def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, consume: bool = False,
+                   impl="auto"):
+    """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype,
+    or x the fp32 sum of an accumulating sparse FFN (results in the residual's dtype); consume=True zeroes
+    that sum after reading it."""
+    _check(x, residual, weight, bias, consume)
+    backend = backend_for(residual, impl)
     if backend == "torch":
-        return add_layer_norm_reference(x, residual, weight, bias, eps)
-    return _fused(backend, x, residual, weight, bias, eps, rms=False)
+        return add_layer_norm_reference(x, residual, weight, bias, eps, consume)
+    return _fused(backend, x, residual, weight, bias, eps, rms=False, consume=consume)
 
 
-def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, impl="auto"):
-    """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward)."""
-    _check(x, residual, weight, None)
-    backend = backend_for(x, impl)
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, consume: bool = False, impl="auto"):
+    """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward); x and
+    consume as in `add_layer_norm`."""
+    _check(x, residual, weight, None, consume)
+    backend = backend_for(residual, impl)
     if backend == "torch":
-        return add_rms_norm_reference(x, residual, weight, eps)
-    return _fused(backend, x, residual, weight, None, eps, rms=True)
+        return add_rms_norm_reference(x, residual, weight, eps, consume)
+    return _fused(backend, x, residual, weight, None, eps, rms=True, consume=consume)

@@ -482,9 +482,14 @@ if triton is not None:
                 and 2 * k * c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_D"] <= TILE_HALVES_PER_THREAD * 32 * c.num_warps]
         return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_R"] * abs(c.kwargs["BLOCK_D"] - D))]
 
+    # modes "one_acc"/"multi_acc": the same configs tuned on accumulating launches (no epilogue, so the
+    # best grid can differ), with an autotuner of their own (FINISH is not among the autotuner's keys)
     STREAM = Kernel(_stream_kernel, {"one": configs(_STREAM_ONE, _STREAM_NAMES),
-                                     "multi": configs(_STREAM_MULTI, _STREAM_NAMES)},
-                    _STREAM_DEFAULT, _KEY + ["GATED"], prune=_prune_stream)
+                                     "multi": configs(_STREAM_MULTI, _STREAM_NAMES),
+                                     "one_acc": configs(_STREAM_ONE, _STREAM_NAMES),
+                                     "multi_acc": configs(_STREAM_MULTI, _STREAM_NAMES)},
+                    {**_STREAM_DEFAULT, **{m + "_acc": _STREAM_DEFAULT[m] for m in _STREAM_DEFAULT}},
+                    _KEY + ["GATED"], prune=_prune_stream)
     HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
@@ -636,24 +641,24 @@ def _check_accumulate(x, acc, method, out):
         raise ValueError("out: not with accumulate (the result is the accumulator). Fix: pass one of them")
 
 
-# tuned configs for accumulating launches, by launch shape: tuning runs a kernel several times, which an
-# accumulating launch would add into the caller's buffer each time, so the finishing kernel is tuned instead
+# tuned configs for accumulating launches, by launch shape: tuning runs a kernel many times, which would add
+# into the caller's buffer each time, so the tuning launches add into a scratch buffer instead
 _ACC_CONFIGS: dict = {}
 
 
 def _accumulate_config(key, mode: str, tune) -> dict:
-    """The finishing launch's tuned config for this shape (the first call of a shape tunes: make it outside
+    """The accumulating launch's tuned config for this shape (the first call of a shape tunes: make it outside
     CUDA-graph capture; the tuned config is read back as the kernel's last, so not from concurrent threads)."""
     cfg = _ACC_CONFIGS.get(key)
     if cfg is None:
-        tune()                               # a finishing launch of the same shape into a scratch output
-        cfg = dict(STREAM.best_config(mode).all_kwargs(), N_ACC=1)
+        tune()                               # an accumulating launch of the same shape into a scratch buffer
+        cfg = dict(STREAM.best_config(mode + "_acc").all_kwargs(), N_ACC=1)
         _ACC_CONFIGS[key] = cfg
     return cfg
 
 
 def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
-            acc_into=None):
+            acc_into=None, tune_acc=False):
     T, D = x.shape
     n_rows = up.shape[0]
     n_cap = n_rows if idx is None else idx.numel()
@@ -663,11 +668,12 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                          config, None if y is None else y[t:t + 1]) for t in range(T)]
         return torch.cat(parts) if y is None else y
     if acc_into is not None:
-        if config is None and backend == "triton":
+        if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
                    count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
             config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
-                backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None))
+                backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
+                acc_into=torch.zeros_like(acc_into), tune_acc=True))
         elif config is not None:
             if int(config.get("N_ACC", 1)) != 1:
                 raise ValueError(f"config: N_ACC must be 1 with accumulate (the sum goes straight into the caller's "
@@ -688,6 +694,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     else:
         kernel, mode = None, ("one" if T == 1 else "dot")
     block_t = next_pow2(T) if mode == "multi" else (1 if T == 1 else 16)
+    if tune_acc and kernel is STREAM:
+        mode += "_acc"
     if config is None and backend == "interpret" and kernel is not None:
         config = dict(kernel.default[mode])
         if kernel is STREAM or config["WHOLE_ROW"]:
