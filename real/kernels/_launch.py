@@ -120,10 +120,12 @@ class Kernel:
     """
 
     def __init__(self, jit_fn, configs: dict[str, Sequence[Any]], default: dict[str, dict[str, int]],
-                 key: Sequence[str], reset_to_zero: Sequence[str] = (), prune=None):
+                 key: Sequence[str], reset_to_zero: Sequence[str] = (), prune=None,
+                 restore_value: Sequence[str] = ()):
         self.jit_fn, self.configs, self.default, self.key = jit_fn, configs, default, list(key)
         self.prune = prune  # early_config_prune(configs, named_args, **kwargs) -> configs
         self.reset_to_zero = list(reset_to_zero)  # outputs that accumulate across runs: zeroed between tuning runs
+        self.restore_value = list(restore_value)  # inputs a launch may overwrite: restored after each tuning run
         self._tuned: dict[str, Any] = {}
         # direct dispatch: (mode, key args, constexpr kwargs, tensor dtypes) -> the tuned config, so a
         # repeated shape skips the autotuner's per-call Python (~130 us of host time per launch on the
@@ -169,7 +171,8 @@ class Kernel:
             return self.jit_fn[grid](*args, **kwargs, **chosen.all_kwargs())
         if mode not in self._tuned:
             self._tuned[mode] = triton.autotune(configs=list(self.configs[mode]), key=self.key,
-                                                reset_to_zero=self.reset_to_zero or None, do_bench=_bench,
+                                                reset_to_zero=self.reset_to_zero or None,
+                                                restore_value=self.restore_value or None, do_bench=_bench,
                                                 prune_configs_by={"early_config_prune": self.prune}
                                                 if self.prune else None)(self.jit_fn)
         tuned = self._tuned[mode]

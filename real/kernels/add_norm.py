@@ -74,8 +74,10 @@ if triton is not None:
             y = y + tl.load(b_ptr + d, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * s_o + d, y.to(out_ptr.dtype.element_ty), mask=m)
 
+    # restore_value: with CONSUME a launch zeroes x, so every tuning run must see the caller's x again (a
+    # first consuming call once returned norm(residual) alone: benchmarks/kernels_notes.md, 2026-12-02)
     ADD_NORM = Kernel(_add_norm_kernel, {"row": configs([(4, 1), (8, 1), (16, 1)], ())}, {"row": {}},
-                      key=["D", "RMS"])
+                      key=["D", "RMS"], restore_value=["x_ptr"])
 
 
 def _check(x, residual, weight, bias, consume):
