@@ -96,10 +96,34 @@ def backend_for(t: torch.Tensor, impl: str = "auto") -> str:
     return "torch"
 
 
+_FLUSH: dict = {}   # device index -> a 512 MiB buffer that tuning reads to empty the L2 between runs
+TUNING_RUNS = 40
+
+
 def _bench(kernel_call, quantiles):
-    # Shorter than triton's default (25 ms warm-up, 100 ms repeat) so that tuning every shape of a
-    # benchmark stays within seconds; the median over ~100 L2-flushed runs is still stable.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    """Autotuning's timer: GPU time of `kernel_call`, each run after a READ of 512 MiB, so the run finds no
+    weights in L2 and no dirty lines to write back. triton's do_bench flushes with a 256 MB memset instead,
+    whose dirty lines the timed kernel then writes back: for the ~10 us sparse FFN that noise picked configs
+    up to 1.5x slower than the best one timed by CUDA-graph replay (H200, 2026-12-02:
+    benchmarks/kernels_notes.md). The read (~130 us) also keeps the host's launch ahead of the GPU."""
+    dev = torch.cuda.current_device()
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        flush = _FLUSH[dev] = torch.ones(1 << 27, dtype=torch.int32, device="cuda")
+    kernel_call()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(TUNING_RUNS)]
+    for start, end in events:
+        flush.sum()
+        start.record()
+        kernel_call()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([start.elapsed_time(end) for start, end in events])
+    if quantiles is None:
+        return float(times.median())
+    return [float(q) for q in torch.quantile(times, torch.tensor(list(quantiles)))]
 
 
 KERNELS: list["Kernel"] = []     # every Kernel made, for set_direct_dispatch
