@@ -469,14 +469,6 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
         nosplit_diff = len(set(active_list(*nosplit[0]()).tolist()) ^ want)
         nosplit_ms = graph_ms(nosplit)
         log(f"  predictor split_k=1 T={T}: {nosplit_ms * 1e3:.1f} us, {nosplit_diff} differ from the float64 reference")
-        # the two-launch form (x A, then scoring) that the one-launch default replaced on 2026-12-02
-        two = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr, fused=False)) for x, A, B in zip(xs, As, Bs)]
-        two_diff = len(set(active_list(*two[0]()).tolist()) ^ want)
-        two_ms = graph_ms(two)
-        log(f"  predictor two launches T={T}: {two_ms * 1e3:.1f} us, {two_diff} differ from the float64 reference")
-        sync = predictor_mod._sync_counters(xs[0].device)
-        if sync.any():
-            FAILURES.append(f"predictor T={T}: the one-launch kernel left its counters at {sync.tolist()}")
         touched = (D * RANK + RANK * Fd) * 2 + T * D * 2 + len(got) * 4
         dense_ms = dense_ms_by_batch.get(T)
         if dense_ms is None:  # the FFN section did not run: time the dense OPT-6.7B FFN here, the same way
@@ -490,8 +482,7 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                             touched_gbps=touched / ours_ms / 1e6, peak_gbps=peak, rank=RANK,
                             dense_ffn_ms=dense_ms, dtype="float16", timing="cuda_graph",
                             predicted_active=len(got), split_k="auto", split1_ms=nosplit_ms,
-                            split1_mismatches=nosplit_diff, two_launch_ms=two_ms, two_launch_mismatches=two_diff,
-                            mismatches=len(got ^ want)))
+                            split1_mismatches=nosplit_diff, mismatches=len(got ^ want)))
         log(f"predictor r={RANK} T={T}: ours {ours_ms * 1e3:.1f} us, torch unfused {torch_ms * 1e3:.1f} us, "
             f"dense FFN {dense_ms * 1e3:.1f} us -> {100 * ours_ms / dense_ms:.1f}% of the dense FFN")
 
@@ -626,10 +617,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
                    f"{_us(r.get('pair_ms')):>6} {_us(r.get('pair_acc_ms')):>7}  {r['config']}")
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
-            "predictor 'ours' = one launch, split_k=auto (x A split over d_model and rank, the defaults); 'split_k=1' = "
-            "over the rank only; '2 launches' = x A, then scoring (the default before 2026-12-02)",
-            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9} {'split_k=1':>9} "
-            f"{'2 launches':>10}"]
+            "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
+            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9} {'split_k=1':>9}"]
     for r in records:
         if r["op"] in ("predictor", "add_norm"):
             ffn = f"{r['dense_ffn_ms'] * 1e3:.1f}" if "dense_ffn_ms" in r else "-"
@@ -638,7 +627,7 @@ def write_table(path, records, stamp, peak, checks, source=None):
                 ours, one = r["split_ms"], r["ours_ms"]
             one = "-" if one is None else f"{one * 1e3:.2f}"
             out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {ours * 1e3:>7.2f} "
-                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9} {one:>9} {_us(r.get('two_launch_ms')):>10}")
+                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9} {one:>9}")
     out += ["", "## issue 5 acceptance (computed from the rows above)"] + checks
     out += ["", "correctness failures: " + (", ".join(FAILURES) if FAILURES else "none")]
     with open(path, "w") as f:

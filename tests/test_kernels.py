@@ -291,17 +291,16 @@ def test_backend_choice():
 
 
 # -- predictor ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fused", [True, False], ids=["one_launch", "two_launches"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("threshold", [-1e9, 0.8, 1e9], ids=["all", "some", "none"])
-def test_predictor_matches_float64(tokens, threshold, dtype, fused):
+def test_predictor_matches_float64(tokens, threshold, dtype):
     g = _gen(tokens)
     d_model, rank, d_ff = 136, 24, 333
     x = torch.randn(tokens, d_model, generator=g).to(dtype)
     A = (torch.randn(d_model, rank, generator=g) / math.sqrt(d_model)).to(dtype)
     B = (torch.randn(rank, d_ff, generator=g) / math.sqrt(rank)).to(dtype)
-    idx, count = predict_active(x, A, B, threshold, fused=fused)
+    idx, count = predict_active(x, A, B, threshold)
     assert idx.dtype == torch.int32 and count.dtype == torch.int32 and idx.shape == (d_ff,)
     got = active_list(idx, count)
     assert torch.equal(got, torch.unique(got)), "an index was written twice"
@@ -316,25 +315,6 @@ def test_predictor_matches_float64(tokens, threshold, dtype, fused):
         assert int(count) == 0
     if threshold < -1e8:
         assert int(count) == d_ff
-
-
-def test_one_launch_predictor_leaves_its_counters_zeroed_and_repeats():
-    """The one-launch predictor's programs meet through two counters that each launch resets at its end: after
-    a call they are zero, and a second call (split over d_model, a bias, a new x) gives its own right list."""
-    from real.kernels.predictor import _sync_counters
-    g = _gen(77)
-    d_model, rank, d_ff, dtype = 1100, 20, 150, torch.float16
-    A = (torch.randn(d_model, rank, generator=g) / math.sqrt(d_model)).to(dtype)
-    B = (torch.randn(rank, d_ff, generator=g) / math.sqrt(rank)).to(dtype)
-    bias = (0.3 * torch.randn(d_ff, generator=g)).to(dtype)
-    for _ in range(2):
-        x = torch.randn(2, d_model, generator=g).to(dtype)
-        got = active_list(*predict_active(x, A, B, 0.3, bias=bias))
-        assert not _sync_counters(x.device).any()
-        want = active_list(*predict_active(x, A, B, 0.3, bias=bias, fused=False))
-        assert torch.equal(got, want), "one launch and two launches disagree"
-    with pytest.raises(ValueError, match="config: {'lowrank', 'select'}"):
-        predict_active(x, A, B, 0.3, config={"lowrank": {"BLOCK_RR": 8}})
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
