@@ -7,7 +7,7 @@ One program per token row keeps the whole row (d_model <= 65536) in registers.
 x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``consume=True``: the kernel
 reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
 a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
-of a workspace, ~3 us on the H100: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
+of a workspace, ~2.6 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
 store per element of a row it holds anyway.
 """
 

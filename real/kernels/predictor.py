@@ -149,7 +149,8 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     config: {'lowrank': {...}, 'select': {...}} fixed block sizes instead of autotuning (tests).
     split_k: slices of d_model for x A (more programs streaming A); None (default) = auto (slices of ~512,
     at most 16); 1 = no split. On the H100 (OPT-6.7B, rank 128) auto took 9.7 us against 10.4 us for 1
-    at batch 1 and 10.1 against 15.5 us at batch 8 (benchmarks/kernels.txt).
+    at batch 1 and 10.1 against 15.5 us at batch 8; on the H200 7.3 against 10.2 and 9.6 against 15.8 us
+    (benchmarks/kernels-h100.txt, kernels.txt).
     """
     _check(x, A, B, bias)
     backend = backend_for(x, impl)

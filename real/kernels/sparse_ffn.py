@@ -26,7 +26,8 @@ barrier and the acq_rel ticket, and the last program reads the accumulator with 
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
 mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
 Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
-no ticket or finish: that epilogue is ~3 us of every call at OPT-6.7B sizes (benchmarks/kernel_floor.txt).
+no ticket or finish: that epilogue is ~2.6 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
+(benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
 bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
