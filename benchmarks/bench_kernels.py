@@ -387,7 +387,10 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
             log(f"    fused form: accumulate {fused['acc_ms'] * 1e3:6.1f} us ({acc_touched / fused['acc_ms'] / 1e6:5.0f}"
                 f" GB/s, {100 * acc_touched / fused['acc_ms'] / 1e6 / peak:3.0f}% of peak); with add+norm: finishing "
-                f"{fused['pair_ms'] * 1e3:.1f} us, accumulate + consuming {fused['pair_acc_ms'] * 1e3:.1f} us")
+                f"{fused['pair_ms'] * 1e3:.1f} us, accumulate + consuming {fused['pair_acc_ms'] * 1e3:.1f} us; PDL: "
+                f"accumulate {fused['acc_pdl_ms'] * 1e3:.1f} us "
+                f"({100 * acc_touched / fused['acc_pdl_ms'] / 1e6 / peak:3.0f}% of peak), pair "
+                f"{fused['pair_pdl_ms'] * 1e3:.1f} us")
     del cache, caches, c64, w_up, w_down, w_gate
     torch.cuda.empty_cache()
 
@@ -398,7 +401,9 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     acc_ms: the accumulating launch alone (into rotated fp32 buffers that are not reset between calls: the
     launch's work does not depend on their content); pair_ms: finishing FFN + add+norm of its fp16 y;
     pair_acc_ms: accumulating FFN + consuming add+norm, the same result (checked). Both pairs leave every
-    buffer as they found it, so their difference is what the fused form saves per layer."""
+    buffer as they found it, so their difference is what the fused form saves per layer. acc_pdl_ms and
+    pair_pdl_ms: the same with programmatic dependent launch (pdl=True: each launch may start while the one
+    before it finishes, and waits for it before reading; checked too)."""
     T, D = xs[0].shape
     rms = gated  # Llama-style models use RMSNorm
     w = torch.randn(D, device="cuda", dtype=DTYPE)
@@ -409,15 +414,15 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     def ffn(i, **kw):
         return bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated, bias=bias, **kw)
 
-    def norm(x, r, consume=False):
-        return add_rms_norm(x, r, w, 1e-6, consume=consume) if rms else add_layer_norm(x, r, w, b, 1e-5,
-                                                                                        consume=consume)
+    def norm(x, r, consume=False, pdl=False):
+        return add_rms_norm(x, r, w, 1e-6, consume=consume, pdl=pdl) if rms else add_layer_norm(
+            x, r, w, b, 1e-5, consume=consume, pdl=pdl)
 
     def pair_finishing(i):
         return lambda: norm(ffn(i), rs[i])
 
-    def pair_accumulating(i):
-        return lambda: norm(ffn(i, accumulate=accs[i]), rs[i], consume=True)
+    def pair_accumulating(i, pdl=False):
+        return lambda: norm(ffn(i, accumulate=accs[i], pdl=pdl), rs[i], consume=True, pdl=pdl)
 
     n = caches[0].shape[0] if idxs[0] is None else idxs[0].numel()
     label = f"{model} T={T} n={n}"
@@ -427,6 +432,8 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     out_f, _ = pair_finishing(0)()
     out_a, _ = pair_accumulating(0)()
     pair_ok = check(f"{label} accumulate + consuming add+norm vs finishing pair", out_a, out_f.double(), DTYPE, D, log)
+    out_p, _ = pair_accumulating(0, pdl=True)()
+    pair_ok &= check(f"{label} the same with PDL vs finishing pair", out_p, out_f.double(), DTYPE, D, log)
     if accs[0].any():
         FAILURES.append(f"{label}: the consuming add+norm left the fp32 sum non-zero")
         pair_ok = False
@@ -435,7 +442,15 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
         a.zero_()
     pair_ms = graph_ms([pair_finishing(i) for i in range(ROTATE)])
     pair_acc_ms = graph_ms([pair_accumulating(i) for i in range(ROTATE)])
-    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, acc_correct=bool(acc_ok and pair_ok))
+    acc_pdl_ms = graph_ms([lambda i=i: ffn(i, accumulate=accs[i], pdl=True) for i in range(ROTATE)])
+    for a in accs:
+        a.zero_()
+    pair_pdl_ms = graph_ms([pair_accumulating(i, pdl=True) for i in range(ROTATE)])
+    if any(a.any() for a in accs):
+        FAILURES.append(f"{label}: after the PDL pairs an fp32 sum is non-zero (a consuming add+norm ran early?)")
+        pair_ok = False
+    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, acc_pdl_ms=acc_pdl_ms,
+                pair_pdl_ms=pair_pdl_ms, acc_correct=bool(acc_ok and pair_ok))
 
 
 def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
@@ -531,9 +546,15 @@ def _fused_form_line(r) -> str:
     vs_g, vs_d = r["gather_ms"] / r["acc_ms"], r["dense_ms"] / r["acc_ms"]
     frac = r["acc_touched_gbps"] / r["peak_gbps"]
     bw = "" if r["sparsity"] > 95 else f", {100 * frac:.0f}% of peak (need >= 70): {'PASS' if frac >= 0.7 else 'FAIL'}"
+    pdl = ""
+    if r.get("acc_pdl_ms") is not None:
+        frac_pdl = _acc_pdl_gbps(r) / r["peak_gbps"]
+        pdl = (f"; with PDL {r['acc_pdl_ms'] * 1e3:.1f} us" +
+               ("" if r["sparsity"] > 95 else f", {100 * frac_pdl:.0f}%: {'PASS' if frac_pdl >= 0.7 else 'FAIL'}") +
+               f", pair {r['pair_pdl_ms'] * 1e3:.1f} us")
     return (f"fused form (accumulate, add+norm consumes): {vs_g:.1f}x vs gather: {'PASS' if vs_g >= 2 else 'FAIL'}, "
             f"{vs_d:.1f}x vs dense: {'PASS' if vs_d >= 5 else 'FAIL'}{bw}; FFN + add+norm {r['pair_ms'] * 1e3:.1f} us "
-            f"finishing vs {r['pair_acc_ms'] * 1e3:.1f} us fused")
+            f"finishing vs {r['pair_acc_ms'] * 1e3:.1f} us fused{pdl}")
 
 
 def must_show(records, log):
@@ -577,7 +598,16 @@ CONVENTIONS = [
     "# fused form ('acc'): sparse_ffn(accumulate=sum) adds y into an fp32 sum with no epilogue; the next add+norm "
     "(consume=True) reads the sum and zeroes it. Its bytes: the same rows, index, bias and x, plus the sum read and "
     "written (8 bytes per element). 'pair' = FFN + add+norm, finishing kernel (fp16 y) vs fused form",
+    "# PDL: the fused form launched with programmatic dependent launch (pdl=True): a launch may start while the one "
+    "before it finishes and waits for it before reading, hiding launch latency between back-to-back launches",
 ]
+
+
+def _acc_pdl_gbps(r):
+    """The accumulating launch's GB/s under PDL: its touched bytes (acc_touched_gbps x acc_ms) over its time."""
+    if r.get("acc_pdl_ms") is None or r.get("acc_touched_gbps") is None:
+        return None
+    return r["acc_touched_gbps"] * r["acc_ms"] / r["acc_pdl_ms"]
 
 
 def _us(ms) -> str:
@@ -600,7 +630,7 @@ def write_table(path, records, stamp, peak, checks, source=None):
            "index_select+matmul vs dense cuBLAS FFN (us)",
            f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'gather':>7} "
            f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5} {'acc':>6} "
-           f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7}  config"]
+           f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7} {'accPDL':>6} {'%pk':>4} {'pairPDL':>7}  config"]
     for r in records:
         if r["op"] != "sparse_ffn":
             continue
@@ -613,7 +643,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
                    f"{100 * r['touched_gbps'] / r['peak_gbps']:>5.0f} "
                    f"{'ok' if r.get('correct', True) and r.get('acc_correct', True) else 'FAIL':>5} "
                    f"{_us(r.get('acc_ms')):>6} {_pct(r.get('acc_touched_gbps'), r['peak_gbps']):>6} "
-                   f"{_us(r.get('pair_ms')):>6} {_us(r.get('pair_acc_ms')):>7}  {r['config']}")
+                   f"{_us(r.get('pair_ms')):>6} {_us(r.get('pair_acc_ms')):>7} {_us(r.get('acc_pdl_ms')):>6} "
+                   f"{_pct(_acc_pdl_gbps(r), r['peak_gbps']):>4} {_us(r.get('pair_pdl_ms')):>7}  {r['config']}")
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
             "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
@@ -657,6 +688,10 @@ def plot(path, records, peak):
                    if r.get("acc_ms") is not None and r.get("acc_correct", True)]
             if acc:
                 ax.plot(*zip(*acc), "o--", color="C3", label="ours, fused form (fp32 sum, no epilogue)")
+            pdl = [(r["sparsity"], r["acc_pdl_ms"] * 1e3) for r in rows
+                   if r.get("acc_pdl_ms") is not None and r.get("acc_correct", True)]
+            if pdl:
+                ax.plot(*zip(*pdl), "v:", color="C6", label="ours, fused form with PDL")
             two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r.get("two_phase_ms") is not None]
             if two:
                 ax.plot(*zip(*two), "s--", color="C1", label="ours (two-phase)")
@@ -667,6 +702,8 @@ def plot(path, records, peak):
             ax.plot(sp, [r["dense_ms"] * 1e3 for r in rows], "k:", label="dense FFN (cuBLAS)")
             ax.plot(sp, [r["touched_mb"] / peak * 1e3 for r in rows], color="grey", lw=0.8,
                     label="bytes touched / peak copy BW")
+            ax.plot(sp, [r["touched_mb"] / (0.7 * peak) * 1e3 for r in rows], color="grey", lw=0.8, ls="--",
+                    label="the same at 70% of peak (issue 5's line)")
             ax.legend(fontsize=7)
             ax.set_yscale("log")
             ax.set_title(f"{model}, batch {T}")

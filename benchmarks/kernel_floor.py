@@ -12,8 +12,12 @@ fastest of a few configs of a plain Triton streaming read of them (contiguous, n
 programs: what any single launch that reads those bytes pays at least), our
 fused kernel, the same kernel accumulating into a caller's fp32 buffer (``accumulate=``: no epilogue, the
 next op would read and reset the sum), and floors: an empty Triton kernel (1 and #SMs programs) and our
-kernel with 0 active rows (count on the device), both ways. Before timing, the accumulating launch is
-checked against the finishing one; at 90 and 95% every persistent-kernel config is timed accumulating. Writes kernel_floor.txt and results/kernel_floor.json."""
+kernel with 0 active rows (count on the device), both ways. And the same with programmatic dependent launch
+(PDL: a launch may start while the previous kernel finishes; its programs wait for it before reading), which
+hides launch latency between dependent kernels: the read, waiting before it reads (as any kernel whose input
+the previous kernel wrote must) or only before its store (inputs no earlier kernel writes), our kernel both
+ways. Before timing, the accumulating and PDL launches are checked against the plain finishing one; at 90
+and 95% every persistent-kernel config is timed accumulating. Writes kernel_floor.txt and results/kernel_floor.json."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 from bench_kernels import COPY_WAYS, ROTATE, _copy_kernel, graph_ms, peak_copy_gbps, sparse_ffn_mod  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
@@ -41,14 +46,23 @@ DTYPE = torch.float16
 
 
 @triton.jit
-def _empty(ptr):
-    pass
+def _empty(ptr, PDL: tl.constexpr = False):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
-def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr):
+def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
     """The least a single launch that must read n contiguous elements can do: each program streams its
-    contiguous share BLOCK elements at a time (no index, no cross-program reduction) and writes one float."""
+    contiguous share BLOCK elements at a time (no index, no cross-program reduction) and writes one float.
+    PDL (launched with programmatic dependent launch) 1: let the next kernel launch, then wait for the previous
+    one before reading (as a kernel whose inputs the previous kernel wrote must); 2: wait only before the
+    store (inputs that no earlier kernel writes, e.g. weights: the read overlaps the previous kernel)."""
+    if PDL > 0:
+        gdc_launch_dependents()
+    if PDL == 1:
+        gdc_wait()
     pid = tl.program_id(0)
     start = pid * per_prog
     end = tl.minimum(start + per_prog, n)
@@ -56,16 +70,21 @@ def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr):
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         acc += tl.load(src_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+    if PDL == 2:
+        gdc_wait()
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
 READ_CASE = "Triton streaming read (fastest config)"
+READ_CASE_PDL = "the same, PDL, waits before reading"
+READ_CASE_PDL_EARLY = "the same, PDL, reads before the wait"
 READ_CONFIGS = [(block, per_sm, warps) for block in (4096, 8192, 16384) for per_sm in (1, 2, 4) for warps in (4, 8)]
 
 
-def best_read_ms(srcs, sms) -> tuple[float, str]:
+def best_read_ms(srcs, sms, pdl: int = 0) -> tuple[float, str]:
     """Fastest of READ_CONFIGS for a streaming read of each of `srcs` (the same element count): the floor of
-    any one-launch kernel that reads those bytes; checked against torch's sum."""
+    any one-launch kernel that reads those bytes; checked against an exact count. pdl: _read_stream's PDL."""
+    launch = dict(PDL=pdl, launch_pdl=pdl > 0)
     n = srcs[0].numel()
     out = torch.empty(sms * 4, device="cuda")
     ones = torch.ones_like(srcs[0])
@@ -74,12 +93,12 @@ def best_read_ms(srcs, sms) -> tuple[float, str]:
         progs = sms * per_sm
         per = triton.cdiv(triton.cdiv(n, progs), block) * block
         grid = (triton.cdiv(n, per),)
-        _read_stream[grid](ones, out, n, per, BLOCK=block, num_warps=warps)   # exact: integer sums < 2^24
+        _read_stream[grid](ones, out, n, per, BLOCK=block, num_warps=warps, **launch)  # exact: sums < 2^24
         if float(out[:grid[0]].double().sum()) != n:
             raise SystemExit(f"streaming read kernel ({block}, {per_sm}/SM) missed elements: "
                              f"{float(out[:grid[0]].sum())} of {n}")
-        ms = graph_ms([lambda i=i: _read_stream[grid](srcs[i], out, n, per, BLOCK=block, num_warps=warps)
-                       for i in range(len(srcs))])
+        ms = graph_ms([lambda i=i: _read_stream[grid](srcs[i], out, n, per, BLOCK=block, num_warps=warps,
+                                                      **launch) for i in range(len(srcs))])
         best = min(best, (ms, f"BLOCK={block} {per_sm}/SM w{warps}"))
     return best
 
@@ -96,6 +115,25 @@ def accumulate_sweep(x, caches, idxs, bias, accs, sp) -> list[str]:
         out.append(f"#   {sp}% accumulate BLOCK_R={c.kwargs['BLOCK_R']} PROGS_PER_SM={c.kwargs['PROGS_PER_SM']} "
                    f"w{c.num_warps}: {ms * 1e3:.2f} us")
     return out
+
+
+def check_pdl(x, cache, idx, bias, sp) -> str:
+    """The PDL launches (finishing and accumulating) return what the plain launch does (fp32 atomic order
+    apart), each right after a kernel that writes its input x (so a missing wait would read a stale x)."""
+    y = bundled_sparse_ffn(x, cache, idx, bias=bias).float()
+    tol = 2 * torch.finfo(DTYPE).eps
+    xp = torch.zeros_like(x)
+    xp.copy_(x)                                   # the kernel before the PDL launch writes its input
+    y_pdl = bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=True).float()
+    acc = torch.zeros(1, D, device="cuda")
+    xp.zero_()
+    xp.copy_(x)
+    bundled_sparse_ffn(xp, cache, idx, bias=bias, accumulate=acc, pdl=True)
+    rels = [float((v - y).norm() / y.norm()) for v in (y_pdl, acc)]
+    if max(rels) > tol:
+        raise SystemExit(f"PDL launch disagrees with the plain one at {sp}%: finishing {rels[0]:.2e}, "
+                         f"accumulating {rels[1]:.2e}")
+    return f"# {sp}%: PDL vs plain launch, relative difference {rels[0]:.1e} / {rels[1]:.1e} (tolerance {tol:.1e})"
 
 
 def touched_bytes(n: int) -> int:
@@ -131,6 +169,7 @@ def main() -> int:
     floors = {
         "empty Triton kernel, 1 program": graph_ms([lambda: _empty[(1,)](dummy)] * ROTATE),
         f"empty Triton kernel, {sms} programs": graph_ms([lambda: _empty[(sms,)](dummy)] * ROTATE),
+        "the same, PDL": graph_ms([lambda: _empty[(sms,)](dummy, PDL=True, launch_pdl=True)] * ROTATE),
     }
     idx0 = torch.arange(1024, device="cuda", dtype=torch.int32)
     zero = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -140,6 +179,9 @@ def main() -> int:
     floors["the same, accumulating (no epilogue)"] = graph_ms(
         [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idx0, bias=bias, count=zero, accumulate=accs[i])
          for i in range(ROTATE)])
+    floors["the same, accumulating, PDL"] = graph_ms(
+        [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idx0, bias=bias, count=zero, accumulate=accs[i],
+                                        pdl=True) for i in range(ROTATE)])
     records, lines = [], []
     lines.append(f"# single-launch floor at the sparse FFN's sizes (OPT-6.7B, batch 1, fp16): {dev_name}, {date}")
     lines.append(f"# CUDA-graph replay of {ROTATE} rotated input sets, median per call; copy peak {peak:.0f} GB/s "
@@ -164,10 +206,16 @@ def main() -> int:
         idxs = [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
                 for _ in range(ROTATE)]
         checks.append(check_accumulate(xs[0], caches[0], idxs[0], bias, sp))
+        checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp))
         if sp <= 95:
             checks += accumulate_sweep(xs, caches, idxs, bias, accs, sp)
-        read_ms, read_cfg = best_read_ms(reads, sms)
-        timed = {READ_CASE: read_ms}
+        read_cfgs = {}
+        for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY)):
+            timed_ms, read_cfgs[name] = best_read_ms(reads, sms, pdl)
+            if pdl == 0:
+                timed = {name: timed_ms}
+            else:
+                timed[name] = timed_ms
         contenders = {
             "torch copy (same bytes touched)": [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(ROTATE)],
             "Triton copy kernel (same bytes touched)": [
@@ -178,6 +226,10 @@ def main() -> int:
                                      for i in range(ROTATE)],
             "ours, fp32 accumulate, no epilogue": [lambda i=i: bundled_sparse_ffn(
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i]) for i in range(ROTATE)],
+            "our fused sparse FFN, PDL": [lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias,
+                                                                         pdl=True) for i in range(ROTATE)],
+            "ours, fp32 accumulate, PDL": [lambda i=i: bundled_sparse_ffn(
+                xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl=True) for i in range(ROTATE)],
         }
         timed.update({name: graph_ms(calls) for name, calls in contenders.items()})
         for name, ms in timed.items():
@@ -186,8 +238,8 @@ def main() -> int:
             records.append({"device": dev_name, "date": date, "case": name, "sparsity": sp, "bytes": nbytes,
                             "ms": round(ms, 5), "touched_gbps": round(gbps, 1),
                             "pct_of_copy_peak": round(100 * gbps / peak, 1), "peak_gbps": round(peak, 1),
-                            "config": read_cfg if name == READ_CASE else None})
-        checks.append(f"# {sp}%: fastest streaming read config {read_cfg}")
+                            "config": read_cfgs.get(name)})
+        checks += [f"# {sp}%: {name}: fastest config {cfg}" for name, cfg in read_cfgs.items()]
     text = "\n".join(lines + [""] + checks) + "\n"
     print(text)
     out = Path(args.out)

@@ -204,6 +204,8 @@ def test_accumulate_checks():
     with pytest.raises(ValueError, match="N_ACC must be 1 with accumulate"):
         bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(2, 32),
                            config={"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 4, "PROGS_PER_SM": 1})
+    with pytest.raises(ValueError, match="pdl: only method='fused'"):
+        bundled_sparse_ffn(x, cache, idx, method="two_phase", pdl=True)
     acc = torch.ones(0, 32)                                  # no tokens: nothing added, nothing launched
     assert bundled_sparse_ffn(x[:0], cache, idx, accumulate=acc) is acc
     assert bundled_sparse_ffn(x[:0], cache, idx).shape == (0, 32)

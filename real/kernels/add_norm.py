@@ -7,8 +7,12 @@ One program per token row keeps the whole row (d_model <= 65536) in registers.
 x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``consume=True``: the kernel
 reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
 a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
-of a workspace, ~2.6 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
+of a workspace, ~2.2 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
 store per element of a row it holds anyway.
+
+pdl=True launches with programmatic dependent launch (CUDA): the launch may start while the stream's previous
+kernel finishes, its programs wait for that kernel before reading anything, and they let the next kernel launch
+at once; between PDL launches (e.g. the accumulating FFN with ``pdl=True``) that hides launch latency.
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ def add_rms_norm_reference(x, residual, weight=None, eps: float = 1e-6, consume:
 
 if triton is not None:
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, D, eps, s_x, s_r, s_o, s_res,
                          RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CONSUME: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK)
         m = d < D
@@ -94,7 +102,7 @@ def _check(x, residual, weight, bias, consume):
         raise ValueError(f"x: d_model={x.shape[-1]} exceeds the one-row-per-program limit of 65536")
 
 
-def _fused(backend, x, residual, weight, bias, eps, rms, consume):
+def _fused(backend, x, residual, weight, bias, eps, rms, consume, pdl):
     D = x.shape[-1]
     x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)   # a view when consume (x is contiguous)
     if x2.stride(-1) != 1:
@@ -106,27 +114,29 @@ def _fused(backend, x, residual, weight, bias, eps, rms, consume):
         ADD_NORM.launch(backend, "row", (x2.shape[0],), x2, r2, weight if weight is not None else x2,
                         bias if bias is not None else x2, out, new_res, D, float(eps), x2.stride(0), r2.stride(0),
                         out.stride(0), new_res.stride(0), RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-                        CONSUME=consume, BLOCK=next_pow2(D))
+                        CONSUME=consume, BLOCK=next_pow2(D),
+                        **({"PDL": True, "launch_pdl": True} if pdl and backend == "triton" else {}))
     return out.reshape(x.shape), new_res.reshape(x.shape)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, consume: bool = False,
-                   impl="auto"):
+                   impl="auto", pdl: bool = False):
     """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype,
     or x the fp32 sum of an accumulating sparse FFN (results in the residual's dtype); consume=True zeroes
-    that sum after reading it."""
+    that sum after reading it; pdl: programmatic dependent launch (module doc; CUDA only, else ignored)."""
     _check(x, residual, weight, bias, consume)
     backend = backend_for(residual, impl)
     if backend == "torch":
         return add_layer_norm_reference(x, residual, weight, bias, eps, consume)
-    return _fused(backend, x, residual, weight, bias, eps, rms=False, consume=consume)
+    return _fused(backend, x, residual, weight, bias, eps, rms=False, consume=consume, pdl=pdl)
 
 
-def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, consume: bool = False, impl="auto"):
-    """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward); x and
-    consume as in `add_layer_norm`."""
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, consume: bool = False, impl="auto",
+                 pdl: bool = False):
+    """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward); x,
+    consume and pdl as in `add_layer_norm`."""
     _check(x, residual, weight, None, consume)
     backend = backend_for(residual, impl)
     if backend == "torch":
         return add_rms_norm_reference(x, residual, weight, eps, consume)
-    return _fused(backend, x, residual, weight, None, eps, rms=True, consume=consume)
+    return _fused(backend, x, residual, weight, None, eps, rms=True, consume=consume, pdl=pdl)

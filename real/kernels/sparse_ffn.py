@@ -26,7 +26,7 @@ barrier and the acq_rel ticket, and the last program reads the accumulator with 
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
 mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
 Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
-no ticket or finish: that epilogue is ~2.6 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
+no ticket or finish: that epilogue is ~2.2 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
 (benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
@@ -92,6 +92,7 @@ def sparse_ffn_reference(x, up, down, idx=None, *, gate=None, bias=None, down_bi
 # ----------------------------------------------------------------------------------------------------------
 if triton is not None:
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _activate(z, ACT: tl.constexpr):
@@ -311,7 +312,7 @@ if triton is not None:
                        HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                        N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr, FENCE: tl.constexpr,
-                       FINISH: tl.constexpr = True):
+                       FINISH: tl.constexpr = True, PDL: tl.constexpr = False):
         """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
@@ -319,7 +320,12 @@ if triton is not None:
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
         FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
-        programs only add into it (program 0 adds the down bias) and no epilogue runs."""
+        programs only add into it (program 0 adds the down bias) and no epilogue runs.
+        PDL (launched with programmatic dependent launch): let the next kernel launch now, then wait for the
+        previous one to finish and flush before reading anything (x, the index, the count, the accumulator)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         pid = tl.program_id(0)
         G = tl.num_programs(0)
         n = n_active
@@ -570,7 +576,7 @@ def _check(x, up, down, idx, gate, bias, down_bias, count, method):
 
 
 def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu", count=None,
-               method="fused", impl="auto", config=None, out=None, accumulate=None):
+               method="fused", impl="auto", config=None, out=None, accumulate=None, pdl=False):
     """y = sum over active rows r of act(x . up[r] + bias[r]) * down[r] (+ down_bias); gated: act(x.gate[r]) * (x.up[r]).
 
     x: [d_model] or [tokens, d_model] (fp16/bf16, same dtype as the weights); up, down, gate: [n_rows, d_model]
@@ -590,11 +596,17 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     d_model <= 8192): y (+ down_bias) is ADDED into it in fp32 and it is returned. One launch whose programs
     only add, with no epilogue (no ticket, cast or re-zeroing): the caller owns the sum, e.g. several calls
     (resident and new rows) add into one buffer and the next fused op reads and resets it.
+    pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
+    start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
+    before reading anything, so it is safe after any kernel; it hides launch latency only.
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
     if accumulate is not None:
         _check_accumulate(x, accumulate, method, out)
+    if pdl and (method != "fused" or x.shape[-1] > MAX_WHOLE_ROW):
+        raise ValueError(f"pdl: only method='fused' with d_model <= {MAX_WHOLE_ROW} (got method={method!r}, "
+                         f"d_model {x.shape[-1]}). Fix: pass pdl=False")
     backend = backend_for(x, impl)
     if backend == "torch":
         if accumulate is not None:
@@ -611,7 +623,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
         return accumulate if accumulate is not None else out if out is not None else torch.empty_like(x)
     if accumulate is not None:
         _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
-                acc_into=accumulate.view(x2.shape))
+                acc_into=accumulate.view(x2.shape), pdl=pdl)
         return accumulate
     if out is not None:
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous() \
@@ -620,10 +632,10 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
                              f"{x.device} and at most {MAX_TOKENS_PER_LAUNCH} tokens, got {out.dtype} "
                              f"{tuple(out.shape)}. Fix: allocate it like x, or pass out=None")
         _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
-                out.view(x2.shape))
+                out.view(x2.shape), pdl=pdl)
         return out
     outs = [_launch(backend, x2[t0:t0 + MAX_TOKENS_PER_LAUNCH], up, down, idx, gate, bias, down_bias, activation,
-                    count, method, config) for t0 in range(0, x2.shape[0], MAX_TOKENS_PER_LAUNCH)]
+                    count, method, config, pdl=pdl) for t0 in range(0, x2.shape[0], MAX_TOKENS_PER_LAUNCH)]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     return y.reshape(-1) if squeeze else y
 
@@ -659,7 +671,7 @@ def _accumulate_config(key, mode: str, tune) -> dict:
 
 
 def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
-            acc_into=None, tune_acc=False):
+            acc_into=None, tune_acc=False, pdl=False):
     T, D = x.shape
     n_rows = up.shape[0]
     n_cap = n_rows if idx is None else idx.numel()
@@ -727,7 +739,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
                       ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
-                      **({"FINISH": False} if acc_into is not None else {}), **flags)
+                      **({"FINISH": False} if acc_into is not None else {}),
+                      **({"PDL": True, "launch_pdl": True} if pdl and backend == "triton" else {}), **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
