@@ -16,8 +16,11 @@ kernel with 0 active rows (count on the device), both ways. And the same with pr
 (PDL: a launch may start while the previous kernel finishes; its programs wait for it before reading), which
 hides launch latency between dependent kernels: the read, waiting before it reads (as any kernel whose input
 the previous kernel wrote must) or only before its store (inputs no earlier kernel writes), our kernel both
-ways. Before timing, the accumulating and PDL launches are checked against the plain finishing one; at 90
-and 95% every persistent-kernel config is timed accumulating. Writes kernel_floor.txt and results/kernel_floor.json."""
+ways, and the all-resident-rows form (idx=None over a cache of just the touched rows, no index) accumulating
+without PDL, with it, and with pdl='early' (the first block of weights requested before the wait). Before
+timing, the accumulating and PDL launches are checked against the plain finishing one (PDL ones right after a
+kernel that writes their x late); at 90 and 95% every persistent-kernel config is timed accumulating, and
+all-rows with pdl='early'. Writes kernel_floor.txt and results/kernel_floor.json."""
 
 from __future__ import annotations
 
@@ -103,42 +106,65 @@ def best_read_ms(srcs, sms, pdl: int = 0) -> tuple[float, str]:
     return best
 
 
-def accumulate_sweep(x, caches, idxs, bias, accs, sp) -> list[str]:
-    """Every persistent-kernel config on the accumulating launch (diagnostic: which grid the fused form likes)."""
+def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
+    """Every persistent-kernel config on an accumulating launch (diagnostic: which grid the fused form likes);
+    call(i, config) launches rotated input set i with that config."""
     out = []
     for c in sparse_ffn_mod.STREAM.configs["one_acc"]:
         if c.kwargs["BLOCK_D"] != D:
             continue
         cfg = dict(c.kwargs, N_ACC=1, num_warps=c.num_warps, num_stages=c.num_stages)
-        ms = graph_ms([lambda i=i: bundled_sparse_ffn(x[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i],
-                                                      config=cfg) for i in range(ROTATE)])
-        out.append(f"#   {sp}% accumulate BLOCK_R={c.kwargs['BLOCK_R']} PROGS_PER_SM={c.kwargs['PROGS_PER_SM']} "
+        ms = graph_ms([lambda i=i: call(i, cfg) for i in range(ROTATE)])
+        out.append(f"#   {sp}% {label} BLOCK_R={c.kwargs['BLOCK_R']} PROGS_PER_SM={c.kwargs['PROGS_PER_SM']} "
                    f"w{c.num_warps}: {ms * 1e3:.2f} us")
     return out
 
 
-def check_pdl(x, cache, idx, bias, sp) -> str:
-    """The PDL launches (finishing and accumulating) return what the plain launch does (fp32 atomic order
-    apart), each right after a kernel that writes its input x (so a missing wait would read a stale x)."""
+@triton.jit
+def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.constexpr):
+    """Lets dependents launch at once, reads a large buffer (~10 us), and only then writes dst = src: a PDL
+    launch after it that reads dst without waiting would see the old dst."""
+    gdc_launch_dependents()
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for o in range(pid * per_prog, (pid + 1) * per_prog, BLOCK):
+        acc += tl.load(big_ptr + o + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(side_ptr + pid, tl.sum(acc, axis=0))
+    if pid == 0:
+        for o in range(0, n_dst, BLOCK):
+            m = o + tl.arange(0, BLOCK) < n_dst
+            tl.store(dst_ptr + o + tl.arange(0, BLOCK), tl.load(src_ptr + o + tl.arange(0, BLOCK), mask=m), mask=m)
+
+
+def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
+    """Each PDL launch (finishing and accumulating, per mode) returns what the plain launch does (fp32 atomic
+    order apart), launched right after a kernel that lets it start at once and writes its x ~10 us later: a
+    launch that read x before its wait would compute with x = 0."""
     y = bundled_sparse_ffn(x, cache, idx, bias=bias).float()
     tol = 2 * torch.finfo(DTYPE).eps
-    xp = torch.zeros_like(x)
-    xp.copy_(x)                                   # the kernel before the PDL launch writes its input
-    y_pdl = bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=True).float()
-    acc = torch.zeros(1, D, device="cuda")
-    xp.zero_()
-    xp.copy_(x)
-    bundled_sparse_ffn(xp, cache, idx, bias=bias, accumulate=acc, pdl=True)
-    rels = [float((v - y).norm() / y.norm()) for v in (y_pdl, acc)]
+    per = 1 << 18
+    big = torch.ones(sms * per, device="cuda", dtype=DTYPE)
+    side = torch.empty(sms, device="cuda")
+    xp = torch.empty_like(x)
+    rels = []
+    for mode in modes:
+        for accumulate in (False, True):
+            acc = torch.zeros(1, D, device="cuda") if accumulate else None
+            xp.zero_()
+            torch.cuda.synchronize()
+            _write_late[(sms,)](x, xp, x.numel(), big, per, side, BLOCK=4096)
+            got = bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=mode, accumulate=acc).float()
+            rels.append(float((got - y).norm() / y.norm()))
     if max(rels) > tol:
-        raise SystemExit(f"PDL launch disagrees with the plain one at {sp}%: finishing {rels[0]:.2e}, "
-                         f"accumulating {rels[1]:.2e}")
-    return f"# {sp}%: PDL vs plain launch, relative difference {rels[0]:.1e} / {rels[1]:.1e} (tolerance {tol:.1e})"
+        raise SystemExit(f"a PDL launch disagrees with the plain one at {sp}% (modes {modes}, finishing and "
+                         f"accumulating each): relative differences {rels}")
+    return (f"# {sp}%: PDL {'/'.join(map(str, modes))} vs plain launch, after a late writer of x: relative "
+            f"differences {' '.join(f'{r:.1e}' for r in rels)} (tolerance {tol:.1e})")
 
 
-def touched_bytes(n: int) -> int:
+def touched_bytes(n: int, index: bool = True) -> int:
     """As bench_kernels.py counts the sparse FFN's bytes: rows (up + down), int32 index, fp16 bias, x, y."""
-    return n * (2 * D * 2 + 4 + 2) + 2 * D * 2
+    return n * (2 * D * 2 + (4 if index else 0) + 2) + 2 * D * 2
 
 
 def check_accumulate(x, cache, idx, bias, sp) -> str:
@@ -206,9 +232,20 @@ def main() -> int:
         idxs = [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
                 for _ in range(ROTATE)]
         checks.append(check_accumulate(xs[0], caches[0], idxs[0], bias, sp))
-        checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp))
+        checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp, sms))
+        # the all-resident-rows form: a cache of just n rows, no index; 16 disjoint row ranges (none in L2)
+        rows = [caches[i % 4][(i // 4) * n:(i // 4 + 1) * n] for i in range(ROTATE)]
+        biases = [bias[(i // 4) * n:(i // 4 + 1) * n] for i in range(ROTATE)]
+
+        def all_rows(i, pdl=False, config=None):
+            return bundled_sparse_ffn(xs[i], rows[i], None, bias=biases[i], accumulate=accs[i], pdl=pdl,
+                                      config=config)
+
+        checks.append(check_pdl(xs[0], rows[0], None, biases[0], sp, sms, modes=(True, "early")))
         if sp <= 95:
-            checks += accumulate_sweep(xs, caches, idxs, bias, accs, sp)
+            checks += accumulate_sweep(lambda i, cfg: bundled_sparse_ffn(
+                xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], config=cfg), sp)
+            checks += accumulate_sweep(lambda i, cfg: all_rows(i, "early", cfg), sp, label="all rows, PDL early")
         read_cfgs = {}
         for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY)):
             timed_ms, read_cfgs[name] = best_read_ms(reads, sms, pdl)
@@ -232,7 +269,13 @@ def main() -> int:
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl=True) for i in range(ROTATE)],
         }
         timed.update({name: graph_ms(calls) for name, calls in contenders.items()})
+        sizes = dict.fromkeys(timed, nbytes)
+        for label, pdl in (("no PDL", False), ("PDL", True), ("PDL early", "early")):
+            name = f"all rows (idx=None), accumulate, {label}"
+            timed[name] = graph_ms([lambda i=i, pdl=pdl: all_rows(i, pdl) for i in range(ROTATE)])
+            sizes[name] = touched_bytes(n, index=False)
         for name, ms in timed.items():
+            nbytes = sizes[name]
             gbps = nbytes / ms / 1e6
             lines.append(f"{sp:>8} {nbytes / 1e6:6.1f} {name:<44} {ms * 1e3:7.2f} {gbps:6.0f} {100 * gbps / peak:6.1f}%")
             records.append({"device": dev_name, "date": date, "case": name, "sparsity": sp, "bytes": nbytes,

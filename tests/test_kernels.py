@@ -206,6 +206,10 @@ def test_accumulate_checks():
                            config={"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 4, "PROGS_PER_SM": 1})
     with pytest.raises(ValueError, match="pdl: only method='fused'"):
         bundled_sparse_ffn(x, cache, idx, method="two_phase", pdl=True)
+    with pytest.raises(ValueError, match="pdl='early'.*idx=None"):
+        bundled_sparse_ffn(x, cache, idx, pdl="early")
+    with pytest.raises(ValueError, match="pdl: expected False, True or 'early'"):
+        bundled_sparse_ffn(x, cache, idx, pdl="yes")
     acc = torch.ones(0, 32)                                  # no tokens: nothing added, nothing launched
     assert bundled_sparse_ffn(x[:0], cache, idx, accumulate=acc) is acc
     assert bundled_sparse_ffn(x[:0], cache, idx).shape == (0, 32)

@@ -312,7 +312,7 @@ if triton is not None:
                        HAS_OUT_BIAS: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                        BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                        N_ACC: tl.constexpr, PROGS_PER_SM: tl.constexpr, FENCE: tl.constexpr,
-                       FINISH: tl.constexpr = True, PDL: tl.constexpr = False):
+                       FINISH: tl.constexpr = True, PDL: tl.constexpr = 0):
         """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
@@ -321,10 +321,13 @@ if triton is not None:
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
         FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
         programs only add into it (program 0 adds the down bias) and no epilogue runs.
-        PDL (launched with programmatic dependent launch): let the next kernel launch now, then wait for the
-        previous one to finish and flush before reading anything (x, the index, the count, the accumulator)."""
-        if PDL:
+        PDL (launched with programmatic dependent launch) 1: let the next kernel launch now, then wait for the
+        previous one to finish and flush before reading anything (x, the index, the count, the accumulator);
+        2 (no index, count from the host): request the first block's weight tiles before that wait, so they
+        stream while the previous kernel finishes; x and the rest only after it."""
+        if PDL > 0:
             gdc_launch_dependents()
+        if PDL == 1:
             gdc_wait()
         pid = tl.program_id(0)
         G = tl.num_programs(0)
@@ -338,7 +341,8 @@ if triton is not None:
         dmask = d < D
         offs = tl.arange(0, BLOCK_R)
         acc_out = acc_ptr + (pid % N_ACC) * T * D
-        x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+        if PDL != 2:
+            x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         part = tl.zeros([BLOCK_D], tl.float32)
         # prologue: row ids of blocks 0 and 1, tiles of block 0
         m_cur = start + offs < end
@@ -347,6 +351,9 @@ if triton is not None:
         rows_nxt = _row_ids(idx_ptr, start + BLOCK_R + offs, m_nxt, HAS_IDX)
         u, g, dn, b = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr,
                                    rows_cur, m_cur, d, dmask, HAS_BIAS, GATED)
+        if PDL == 2:
+            gdc_wait()
+            x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         for r0 in range(start, end, BLOCK_R):
             m_far = r0 + 2 * BLOCK_R + offs < end
             rows_far = _row_ids(idx_ptr, r0 + 2 * BLOCK_R + offs, m_far, HAS_IDX)
@@ -598,15 +605,16 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     (resident and new rows) add into one buffer and the next fused op reads and resets it.
     pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
     start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
-    before reading anything, so it is safe after any kernel; it hides launch latency only.
+    before reading anything, so it is safe after any kernel; it hides launch latency only. pdl='early' (idx
+    and count None: all rows) also requests each program's first block of weight rows before that wait, so
+    they stream while the previous kernel finishes: only when no kernel that may still be running writes
+    `up`, `down`, `gate` or `bias` (a launch without PDL, or a sync, between the cache insert and this call).
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
     if accumulate is not None:
         _check_accumulate(x, accumulate, method, out)
-    if pdl and (method != "fused" or x.shape[-1] > MAX_WHOLE_ROW):
-        raise ValueError(f"pdl: only method='fused' with d_model <= {MAX_WHOLE_ROW} (got method={method!r}, "
-                         f"d_model {x.shape[-1]}). Fix: pass pdl=False")
+    _check_pdl(pdl, x, idx, count, method)
     backend = backend_for(x, impl)
     if backend == "torch":
         if accumulate is not None:
@@ -638,6 +646,18 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
                     count, method, config, pdl=pdl) for t0 in range(0, x2.shape[0], MAX_TOKENS_PER_LAUNCH)]
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     return y.reshape(-1) if squeeze else y
+
+
+def _check_pdl(pdl, x, idx, count, method):
+    if pdl not in (False, True, "early"):
+        raise ValueError(f"pdl: expected False, True or 'early', got {pdl!r}")
+    if pdl and (method != "fused" or x.shape[-1] > MAX_WHOLE_ROW):
+        raise ValueError(f"pdl: only method='fused' with d_model <= {MAX_WHOLE_ROW} (got method={method!r}, "
+                         f"d_model {x.shape[-1]}). Fix: pass pdl=False")
+    if pdl == "early" and (idx is not None or count is not None):
+        raise ValueError("pdl='early': reads weight rows before the previous kernel has finished, so the rows "
+                         "must not come from a kernel's output: only with idx=None and count=None. "
+                         "Fix: pass pdl=True")
 
 
 def _check_accumulate(x, acc, method, out):
@@ -740,7 +760,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
                       ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
                       **({"FINISH": False} if acc_into is not None else {}),
-                      **({"PDL": True, "launch_pdl": True} if pdl and backend == "triton" else {}), **flags)
+                      **({"PDL": 2 if pdl == "early" else 1, "launch_pdl": True}
+                         if pdl and backend == "triton" else {}), **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
