@@ -368,7 +368,8 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 two_ms = graph_ms([ours_call(i, "two_phase") for i in range(ROTATE)])
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
-            cfg = _short(sparse_ffn_mod.STREAM.best_config(mode))
+            # several tokens: the accumulating launch + drain, with the config tuned for accumulating launches
+            cfg = _short(sparse_ffn_mod.STREAM.best_config(mode if T == 1 else mode + "_acc"))
             fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log)
             # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
             acc_touched = touched - T * D * 2 + 2 * T * D * 4

@@ -19,8 +19,9 @@ the previous kernel wrote must) or only before its store (inputs no earlier kern
 ways, and the all-resident-rows form (idx=None over a cache of just the touched rows, no index) accumulating
 without PDL, with it, and with pdl='early' (the first block of weights requested before the wait). Before
 timing, the accumulating and PDL launches are checked against the plain finishing one (PDL ones right after a
-kernel that writes their x late); at 90 and 95% every persistent-kernel config is timed accumulating, and
-all-rows with pdl='early'. Writes kernel_floor.txt and results/kernel_floor.json."""
+kernel that writes their x late, with a negative control that shows whether the early start happened); at 90
+and 95% every persistent-kernel config is timed accumulating, and all-rows with pdl='early'. Writes
+kernel_floor.txt and results/kernel_floor.json."""
 
 from __future__ import annotations
 
@@ -136,30 +137,62 @@ def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.
             tl.store(dst_ptr + o + tl.arange(0, BLOCK), tl.load(src_ptr + o + tl.arange(0, BLOCK), mask=m), mask=m)
 
 
+@triton.jit
+def _peek(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """The negative control: copies src with no griddepcontrol.wait, so under PDL it may read src early."""
+    offs = tl.arange(0, BLOCK)
+    for o in range(0, n, BLOCK):
+        m = o + offs < n
+        tl.store(dst_ptr + o + offs, tl.load(src_ptr + o + offs, mask=m), mask=m)
+
+
 def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
     """Each PDL launch (finishing and accumulating, per mode) returns what the plain launch does (fp32 atomic
-    order apart), launched right after a kernel that lets it start at once and writes its x ~10 us later: a
-    launch that read x before its wait would compute with x = 0."""
+    order apart) when it runs right after a kernel that lets it start at once and writes its x ~20 us later: a
+    launch that read x before its wait would compute with x = 0. The GPU is kept ~0.5 ms ahead of the host (a
+    queue of large reads) and every launch is warmed up first, so the PDL launch is queued before the late writer
+    runs. Negative control: a PDL copy of x that does not wait, in the same sequence, must see the old x (zeros);
+    if it does not, the early start did not happen and the check says so."""
     y = bundled_sparse_ffn(x, cache, idx, bias=bias).float()
     tol = 2 * torch.finfo(DTYPE).eps
     per = 1 << 18
     big = torch.ones(sms * per, device="cuda", dtype=DTYPE)
+    busy = torch.ones(1 << 28, device="cuda", dtype=DTYPE)
     side = torch.empty(sms, device="cuda")
     xp = torch.empty_like(x)
+    peeked = torch.empty_like(x)
+
+    def after_late_writer(launch):
+        xp.zero_()
+        torch.cuda.synchronize()
+        for _ in range(4):
+            busy.sum()                              # ~0.5 ms of queued GPU work: the host runs ahead
+        _write_late[(sms,)](x, xp, x.numel(), big, per, side, BLOCK=4096)
+        out = launch()
+        torch.cuda.synchronize()
+        return out
+
+    after_late_writer(lambda: _peek[(1,)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True))   # warm-up
+    after_late_writer(lambda: _peek[(1,)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True))
+    stale = not bool(peeked.any())
     rels = []
     for mode in modes:
         for accumulate in (False, True):
             acc = torch.zeros(1, D, device="cuda") if accumulate else None
-            xp.zero_()
-            torch.cuda.synchronize()
-            _write_late[(sms,)](x, xp, x.numel(), big, per, side, BLOCK=4096)
-            got = bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=mode, accumulate=acc).float()
+            bundled_sparse_ffn(x, cache, idx, bias=bias, pdl=mode, accumulate=acc)    # warm-up: tuning, JIT
+            if acc is not None:
+                acc.zero_()
+            got = after_late_writer(lambda: bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=mode,
+                                                               accumulate=acc)).float()
             rels.append(float((got - y).norm() / y.norm()))
     if max(rels) > tol:
         raise SystemExit(f"a PDL launch disagrees with the plain one at {sp}% (modes {modes}, finishing and "
                          f"accumulating each): relative differences {rels}")
+    control = ("read the old x: the early start happened" if stale else
+               "read the new x: the early start was NOT observed, so this check is inconclusive")
     return (f"# {sp}%: PDL {'/'.join(map(str, modes))} vs plain launch, after a late writer of x: relative "
-            f"differences {' '.join(f'{r:.1e}' for r in rels)} (tolerance {tol:.1e})")
+            f"differences {' '.join(f'{r:.1e}' for r in rels)} (tolerance {tol:.1e}); negative control (a PDL "
+            f"copy without the wait) {control}")
 
 
 def touched_bytes(n: int, index: bool = True) -> int:

@@ -439,6 +439,8 @@ def test_add_norm_rejects_mismatch():
         add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="consume: x must be a contiguous float32"):
         add_layer_norm(x, x, consume=True)
+    with pytest.raises(ValueError, match="pdl: expected False or True"):
+        add_rms_norm(x, x, pdl="early")
 
 
 def test_wait_flag_passes_a_raised_flag_and_reports_a_timeout_stickily():

@@ -7,7 +7,7 @@ One program per token row keeps the whole row (d_model <= 65536) in registers.
 x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``consume=True``: the kernel
 reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
 a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
-of a workspace, ~2.2 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
+of a workspace, ~2.2-2.4 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
 store per element of a row it holds anyway.
 
 pdl=True launches with programmatic dependent launch (CUDA): the launch may start while the stream's previous
@@ -88,7 +88,9 @@ if triton is not None:
                       key=["D", "RMS"], restore_value=["x_ptr"])
 
 
-def _check(x, residual, weight, bias, consume):
+def _check(x, residual, weight, bias, consume, pdl=False):
+    if pdl not in (False, True):
+        raise ValueError(f"pdl: expected False or True, got {pdl!r} ('early' is the sparse FFN's alone)")
     if x.shape != residual.shape or x.device != residual.device or x.dtype not in (residual.dtype, torch.float32):
         raise ValueError(f"residual: shape/dtype/device {tuple(residual.shape)}/{residual.dtype}/{residual.device} "
                          f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device} (x may be float32: an FFN's sum)")
@@ -124,7 +126,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, co
     """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype,
     or x the fp32 sum of an accumulating sparse FFN (results in the residual's dtype); consume=True zeroes
     that sum after reading it; pdl: programmatic dependent launch (module doc; CUDA only, else ignored)."""
-    _check(x, residual, weight, bias, consume)
+    _check(x, residual, weight, bias, consume, pdl)
     backend = backend_for(residual, impl)
     if backend == "torch":
         return add_layer_norm_reference(x, residual, weight, bias, eps, consume)
@@ -135,7 +137,7 @@ def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, consume: bool =
                  pdl: bool = False):
     """(rms_norm(x + residual) * weight, x + residual) over the last dim (Llama's RMSNorm, forward); x,
     consume and pdl as in `add_layer_norm`."""
-    _check(x, residual, weight, None, consume)
+    _check(x, residual, weight, None, consume, pdl)
     backend = backend_for(residual, impl)
     if backend == "torch":
         return add_rms_norm_reference(x, residual, weight, eps, consume)

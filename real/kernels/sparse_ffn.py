@@ -26,8 +26,11 @@ barrier and the acq_rel ticket, and the last program reads the accumulator with 
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
 mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
 Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
-no ticket or finish: that epilogue is ~2.2 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
+no ticket or finish: that epilogue is ~2.2-2.4 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
 (benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
+And the persistent kernel with 2..16 tokens: it adds into the workspace like ``accumulate=``, and a second launch
+(`_drain_kernel`, T x D/1024 programs) writes y and re-zeroes it, because one last program reading T x D sums
+serially was ~17 us of a 61 us call at 8 tokens (H200).
 
 Layouts: `up`, `down` (and `gate` for Llama-style FFNs) are [n_rows, d_model] views with any strides, so the
 bundled cache [n_rows, 2*d_model] (up column and down row side by side) and separate matrices both work:
@@ -227,6 +230,23 @@ if triton is not None:
                         v += tl.load(out_bias_ptr + d, mask=m, other=0.0).to(tl.float32)
                     tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
             tl.atomic_xchg(sem_ptr, 0)
+
+    DRAIN_BLOCK = 1024
+
+    @triton.jit
+    def _drain_kernel(acc_ptr, y_ptr, stride_yt, D, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+        """y[t] = acc[t] in y's dtype, and acc[t] = 0 again: the finish of a several-token launch, one program
+        per token and BLOCK columns (plain loads: the kernel boundary orders them after the accumulating
+        launch's atomics). PDL: wait for that launch first (any non-zero value)."""
+        if PDL > 0:
+            gdc_launch_dependents()
+            gdc_wait()
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = d < D
+        v = tl.load(acc_ptr + t * D + d, mask=m, other=0.0)
+        tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(acc_ptr + t * D + d, tl.zeros([BLOCK], tl.float32), mask=m)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _fused_kernel(x_ptr, stride_xt, up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
@@ -648,6 +668,13 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     return y.reshape(-1) if squeeze else y
 
 
+def _pdl_kwargs(pdl, backend) -> dict:
+    """Launch arguments for `pdl` (compiled kernels only: the interpreter has no griddepcontrol)."""
+    if not pdl or backend != "triton":
+        return {}
+    return {"PDL": 2 if pdl == "early" else 1, "launch_pdl": True}
+
+
 def _check_pdl(pdl, x, idx, count, method):
     if pdl not in (False, True, "early"):
         raise ValueError(f"pdl: expected False, True or 'early', got {pdl!r}")
@@ -700,6 +727,20 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         parts = [_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count, method,
                          config, None if y is None else y[t:t + 1]) for t in range(T)]
         return torch.cat(parts) if y is None else y
+    if T > 1 and acc_into is None and method == "fused" and D <= MAX_WHOLE_ROW:
+        # several tokens: the programs add into the (zeroed) workspace, then a second launch of T x D/1024
+        # programs drains it into y and re-zeroes it. The in-kernel finish (the last program alone reads T x D
+        # sums from L2) took ~17 us of 61 at 8 tokens, OPT-6.7B 90% (H200, benchmarks/kernels_h200_run6.log)
+        ws, _ = _workspace(x.device, T * D)
+        sums = ws[:T * D].view(T, D)
+        if config is not None:
+            config = dict(config, N_ACC=1)
+        _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config,
+                acc_into=sums, pdl=pdl)
+        y = torch.empty_like(x) if y is None else y
+        _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK,
+                                                         **_pdl_kwargs(pdl, backend))
+        return y
     if acc_into is not None:
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
@@ -760,8 +801,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
                       ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
                       **({"FINISH": False} if acc_into is not None else {}),
-                      **({"PDL": 2 if pdl == "early" else 1, "launch_pdl": True}
-                         if pdl and backend == "triton" else {}), **flags)
+                      **_pdl_kwargs(pdl, backend), **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
