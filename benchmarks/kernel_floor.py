@@ -41,7 +41,6 @@ import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
 from bench_kernels import COPY_WAYS, ROTATE, _copy_kernel, graph_ms, peak_copy_gbps, sparse_ffn_mod  # noqa: E402
-from real.kernels.sparse_ffn import _l2_prefetch  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 
@@ -63,8 +62,7 @@ def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr, PDL: tl.con
     contiguous share BLOCK elements at a time (no index, no cross-program reduction) and writes one float.
     PDL (launched with programmatic dependent launch) 1: let the next kernel launch, then wait for the previous
     one before reading (as a kernel whose inputs the previous kernel wrote must); 2: wait only before the
-    store (inputs that no earlier kernel writes, e.g. weights: the read overlaps the previous kernel); 3: bulk-
-    prefetch the program's share into L2 before the wait, read it after."""
+    store (inputs that no earlier kernel writes, e.g. weights: the read overlaps the previous kernel)."""
     if PDL > 0:
         gdc_launch_dependents()
     if PDL == 1:
@@ -72,10 +70,6 @@ def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr, PDL: tl.con
     pid = tl.program_id(0)
     start = pid * per_prog
     end = tl.minimum(start + per_prog, n)
-    if PDL == 3:
-        if end > start:
-            _l2_prefetch(src_ptr + start, (end - start).to(tl.int64) * 2, 256)
-        gdc_wait()
     acc = tl.zeros([BLOCK], tl.float32)
     for o in range(start, end, BLOCK):
         offs = o + tl.arange(0, BLOCK)
@@ -88,7 +82,6 @@ def _read_stream(src_ptr, out_ptr, n, per_prog, BLOCK: tl.constexpr, PDL: tl.con
 READ_CASE = "Triton streaming read (fastest config)"
 READ_CASE_PDL = "the same, PDL, waits before reading"
 READ_CASE_PDL_EARLY = "the same, PDL, reads before the wait"
-READ_CASE_PDL_PREFETCH = "the same, PDL, L2 prefetch before the wait"
 READ_CONFIGS = [(block, per_sm, warps) for block in (4096, 8192, 16384) for per_sm in (1, 2, 4) for warps in (4, 8)]
 
 
@@ -281,13 +274,13 @@ def main() -> int:
             return bundled_sparse_ffn(xs[i], rows[i], None, bias=biases[i], accumulate=accs[i], pdl=pdl,
                                       config=config)
 
-        checks.append(check_pdl(xs[0], rows[0], None, biases[0], sp, sms, modes=(True, "early", "prefetch")))
+        checks.append(check_pdl(xs[0], rows[0], None, biases[0], sp, sms, modes=(True, "early")))
         if sp <= 95:
             checks += accumulate_sweep(lambda i, cfg: bundled_sparse_ffn(
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], config=cfg), sp)
             checks += accumulate_sweep(lambda i, cfg: all_rows(i, "early", cfg), sp, label="all rows, PDL early")
         read_cfgs = {}
-        for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY, READ_CASE_PDL_PREFETCH)):
+        for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY)):
             timed_ms, read_cfgs[name] = best_read_ms(reads, sms, pdl)
             if pdl == 0:
                 timed = {name: timed_ms}
@@ -310,7 +303,7 @@ def main() -> int:
         }
         timed.update({name: graph_ms(calls) for name, calls in contenders.items()})
         sizes = dict.fromkeys(timed, nbytes)
-        for label, pdl in (("no PDL", False), ("PDL", True), ("PDL early", "early"), ("PDL prefetch", "prefetch")):
+        for label, pdl in (("no PDL", False), ("PDL", True), ("PDL early", "early")):
             name = f"all rows (idx=None), accumulate, {label}"
             timed[name] = graph_ms([lambda i=i, pdl=pdl: all_rows(i, pdl) for i in range(ROTATE)])
             sizes[name] = touched_bytes(n, index=False)

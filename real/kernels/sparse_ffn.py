@@ -234,19 +234,6 @@ if triton is not None:
     DRAIN_BLOCK = 1024
 
     @triton.jit
-    def _l2_prefetch(base_ptr, nbytes, SPLIT: tl.constexpr):
-        """Hopper's bulk L2 prefetch of [base, base + nbytes) (16-byte aligned), in SPLIT pieces: one per thread
-        when SPLIT is the program's thread count. A hint: nothing waits for it."""
-        chunk = (tl.cdiv(nbytes, SPLIT) + 15) // 16 * 16
-        off = tl.arange(0, SPLIT).to(tl.int64) * chunk
-        size = tl.minimum(chunk, nbytes - off)
-        ok = size >= 16
-        addr = base_ptr.to(tl.pointer_type(tl.int8)) + tl.where(ok, off, 0)
-        size = tl.where(ok, size // 16 * 16, 16).to(tl.int32)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                  [addr, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _drain_kernel(acc_ptr, y_ptr, stride_yt, D, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
         """y[t] = acc[t] in y's dtype, and acc[t] = 0 again: the finish of a several-token launch, one program
         per token and BLOCK columns (plain loads: the kernel boundary orders them after the accumulating
@@ -357,9 +344,7 @@ if triton is not None:
         PDL (launched with programmatic dependent launch) 1: let the next kernel launch now, then wait for the
         previous one to finish and flush before reading anything (x, the index, the count, the accumulator);
         2 (no index, count from the host): request the first block's weight tiles before that wait, so they
-        stream while the previous kernel finishes; x and the rest only after it. 3: as 2, and before that the
-        program's whole share of rows is bulk-prefetched into L2 (rows of `gate` if GATED else `up`, full row
-        stride: in the bundled layout that is every byte the program reads)."""
+        stream while the previous kernel finishes; x and the rest only after it."""
         if PDL > 0:
             gdc_launch_dependents()
         if PDL == 1:
@@ -376,13 +361,7 @@ if triton is not None:
         dmask = d < D
         offs = tl.arange(0, BLOCK_R)
         acc_out = acc_ptr + (pid % N_ACC) * T * D
-        if PDL == 3:
-            if end > start:
-                if GATED:
-                    _l2_prefetch(gate_ptr + start.to(tl.int64) * s_gr, (end - start).to(tl.int64) * s_gr * 2, 256)
-                else:
-                    _l2_prefetch(up_ptr + start.to(tl.int64) * s_ur, (end - start).to(tl.int64) * s_ur * 2, 256)
-        if PDL < 2:
+        if PDL != 2:
             x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         part = tl.zeros([BLOCK_D], tl.float32)
         # prologue: row ids of blocks 0 and 1, tiles of block 0
@@ -392,7 +371,7 @@ if triton is not None:
         rows_nxt = _row_ids(idx_ptr, start + BLOCK_R + offs, m_nxt, HAS_IDX)
         u, g, dn, b = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr,
                                    rows_cur, m_cur, d, dmask, HAS_BIAS, GATED)
-        if PDL >= 2:
+        if PDL == 2:
             gdc_wait()
             x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
         for r0 in range(start, end, BLOCK_R):
@@ -693,17 +672,17 @@ def _pdl_kwargs(pdl, backend) -> dict:
     """Launch arguments for `pdl` (compiled kernels only: the interpreter has no griddepcontrol)."""
     if not pdl or backend != "triton":
         return {}
-    return {"PDL": {"early": 2, "prefetch": 3}.get(pdl, 1), "launch_pdl": True}
+    return {"PDL": 2 if pdl == "early" else 1, "launch_pdl": True}
 
 
 def _check_pdl(pdl, x, idx, count, method):
-    if pdl not in (False, True, "early", "prefetch"):
-        raise ValueError(f"pdl: expected False, True, 'early' or 'prefetch', got {pdl!r}")
+    if pdl not in (False, True, "early"):
+        raise ValueError(f"pdl: expected False, True or 'early', got {pdl!r}")
     if pdl and (method != "fused" or x.shape[-1] > MAX_WHOLE_ROW):
         raise ValueError(f"pdl: only method='fused' with d_model <= {MAX_WHOLE_ROW} (got method={method!r}, "
                          f"d_model {x.shape[-1]}). Fix: pass pdl=False")
-    if pdl in ("early", "prefetch") and (idx is not None or count is not None):
-        raise ValueError(f"pdl={pdl!r}: reads weight rows before the previous kernel has finished, so the rows "
+    if pdl == "early" and (idx is not None or count is not None):
+        raise ValueError("pdl='early': reads weight rows before the previous kernel has finished, so the rows "
                          "must not come from a kernel's output: only with idx=None and count=None. "
                          "Fix: pass pdl=True")
 
