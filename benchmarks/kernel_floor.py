@@ -123,7 +123,7 @@ def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
 
 @triton.jit
 def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.constexpr):
-    """Lets dependents launch at once, reads a large buffer (~10 us), and only then writes dst = src: a PDL
+    """Lets dependents launch at once, reads a large buffer (~20 us), and only then writes dst = src: a PDL
     launch after it that reads dst without waiting would see the old dst."""
     gdc_launch_dependents()
     pid = tl.program_id(0)

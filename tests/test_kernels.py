@@ -6,6 +6,7 @@ Tolerances come from the dtype, not from the observed error (see `rel_tol`). The
 row (each row carries about 1/sqrt(n_active) of ||y||, i.e. >= 6% here) fails by a wide margin.
 """
 
+import importlib
 import math
 import os
 import subprocess
@@ -143,7 +144,7 @@ def test_block_configs(config, tokens, gated):
     ({"BLOCK_R": 1, "BLOCK_D": 128, "N_ACC": 1, "PROGS_PER_SM": 1}, 1, 0.3),  # 27 rows over 4 programs
     ({"BLOCK_R": 4, "BLOCK_D": 128, "N_ACC": 3, "PROGS_PER_SM": 2}, 1, 0.97),  # copies of the accumulator
     ({"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 2, "PROGS_PER_SM": 1}, 1, 0.02),  # fewer blocks than programs
-    ({"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 2, "PROGS_PER_SM": 1}, 7, 1.0),   # all rows, several tokens
+    ({"BLOCK_R": 2, "BLOCK_D": 128, "N_ACC": 2, "PROGS_PER_SM": 1}, 7, 1.0),   # all rows, several tokens (+drain; N_ACC unused)
     ({"BLOCK_R": 4, "BLOCK_D": 128, "N_ACC": 1, "PROGS_PER_SM": 8}, 2, 0.3),   # more programs than blocks
 ], ids=["R1", "R4-acc3", "sparse", "all-7tok", "idle-programs"])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
@@ -265,12 +266,18 @@ def test_one_dim_input_and_torch_fallback():
     assert_close(y_torch, ref, torch.float16, 32)
 
 
-def test_workspace_is_left_clean():
-    """The fused kernel restores its accumulator to zero: back-to-back calls give identical results."""
-    cache, x, idx, bias = _ffn_inputs(4, 100, 48, 3, 0.5, torch.float16, False, with_bias=True)
-    first = bundled_sparse_ffn(x, cache, idx, bias=bias)
-    second = bundled_sparse_ffn(x, cache, idx, bias=bias)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_workspace_is_left_clean(tokens):
+    """The fused kernel (one token: the last program's finish; several: the drain launch) leaves its fp32
+    workspace and ticket at zero, so back-to-back calls give identical results."""
+    sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
+    cache, x, idx, bias = _ffn_inputs(4, 100, 48, tokens, 0.5, torch.float16, False, with_bias=True)
+    first = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=torch.ones(48, dtype=torch.float16))
+    second = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=torch.ones(48, dtype=torch.float16))
     assert torch.equal(first, second)
+    assert sparse_ffn_mod._WORKSPACES, "the kernel path used no workspace"
+    for acc, ticket in sparse_ffn_mod._WORKSPACES.values():
+        assert not acc.any() and not ticket.any()
 
 
 def test_bad_inputs_name_the_field():

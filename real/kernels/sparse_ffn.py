@@ -18,7 +18,7 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
-All of them finish the same way (`_finish`): the last program to arrive (an atomic ticket) converts the
+All of them (the persistent kernel with one token) finish the same way (`_finish`): the last program to arrive (an atomic ticket) converts the
 accumulator to the output dtype, adds the down-projection bias and zeroes the accumulator again, so no memset
 or cast kernel runs before or after; the accumulator is a cached workspace per (device, stream) that every
 launch leaves as it found it. Ordering: every thread fences its own atomics (fence.acq_rel.gpu) before the
@@ -234,13 +234,10 @@ if triton is not None:
     DRAIN_BLOCK = 1024
 
     @triton.jit
-    def _drain_kernel(acc_ptr, y_ptr, stride_yt, D, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    def _drain_kernel(acc_ptr, y_ptr, stride_yt, D, BLOCK: tl.constexpr):
         """y[t] = acc[t] in y's dtype, and acc[t] = 0 again: the finish of a several-token launch, one program
         per token and BLOCK columns (plain loads: the kernel boundary orders them after the accumulating
-        launch's atomics). PDL: wait for that launch first (any non-zero value)."""
-        if PDL > 0:
-            gdc_launch_dependents()
-            gdc_wait()
+        launch's atomics)."""
         t = tl.program_id(0).to(tl.int64)
         d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = d < D
@@ -517,9 +514,9 @@ if triton is not None:
         return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_R"] * abs(c.kwargs["BLOCK_D"] - D))]
 
     # modes "one_acc"/"multi_acc": the same configs tuned on accumulating launches (no epilogue, so the
-    # best grid can differ), with an autotuner of their own (FINISH is not among the autotuner's keys)
+    # best grid can differ), with an autotuner of their own (FINISH is not among the autotuner's keys).
+    # Several tokens always take the accumulating launch + drain, so "multi" is only a default (interpreter).
     STREAM = Kernel(_stream_kernel, {"one": configs(_STREAM_ONE, _STREAM_NAMES),
-                                     "multi": configs(_STREAM_MULTI, _STREAM_NAMES),
                                      "one_acc": configs(_STREAM_ONE, _STREAM_NAMES),
                                      "multi_acc": configs(_STREAM_MULTI, _STREAM_NAMES)},
                     {**_STREAM_DEFAULT, **{m + "_acc": _STREAM_DEFAULT[m] for m in _STREAM_DEFAULT}},
@@ -615,7 +612,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     program per row block), 'two_phase', or 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
     config: fixed block sizes instead of autotuning (tests): 'fused' takes {'BLOCK_R', 'BLOCK_D' >= d_model,
-    'N_ACC', 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
+    'N_ACC' (one token only; several tokens use one copy), 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
     'num_warps', 'num_stages'.
     out: optional preallocated result (x's shape, dtype and device, contiguous; at most 16 tokens), so that a
     call allocates nothing (the accumulator is a cached workspace).
@@ -734,12 +731,12 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         ws, _ = _workspace(x.device, T * D)
         sums = ws[:T * D].view(T, D)
         if config is not None:
-            config = dict(config, N_ACC=1)
+            config = dict(config, N_ACC=1)       # one copy: the drain reads one sum (N_ACC is for one token)
         _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config,
                 acc_into=sums, pdl=pdl)
         y = torch.empty_like(x) if y is None else y
-        _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK,
-                                                         **_pdl_kwargs(pdl, backend))
+        # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
+        _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
     if acc_into is not None:
         if config is None and backend == "triton" and not tune_acc:
