@@ -137,15 +137,6 @@ def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.
             tl.store(dst_ptr + o + tl.arange(0, BLOCK), tl.load(src_ptr + o + tl.arange(0, BLOCK), mask=m), mask=m)
 
 
-@triton.jit
-def _peek(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """The negative control: copies src with no griddepcontrol.wait, so under PDL it may read src early."""
-    offs = tl.arange(0, BLOCK)
-    for o in range(0, n, BLOCK):
-        m = o + offs < n
-        tl.store(dst_ptr + o + offs, tl.load(src_ptr + o + offs, mask=m), mask=m)
-
-
 def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
     """Each PDL launch (finishing and accumulating, per mode) returns what the plain launch does (fp32 atomic
     order apart) when it runs right after a kernel that lets it start at once and writes its x ~20 us later: a
@@ -172,8 +163,12 @@ def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
         torch.cuda.synchronize()
         return out
 
-    after_late_writer(lambda: _peek[(1,)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True))   # warm-up
-    after_late_writer(lambda: _peek[(1,)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True))
+    # the control: a plain copy kernel (no griddepcontrol.wait) launched with PDL, so it may read x early
+    def peek():
+        _copy_kernel[(triton.cdiv(x.numel(), 4096),)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True)
+
+    after_late_writer(peek)                            # warm-up
+    after_late_writer(peek)
     stale = not bool(peeked.any())
     rels = []
     for mode in modes:
@@ -279,13 +274,9 @@ def main() -> int:
             checks += accumulate_sweep(lambda i, cfg: bundled_sparse_ffn(
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], config=cfg), sp)
             checks += accumulate_sweep(lambda i, cfg: all_rows(i, "early", cfg), sp, label="all rows, PDL early")
-        read_cfgs = {}
+        timed, read_cfgs = {}, {}
         for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY)):
-            timed_ms, read_cfgs[name] = best_read_ms(reads, sms, pdl)
-            if pdl == 0:
-                timed = {name: timed_ms}
-            else:
-                timed[name] = timed_ms
+            timed[name], read_cfgs[name] = best_read_ms(reads, sms, pdl)
         contenders = {
             "torch copy (same bytes touched)": [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(ROTATE)],
             "Triton copy kernel (same bytes touched)": [
@@ -308,10 +299,10 @@ def main() -> int:
             timed[name] = graph_ms([lambda i=i, pdl=pdl: all_rows(i, pdl) for i in range(ROTATE)])
             sizes[name] = touched_bytes(n, index=False)
         for name, ms in timed.items():
-            nbytes = sizes[name]
-            gbps = nbytes / ms / 1e6
-            lines.append(f"{sp:>8} {nbytes / 1e6:6.1f} {name:<44} {ms * 1e3:7.2f} {gbps:6.0f} {100 * gbps / peak:6.1f}%")
-            records.append({"device": dev_name, "date": date, "case": name, "sparsity": sp, "bytes": nbytes,
+            size = sizes[name]
+            gbps = size / ms / 1e6
+            lines.append(f"{sp:>8} {size / 1e6:6.1f} {name:<44} {ms * 1e3:7.2f} {gbps:6.0f} {100 * gbps / peak:6.1f}%")
+            records.append({"device": dev_name, "date": date, "case": name, "sparsity": sp, "bytes": size,
                             "ms": round(ms, 5), "touched_gbps": round(gbps, 1),
                             "pct_of_copy_peak": round(100 * gbps / peak, 1), "peak_gbps": round(peak, 1),
                             "config": read_cfgs.get(name)})

@@ -213,6 +213,14 @@ class Kernel:
         return self._last.get(mode)
 
 
+def pdl_args(level: int, backend: str) -> dict:
+    """Launch arguments for programmatic dependent launch: the kernel's PDL constexpr (its meaning is the
+    kernel's; 0 = off) and Triton's launch_pdl. Compiled kernels only: the interpreter has no griddepcontrol."""
+    if not level or backend != "triton":
+        return {}
+    return {"PDL": level, "launch_pdl": True}
+
+
 def configs(rows: Sequence[tuple], names: Sequence[str]) -> list:
     """triton.Config list from tuples (block sizes..., num_warps, num_stages)."""
     if triton is None:  # pragma: no cover

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_args, triton
 
 
 def _sum_reference(x, residual, consume):
@@ -117,7 +117,7 @@ def _fused(backend, x, residual, weight, bias, eps, rms, consume, pdl):
                         bias if bias is not None else x2, out, new_res, D, float(eps), x2.stride(0), r2.stride(0),
                         out.stride(0), new_res.stride(0), RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
                         CONSUME=consume, BLOCK=next_pow2(D),
-                        **({"PDL": True, "launch_pdl": True} if pdl and backend == "triton" else {}))
+                        **pdl_args(int(pdl), backend))
     return out.reshape(x.shape), new_res.reshape(x.shape)
 
 

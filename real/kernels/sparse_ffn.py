@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_args, triton
 
 ACTIVATIONS = {"relu": 0, "relu2": 1}
 METHODS = ("fused", "per_block", "two_phase", "fused_tc")
@@ -665,13 +665,6 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     return y.reshape(-1) if squeeze else y
 
 
-def _pdl_kwargs(pdl, backend) -> dict:
-    """Launch arguments for `pdl` (compiled kernels only: the interpreter has no griddepcontrol)."""
-    if not pdl or backend != "triton":
-        return {}
-    return {"PDL": 2 if pdl == "early" else 1, "launch_pdl": True}
-
-
 def _check_pdl(pdl, x, idx, count, method):
     if pdl not in (False, True, "early"):
         raise ValueError(f"pdl: expected False, True or 'early', got {pdl!r}")
@@ -798,7 +791,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
                       HAS_BIAS=bias is not None, HAS_OUT_BIAS=down_bias is not None, GATED=gate is not None,
                       ACT=act, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
                       **({"FINISH": False} if acc_into is not None else {}),
-                      **_pdl_kwargs(pdl, backend), **flags)
+                      **pdl_args(2 if pdl == "early" else int(bool(pdl)), backend), **flags)
         return y
     h = torch.empty((T, max(n_cap, 1)), dtype=torch.float32, device=x.device)
     grid1 = lambda meta: (max(1, triton.cdiv(n_cap, meta["BLOCK_R"])),)  # noqa: E731
