@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_launch_dependents  # noqa: E402
 
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.kernels import (add_layer_norm, add_rms_norm, bundled_sparse_ffn, predict_active,  # noqa: E402
@@ -103,6 +104,55 @@ def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m), mask=m)
+
+
+@triton.jit
+def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.constexpr):
+    """Lets dependents launch at once, reads a large buffer (~20 us), and only then writes dst = src: a PDL
+    launch after it that reads dst without waiting would see the old dst."""
+    gdc_launch_dependents()
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for o in range(pid * per_prog, (pid + 1) * per_prog, BLOCK):
+        acc += tl.load(big_ptr + o + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(side_ptr + pid, tl.sum(acc, axis=0))
+    if pid == 0:
+        for o in range(0, n_dst, BLOCK):
+            m = o + tl.arange(0, BLOCK) < n_dst
+            tl.store(dst_ptr + o + tl.arange(0, BLOCK), tl.load(src_ptr + o + tl.arange(0, BLOCK), mask=m), mask=m)
+
+
+class LateWriter:
+    """Runs a PDL launch right behind a kernel that lets it start at once and writes its input ~20 us later,
+    with the GPU kept ~0.5 ms ahead of the host (a queue of large reads), so the launch is queued before the
+    writer runs: a launch that read its input before griddepcontrol.wait would see the old (zero) input.
+    `early_start_observed` is the negative control: a PDL copy that does not wait must see the old input."""
+
+    def __init__(self, sms: int):
+        self.sms, self.per = sms, 1 << 18
+        self.big = torch.ones(sms * self.per, device="cuda", dtype=torch.float16)
+        self.busy = torch.ones(1 << 28, device="cuda", dtype=torch.float16)
+        self.side = torch.empty(sms, device="cuda")
+
+    def run(self, src, dst, launch):
+        """dst = 0, then the late writer (dst = src), then launch(): its result, after a synchronize."""
+        dst.zero_()
+        torch.cuda.synchronize()
+        for _ in range(4):
+            self.busy.sum()
+        _write_late[(self.sms,)](src, dst, dst.numel(), self.big, self.per, self.side, BLOCK=4096)
+        out = launch()
+        torch.cuda.synchronize()
+        return out
+
+    def early_start_observed(self, src, dst) -> bool:
+        peeked = torch.empty_like(dst)
+
+        def peek():
+            _copy_kernel[(triton.cdiv(dst.numel(), 4096),)](dst, peeked, dst.numel(), BLOCK=4096, launch_pdl=True)
+        self.run(src, dst, peek)                           # warm-up
+        self.run(src, dst, peek)
+        return not bool(peeked.any())
 
 
 def eager_ms(fn, iters: int = 20) -> float:
@@ -198,7 +248,7 @@ def correctness_suite(log):
                     ref = sparse_ffn_reference(x.double(), up, dn, idx, gate=gt,
                                                bias=None if bias is None else bias.double())
                     for name, (method, cfg) in variants.items():
-                        if name in ("per_block tiled", "two_phase") and (T > 1 or dtype != torch.float16):
+                        if name == "per_block tiled" and (T > 1 or dtype != torch.float16):
                             continue  # checked in the first device run; the whole-row path covers T > 1 now
                         y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, method=method, config=cfg)
                         label = f"{dtype} gated={gated} T={T} active={frac} {name}"
@@ -327,7 +377,7 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
             idxs = [None if sp == 0 else torch.sort(torch.randperm(Fd, device="cuda", generator=g)[:n]).values.to(
                 torch.int32) for _ in range(ROTATE)]
 
-            def ours_call(i, method="fused"):
+            def ours_call(i, method="auto"):
                 x, c, idx = xs[i], caches[i % CACHE_COPIES], idxs[i]
                 return lambda: bundled_sparse_ffn(x, c, idx, gated=gated, bias=bias, method=method)
 
@@ -346,12 +396,16 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
 
             ref = sparse_ffn_reference(xs[0].double(), up64, dn64, idxs[0], gate=gt64,
                                        bias=None if bias is None else bias.double())
-            ok = check(f"{model} T={T} sparsity {sp}% fused (autotuned)", ours_call(0)(), ref, DTYPE, D, log)
+            # the default method: the one-launch persistent kernel for one token, two-phase for several
+            ok = check(f"{model} T={T} sparsity {sp}% default (autotuned)", ours_call(0)(), ref, DTYPE, D, log)
             if T > 1:  # the first call is the autotuning call; a wrong first call only would point at the tuning
-                check(f"{model} T={T} sparsity {sp}% fused, second call", ours_call(0)(), ref, DTYPE, D, log)
+                check(f"{model} T={T} sparsity {sp}% default, second call", ours_call(0)(), ref, DTYPE, D, log)
             check(f"{model} T={T} sparsity {sp}% gather baseline", gather_call(0)(), ref, DTYPE, D, log)
-            mode = "one" if T == 1 else "multi"
-            log_tuning(sparse_ffn_mod.STREAM, mode, log)
+            if T == 1:
+                log_tuning(sparse_ffn_mod.STREAM, "one", log)
+            else:
+                log_tuning(sparse_ffn_mod.HIDDEN, "dot", log)
+                log_tuning(sparse_ffn_mod.DOWN, "dot", log)
             ours = [ours_call(i) for i in range(ROTATE)]
             gathers = [gather_call(i) for i in range(ROTATE)]
             ours_ms, gather_ms = graph_ms(ours), graph_ms(gathers)
@@ -366,16 +420,23 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 check(f"{model} T={T} sparsity {sp}% two_phase (autotuned)", ours_call(0, "two_phase")(), ref, DTYPE,
                       D, log)
                 two_ms = graph_ms([ours_call(i, "two_phase") for i in range(ROTATE)])
+            persistent_ms = None
+            if T > 1:  # the one-launch persistent kernel (method 'fused'), the several-token default before today
+                check(f"{model} T={T} sparsity {sp}% fused persistent (autotuned)", ours_call(0, "fused")(), ref,
+                      DTYPE, D, log)
+                persistent_ms = graph_ms([ours_call(i, "fused") for i in range(ROTATE)])
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
-            # several tokens: the accumulating launch + drain, with the config tuned for accumulating launches
-            cfg = _short(sparse_ffn_mod.STREAM.best_config(mode if T == 1 else mode + "_acc"))
+            cfg = (_short(sparse_ffn_mod.STREAM.best_config("one")) if T == 1 else
+                   f"two-phase: hidden {_short(sparse_ffn_mod.HIDDEN.best_config('dot'))}; "
+                   f"down {_short(sparse_ffn_mod.DOWN.best_config('dot'))}")
             fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log)
             # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
             acc_touched = touched - T * D * 2 + 2 * T * D * 4
             records.append(dict(device=stamp["device"], date=stamp["date"], op="sparse_ffn", model=model, batch=T,
                                 sparsity=sp, ours_ms=ours_ms, gather_ms=gather_ms, dense_ms=dense_ms,
                                 touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, per_block_ms=v1_ms,
+                                method="fused" if T == 1 else "two_phase", persistent_ms=persistent_ms,
                                 read_peak_gbps=READ_PEAK.get("gbps"), n_active=n,
                                 copy_ways_gbps=dict(COPY_WAYS),
                                 touched_mb=touched / 1e6, dtype="float16", correct=ok, timing="cuda_graph",
@@ -383,8 +444,9 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                                 config=cfg, acc_touched_gbps=acc_touched / fused["acc_ms"] / 1e6, **fused))
             two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
             v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
+            persist = "-" if persistent_ms is None else f"{persistent_ms * 1e3:.1f}"
             log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
-                f"  two_phase {two} us  gather {gather_ms * 1e3:6.1f} us"
+                f"  two_phase {two} us  one-launch persistent {persist} us  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
             log(f"    fused form: accumulate {fused['acc_ms'] * 1e3:6.1f} us ({acc_touched / fused['acc_ms'] / 1e6:5.0f}"
                 f" GB/s, {100 * acc_touched / fused['acc_ms'] / 1e6 / peak:3.0f}% of peak); with add+norm: finishing "
@@ -484,6 +546,28 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
         nosplit_diff = len(set(active_list(*nosplit[0]()).tolist()) ^ want)
         nosplit_ms = graph_ms(nosplit)
         log(f"  predictor split_k=1 T={T}: {nosplit_ms * 1e3:.1f} us, {nosplit_diff} differ from the float64 reference")
+        # programmatic dependent launch: each kernel requests its weights (A's first tile, B's block) before it
+        # waits for the kernel before it; back to back here, so each call's A streams during the last one's tail
+        with_pdl = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr, pdl=True)) for x, A, B in zip(xs, As, Bs)]
+        pdl_set = set(active_list(*with_pdl[0]()).tolist())
+        if pdl_set != got:
+            FAILURES.append(f"predictor T={T} pdl=True: {len(pdl_set ^ got)} neurons differ from pdl=False")
+        pdl_ms = graph_ms(with_pdl)
+        # after a kernel that writes x late, the PDL predictor must still see the new x (x = 0 selects none)
+        late, xp = LateWriter(torch.cuda.get_device_properties(0).multi_processor_count), torch.empty_like(xs[0])
+        after = late.run(xs[0], xp, lambda: set(active_list(*predict_active(xp, As[0], Bs[0], thr, pdl=True)).tolist()))
+        early = late.early_start_observed(xs[0], xp)
+        if after != got:
+            FAILURES.append(f"predictor T={T} pdl=True after a late writer of x: {len(after ^ got)} neurons differ")
+        log(f"  predictor pdl=True T={T}: {pdl_ms * 1e3:.1f} us, {len(pdl_set ^ got)} differ from pdl=False; after a "
+            f"late writer of x {len(after ^ got)} differ; negative control (a PDL copy without the wait) "
+            f"{'read the old x: the early start happened' if early else 'read the new x: inconclusive'}")
+        del late
+        # split of x A over d_model (the default is auto = d_model // 512, at most 16), with and without PDL
+        sweep = {(k, p): graph_ms([(lambda x=x, A=A, B=B, k=k, p=p: predict_active(x, A, B, thr, split_k=k, pdl=p))
+                                   for x, A, B in zip(xs, As, Bs)]) for k in (2, 4, 8, 16) for p in (False, True)}
+        log(f"  predictor split_k sweep T={T} (us, plain/PDL): " +
+            ", ".join(f"{k}: {sweep[k, False] * 1e3:.1f}/{sweep[k, True] * 1e3:.1f}" for k in (2, 4, 8, 16)))
         touched = (D * RANK + RANK * Fd) * 2 + T * D * 2 + len(got) * 4
         dense_ms = dense_ms_by_batch.get(T)
         if dense_ms is None:  # the FFN section did not run: time the dense OPT-6.7B FFN here, the same way
@@ -496,10 +580,12 @@ def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
                             sparsity=None, ours_ms=ours_ms, gather_ms=None, dense_ms=torch_ms,
                             touched_gbps=touched / ours_ms / 1e6, peak_gbps=peak, rank=RANK,
                             dense_ffn_ms=dense_ms, dtype="float16", timing="cuda_graph",
-                            predicted_active=len(got), split_k="auto", split1_ms=nosplit_ms,
+                            predicted_active=len(got), split_k="auto", split1_ms=nosplit_ms, pdl_ms=pdl_ms,
+                            **{f"split{k}{'_pdl' if p else ''}_ms": ms for (k, p), ms in sweep.items()},
                             split1_mismatches=nosplit_diff, mismatches=len(got ^ want)))
-        log(f"predictor r={RANK} T={T}: ours {ours_ms * 1e3:.1f} us, torch unfused {torch_ms * 1e3:.1f} us, "
-            f"dense FFN {dense_ms * 1e3:.1f} us -> {100 * ours_ms / dense_ms:.1f}% of the dense FFN")
+        log(f"predictor r={RANK} T={T}: ours {ours_ms * 1e3:.1f} us (PDL {pdl_ms * 1e3:.1f}), torch unfused "
+            f"{torch_ms * 1e3:.1f} us, dense FFN {dense_ms * 1e3:.1f} us -> {100 * ours_ms / dense_ms:.1f}% "
+            f"({100 * pdl_ms / dense_ms:.1f}% with PDL) of the dense FFN")
 
 
 def bench_add_norm(peak, stamp, log, records):
@@ -580,6 +666,10 @@ def must_show(records, log):
             f = ms / r["dense_ffn_ms"]
             lines.append(f"predictor r={r['rank']} b{r['batch']}: {how}{ms * 1e3:.1f} us = {100 * f:.1f}% of dense "
                          f"FFN (need < 10): {'PASS' if f < 0.1 else 'FAIL'}")
+            if r.get("pdl_ms") is not None:
+                f = r["pdl_ms"] / r["dense_ffn_ms"]
+                lines.append(f"  the same with PDL (pdl=True): {r['pdl_ms'] * 1e3:.1f} us = {100 * f:.1f}% of dense "
+                             f"FFN: {'PASS' if f < 0.1 else 'FAIL'}")
         if r["op"] == "add_norm":
             lines.append(f"add+{r['norm']} b{r['batch']}: fused {r['ours_ms'] * 1e3:.1f} us vs unfused "
                          f"{r['dense_ms'] * 1e3:.1f} us: {'PASS' if r['ours_ms'] <= r['dense_ms'] else 'FAIL'}")
@@ -627,9 +717,10 @@ def write_table(path, records, stamp, peak, checks, source=None):
     out = [f"# Fused kernels (issue 5): {'; '.join(f'{d}, {t}' for d, t in stamps)}, {versions}",
            f"# CUDA-graph replay, 16 rotated input sets, median per call; fp16; copy peak {peak:.0f} GB/s" +
            (f", read-only {max(reads):.0f} GB/s" if reads else ""), *CONVENTIONS, "",
-           "## sparse FFN: ours (fused, persistent) vs v1 (one program per row block) vs two-phase vs torch "
-           "index_select+matmul vs dense cuBLAS FFN (us)",
-           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'gather':>7} "
+           "## sparse FFN: ours (the default method: one-launch persistent kernel for batch 1, two-phase for batch "
+           "> 1 from 2026-12-02 12:50 UTC on) vs v1 (one program per row block) vs two-phase (batch 1) or the "
+           "one-launch persistent kernel (batch > 1: 'persist') vs torch index_select+matmul vs dense cuBLAS FFN (us)",
+           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'persist':>7} {'gather':>7} "
            f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5} {'acc':>6} "
            f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7} {'accPDL':>6} {'%pk':>4} {'pairPDL':>7}  config"]
     for r in records:
@@ -638,7 +729,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
         two = "-" if r.get("two_phase_ms") is None else f"{r['two_phase_ms'] * 1e3:.1f}"
         v1 = "-" if r.get("per_block_ms") is None else f"{r['per_block_ms'] * 1e3:.1f}"
         out.append(f"{r['model']:<11} {r['batch']:>2} {r['sparsity']:>3} {r['n_active']:>6} "
-                   f"{r['ours_ms'] * 1e3:>7.1f} {v1:>7} {two:>7} {r['gather_ms'] * 1e3:>7.1f} "
+                   f"{r['ours_ms'] * 1e3:>7.1f} {v1:>7} {two:>7} {_us(r.get('persistent_ms')):>7} "
+                   f"{r['gather_ms'] * 1e3:>7.1f} "
                    f"{r['dense_ms'] * 1e3:>7.1f} {r['gather_ms'] / r['ours_ms']:>6.1f} "
                    f"{r['dense_ms'] / r['ours_ms']:>7.1f} {r['touched_gbps']:>6.0f} "
                    f"{100 * r['touched_gbps'] / r['peak_gbps']:>5.0f} "
@@ -649,7 +741,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
             "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
-            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9} {'split_k=1':>9}"]
+            "'PDL' = the default launched with programmatic dependent launch (pdl=True), back to back",
+            f"{'op':<10} {'model':<11} {'b':>2} {'ours':>7} {'torch':>7} {'dense FFN':>9} {'split_k=1':>9} {'PDL':>7}"]
     for r in records:
         if r["op"] in ("predictor", "add_norm"):
             ffn = f"{r['dense_ffn_ms'] * 1e3:.1f}" if "dense_ffn_ms" in r else "-"
@@ -658,7 +751,7 @@ def write_table(path, records, stamp, peak, checks, source=None):
                 ours, one = r["split_ms"], r["ours_ms"]
             one = "-" if one is None else f"{one * 1e3:.2f}"
             out.append(f"{r['op']:<10} {r['model']:<11} {r['batch']:>2} {ours * 1e3:>7.2f} "
-                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9} {one:>9}")
+                       f"{r['dense_ms'] * 1e3:>7.2f} {ffn:>9} {one:>9} {_us(r.get('pdl_ms')):>7}")
     out += ["", "## issue 5 acceptance (computed from the rows above)"] + checks
     out += ["", "correctness failures: " + (", ".join(FAILURES) if FAILURES else "none")]
     with open(path, "w") as f:
@@ -682,7 +775,7 @@ def plot(path, records, peak):
             good = [(r["sparsity"], r["ours_ms"] * 1e3) for r in rows if r.get("correct", True)]
             bad = [(r["sparsity"], r["ours_ms"] * 1e3) for r in rows if not r.get("correct", True)]
             if good:
-                ax.plot(*zip(*good), "o-", color="C0", label="ours (fused Triton)")
+                ax.plot(*zip(*good), "o-", color="C0", label="ours (default method)")
             if bad:
                 ax.plot(*zip(*bad), "rx", label="ours, FAILED float64 check (invalid)")
             acc = [(r["sparsity"], r["acc_ms"] * 1e3) for r in rows
@@ -696,6 +789,9 @@ def plot(path, records, peak):
             two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r.get("two_phase_ms") is not None]
             if two:
                 ax.plot(*zip(*two), "s--", color="C1", label="ours (two-phase)")
+            persist = [(r["sparsity"], r["persistent_ms"] * 1e3) for r in rows if r.get("persistent_ms") is not None]
+            if persist:
+                ax.plot(*zip(*persist), "P--", color="C5", label="ours, one-launch persistent kernel")
             v1 = [(r["sparsity"], r["per_block_ms"] * 1e3) for r in rows if r.get("per_block_ms") is not None]
             if v1:
                 ax.plot(*zip(*v1), "d--", color="C4", label="ours v1 (one program per row block)")
@@ -751,6 +847,7 @@ def guarded(fn, log):
 
 
 def main():
+    global BATCHES, SPARSITIES
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--quick", action="store_true", help="fewer sparsities (a smoke run)")
@@ -760,10 +857,14 @@ def main():
                     help="only rewrite the table, plot and merged results file from results files of this script")
     ap.add_argument("--no-v1", action="store_true", help="skip timing the v1 per-block kernel (batch 1)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated token counts")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma-separated percentages")
     ap.add_argument("--sections", default="check,ffn,predictor,add_norm",
                     help="comma-separated subset of check,diag,ffn,predictor,add_norm (to split a run over calls)")
     args = ap.parse_args()
     OPTIONS.update(do_bench=args.do_bench, two_phase=args.two_phase, v1=not args.no_v1)
+    BATCHES = tuple(int(b) for b in args.batches.split(","))
+    SPARSITIES = tuple(int(p) for p in args.sparsities.split(","))
     if args.render:
         render(args.render.split(","), args.out)
         return

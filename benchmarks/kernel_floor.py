@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
-from bench_kernels import COPY_WAYS, ROTATE, _copy_kernel, graph_ms, peak_copy_gbps, sparse_ffn_mod  # noqa: E402
+from bench_kernels import COPY_WAYS, ROTATE, LateWriter, _copy_kernel, graph_ms, peak_copy_gbps, sparse_ffn_mod  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 
@@ -121,22 +121,6 @@ def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
     return out
 
 
-@triton.jit
-def _write_late(src_ptr, dst_ptr, n_dst, big_ptr, per_prog, side_ptr, BLOCK: tl.constexpr):
-    """Lets dependents launch at once, reads a large buffer (~20 us), and only then writes dst = src: a PDL
-    launch after it that reads dst without waiting would see the old dst."""
-    gdc_launch_dependents()
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for o in range(pid * per_prog, (pid + 1) * per_prog, BLOCK):
-        acc += tl.load(big_ptr + o + tl.arange(0, BLOCK)).to(tl.float32)
-    tl.store(side_ptr + pid, tl.sum(acc, axis=0))
-    if pid == 0:
-        for o in range(0, n_dst, BLOCK):
-            m = o + tl.arange(0, BLOCK) < n_dst
-            tl.store(dst_ptr + o + tl.arange(0, BLOCK), tl.load(src_ptr + o + tl.arange(0, BLOCK), mask=m), mask=m)
-
-
 def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
     """Each PDL launch (finishing and accumulating, per mode) returns what the plain launch does (fp32 atomic
     order apart) when it runs right after a kernel that lets it start at once and writes its x ~20 us later: a
@@ -146,30 +130,9 @@ def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
     if it does not, the early start did not happen and the check says so."""
     y = bundled_sparse_ffn(x, cache, idx, bias=bias).float()
     tol = 2 * torch.finfo(DTYPE).eps
-    per = 1 << 18
-    big = torch.ones(sms * per, device="cuda", dtype=DTYPE)
-    busy = torch.ones(1 << 28, device="cuda", dtype=DTYPE)
-    side = torch.empty(sms, device="cuda")
+    late = LateWriter(sms)
     xp = torch.empty_like(x)
-    peeked = torch.empty_like(x)
-
-    def after_late_writer(launch):
-        xp.zero_()
-        torch.cuda.synchronize()
-        for _ in range(4):
-            busy.sum()                              # ~0.5 ms of queued GPU work: the host runs ahead
-        _write_late[(sms,)](x, xp, x.numel(), big, per, side, BLOCK=4096)
-        out = launch()
-        torch.cuda.synchronize()
-        return out
-
-    # the control: a plain copy kernel (no griddepcontrol.wait) launched with PDL, so it may read x early
-    def peek():
-        _copy_kernel[(triton.cdiv(x.numel(), 4096),)](xp, peeked, x.numel(), BLOCK=4096, launch_pdl=True)
-
-    after_late_writer(peek)                            # warm-up
-    after_late_writer(peek)
-    stale = not bool(peeked.any())
+    stale = late.early_start_observed(x, xp)
     rels = []
     for mode in modes:
         for accumulate in (False, True):
@@ -177,8 +140,8 @@ def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,)) -> str:
             bundled_sparse_ffn(x, cache, idx, bias=bias, pdl=mode, accumulate=acc)    # warm-up: tuning, JIT
             if acc is not None:
                 acc.zero_()
-            got = after_late_writer(lambda: bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=mode,
-                                                               accumulate=acc)).float()
+            got = late.run(x, xp, lambda: bundled_sparse_ffn(xp, cache, idx, bias=bias, pdl=mode,
+                                                             accumulate=acc)).float()
             rels.append(float((got - y).norm() / y.norm()))
     if max(rels) > tol:
         raise SystemExit(f"a PDL launch disagrees with the plain one at {sp}% (modes {modes}, finishing and "

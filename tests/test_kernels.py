@@ -266,18 +266,39 @@ def test_one_dim_input_and_torch_fallback():
     assert_close(y_torch, ref, torch.float16, 32)
 
 
+@pytest.mark.parametrize("method", ["fused", "two_phase"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_workspace_is_left_clean(tokens):
-    """The fused kernel (one token: the last program's finish; several: the drain launch) leaves its fp32
-    workspace and ticket at zero, so back-to-back calls give identical results."""
+def test_workspace_is_left_clean(tokens, method):
+    """The fused and two-phase kernels (one token: the last program's finish; several: the drain launch)
+    leave their fp32 workspace and ticket at zero, so back-to-back calls give identical results; the down
+    bias is added exactly once."""
     sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
     cache, x, idx, bias = _ffn_inputs(4, 100, 48, tokens, 0.5, torch.float16, False, with_bias=True)
-    first = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=torch.ones(48, dtype=torch.float16))
-    second = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=torch.ones(48, dtype=torch.float16))
+    down_bias = torch.randn(48, generator=_gen(40)).to(torch.float16)
+    first = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=down_bias, method=method)
+    second = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=down_bias, method=method)
     assert torch.equal(first, second)
+    assert_close(first, _ref(x, cache, idx, bias, False, down_bias=down_bias), torch.float16, 48)
     assert sparse_ffn_mod._WORKSPACES, "the kernel path used no workspace"
     for acc, ticket in sparse_ffn_mod._WORKSPACES.values():
         assert not acc.any() and not ticket.any()
+
+
+def test_auto_method_choice(monkeypatch):
+    """method='auto' (the default): the one-launch kernel for one token, two-phase for several, and the
+    one-launch kernel whenever an option only it has is asked for (accumulate, pdl, a fixed config)."""
+    sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
+    launch, seen = sparse_ffn_mod._launch, []
+    monkeypatch.setattr(sparse_ffn_mod, "_launch", lambda *a, **k: (seen.append(a[10]), launch(*a, **k))[1])
+    cache, x, idx, bias = _ffn_inputs(8, 60, 32, 3, 0.5, torch.float16, False, with_bias=True)
+    cases = [(x[:1], {}, "fused"), (x, {}, "two_phase"), (x, {"pdl": True}, "fused"),
+             (x, {"accumulate": torch.zeros(3, 32)}, "fused"),
+             (x, {"config": {"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 1, "PROGS_PER_SM": 1}}, "fused")]
+    for xs, kwargs, want in cases:
+        seen.clear()
+        y = bundled_sparse_ffn(xs, cache, idx, bias=bias, **kwargs).to(xs.dtype)   # accumulate: fp32
+        assert seen[0] == want, (xs.shape, kwargs, seen)
+        assert_close(y, _ref(xs, cache, idx, bias, False), torch.float16, 32)
 
 
 def test_bad_inputs_name_the_field():
@@ -367,6 +388,18 @@ def test_predictor_bias_matches_float64(tokens):
         assert (scores[:, i] - threshold).abs().min() <= margin, f"neuron {i} misclassified"
     with pytest.raises(ValueError, match="bias"):
         predict_active(x, A, B, threshold, bias=bias[:-1])
+
+
+def test_predictor_pdl_argument():
+    """pdl=True only changes how CUDA launches; elsewhere the same result, and a bad value is named."""
+    g = _gen(33)
+    x = torch.randn(2, 96, generator=g).to(torch.float16)
+    A = (torch.randn(96, 16, generator=g) / 10).to(torch.float16)
+    B = (torch.randn(16, 130, generator=g) / 4).to(torch.float16)
+    assert torch.equal(active_list(*predict_active(x, A, B, 0.3, pdl=True)),
+                       active_list(*predict_active(x, A, B, 0.3)))
+    with pytest.raises(ValueError, match="pdl: expected False or True"):
+        predict_active(x, A, B, 0.3, pdl="early")
 
 
 def test_predictor_feeds_sparse_ffn_without_host_count():

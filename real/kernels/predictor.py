@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from real.kernels._launch import Kernel, backend_for, configs, next_pow2, triton
+from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_args, triton
 
 
 def predict_scores_reference(x, A, B, bias=None):
@@ -42,15 +42,30 @@ def predict_active_reference(x, A, B, threshold: float = 0.0, bias=None):
 
 if triton is not None:
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T: tl.constexpr):
+        """Add one [BLOCK_K, BLOCK_RR] tile of A times x's matching slice into the fp32 accumulators."""
+        if BLOCK_T == 1:
+            xv = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+            acc1 += a.to(tl.float32) * xv[:, None]
+        else:
+            xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k[None, :], mask=tmask[:, None] & kmask[None, :],
+                         other=0.0)
+            acc = tl.dot(xt, a, acc)
+        return acc1, acc
 
     @triton.jit
     def _lowrank_kernel(x_ptr, stride_xt, a_ptr, s_ak, s_ar, z_ptr, count_ptr, T, K, R, K_CHUNK,
                         BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr):
+                        SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+        """PDL: let the next kernel launch at once, request the first tile of A (a weight no kernel writes),
+        then wait for the previous kernel before reading x or writing z and the counter."""
+        if PDL:
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        if (pid == 0) & (pid_k == 0):
-            tl.store(count_ptr, 0)
         offs_r = pid * BLOCK_RR + tl.arange(0, BLOCK_RR)
         rmask = offs_r < R
         offs_k = tl.arange(0, BLOCK_K)
@@ -60,18 +75,22 @@ if triton is not None:
         k_hi = tl.minimum(K, k_lo + K_CHUNK)
         acc1 = tl.zeros([BLOCK_K, BLOCK_RR], tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_RR], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        # the first tile is peeled off the loop so that, with PDL, it is in flight before the wait
+        k = k_lo + offs_k
+        kmask = k < k_hi
+        a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
+                    other=0.0)
+        if PDL:
+            gdc_wait()
+        if (pid == 0) & (pid_k == 0):
+            tl.store(count_ptr, 0)
+        acc1, acc = _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             k = k0 + offs_k
             kmask = k < k_hi
             a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
                         other=0.0)
-            if BLOCK_T == 1:
-                xv = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-                acc1 += a.to(tl.float32) * xv[:, None]
-            else:
-                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k[None, :], mask=tmask[:, None] & kmask[None, :],
-                             other=0.0)
-                acc = tl.dot(xt, a, acc)
+            acc1, acc = _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T)
         if BLOCK_T == 1:
             acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_RR])
         # this program's share of z over its slice of d_model: z_part[pid_k]; the select kernel adds them
@@ -81,7 +100,11 @@ if triton is not None:
     @triton.jit
     def _select_kernel(z_ptr, b_ptr, s_br, s_bn, bias_ptr, idx_ptr, count_ptr, threshold, T, R, N,
                        BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False):
+        """PDL: let the next kernel launch, request this block of B and the bias (weights), then wait for the
+        low-rank kernel before reading z or touching the counter."""
+        if PDL:
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -91,6 +114,11 @@ if triton is not None:
         tmask = offs_t < T
         b = tl.load(b_ptr + offs_r[:, None] * s_br + offs_n[None, :] * s_bn, mask=rmask[:, None] & nmask[None, :],
                     other=0.0)
+        bias = 0.0
+        if HAS_BIAS:                                       # a trained predictor's per-neuron offset
+            bias = tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if PDL:
+            gdc_wait()
         if BLOCK_T == 1:
             z = tl.load(z_ptr + offs_r, mask=rmask, other=0.0)
             for part in range(1, SPLIT_K):                 # the low-rank kernel's d_model slices
@@ -103,8 +131,7 @@ if triton is not None:
             for part in range(1, SPLIT_K):
                 z += tl.load(z_ptr + part * T * R + zoffs, mask=zmask, other=0.0)
             s = tl.dot(z.to(b.dtype), b)
-        if HAS_BIAS:                                       # a trained predictor's per-neuron offset
-            s = s + tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        s = s + bias
         hit = (s > threshold) & tmask[:, None]
         active = (tl.max(hit.to(tl.int32), axis=0) > 0) & nmask
         flag = active.to(tl.int32)
@@ -141,7 +168,7 @@ def _check(x, A, B, bias=None):
 
 
 def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", config=None,
-                   split_k: int | None = None):
+                   split_k: int | None = None, pdl: bool = False):
     """Active neurons predicted for x: (idx int32 [d_ff], count int32 [1]) on x's device, no host sync.
 
     x: [d_model] or [tokens <= 16, d_model]; A [d_model, r]; B [r, d_ff]; bias [d_ff] or None; a neuron
@@ -151,8 +178,14 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     at most 16); 1 = no split. On the H100 (OPT-6.7B, rank 128) auto took 9.7 us against 10.4 us for 1
     at batch 1 and 10.1 against 15.5 us at batch 8; on the H200 7.3 against 10.2 and 9.6 against 15.8 us
     (benchmarks/kernels-h100.txt, kernels.txt).
+    pdl: launch both kernels with programmatic dependent launch (CUDA; ignored elsewhere). Each may start
+    while the stream's previous kernel finishes: it requests its first tile of A (or its block of B and the
+    bias) at once and waits for that kernel before reading x or z, so the weights stream during the previous
+    kernel's tail. Safe after any kernel, provided no kernel that may still be running writes A, B or bias.
     """
     _check(x, A, B, bias)
+    if pdl not in (False, True):
+        raise ValueError(f"pdl: expected False or True, got {pdl!r}")
     backend = backend_for(x, impl)
     if backend == "torch":
         return predict_active_reference(x, A, B, threshold, bias)
@@ -176,11 +209,11 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     config = config or {}
     LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]), split_k), x2, x2.stride(0), A,
                    A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,
-                   config=config.get("lowrank"))
+                   config=config.get("lowrank"), **pdl_args(int(pdl), backend))
     SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
                   B if bias is None else bias.contiguous(), idx, count, float(threshold), T, R, N, BLOCK_T=block_t,
                   R_PAD=max(16, next_pow2(R)), SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                  config=config.get("select"))
+                  config=config.get("select"), **pdl_args(int(pdl), backend))
     return idx, count
 
 

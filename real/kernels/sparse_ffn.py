@@ -3,7 +3,7 @@
 Per token only a few percent of the FFN neurons fire, so the FFN is a gather-GEMV over a few hundred rows of
 the cache matrix: memory-bound, and only the bytes of the active rows should move. Methods:
 
-* ``fused`` (default, one launch), where d_model <= 8192: the persistent whole-row kernel `_stream_kernel`.
+* ``fused`` (the default for one token; one launch), where d_model <= 8192: the persistent whole-row kernel `_stream_kernel`.
   About #SMs x PROGS_PER_SM programs each stream a contiguous share of the active list, BLOCK_R full rows at a
   time; the next block's up/gate/down tiles and the row ids of the one after are requested before the current
   block's arithmetic (software pipelining by hand). One token: each program keeps its share of y in fp32
@@ -13,8 +13,12 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   launch per token.
 * ``per_block`` (v1): one program per BLOCK_R active rows (whole-row tiles, or tiled over D for one token),
   atomics per program. Kept as the measured comparison.
-* ``two_phase``: kernel 1 writes h [tokens, n_active] (fp32, tiny); kernel 2 splits the output columns and the
-  rows over programs (few atomics).
+* ``two_phase`` (the default for several tokens): kernel 1 writes h [tokens, n_active] (fp32, tiny; tensor
+  cores for 2..16 tokens); kernel 2 splits the output columns and the rows over programs (few atomics; for
+  several tokens h is rounded to the weight dtype before that product, as a dense fp16/bf16 FFN rounds its
+  hidden layer). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
+  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 21 against 45 us (OPT-6.7B,
+  90%) and 22 against 58 us (Llama-2-7B), about the same at 99% (H200, benchmarks/kernels_h200_run8.log).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
@@ -28,7 +32,7 @@ mostly on a kernel's first call); with them all device checks pass (run 3, bench
 Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
 no ticket or finish: that epilogue is ~2.2-2.4 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
 (benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
-And the persistent kernel with 2..16 tokens: it adds into the workspace like ``accumulate=``, and a second launch
+And the persistent and two-phase kernels with 2..16 tokens: they add into the workspace like ``accumulate=``, and a second launch
 (`_drain_kernel`, T x D/1024 programs) writes y and re-zeroes it, because one last program reading T x D sums
 serially was ~17 us of a 61 us call at 8 tokens (H200).
 
@@ -48,7 +52,7 @@ import torch
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_args, triton
 
 ACTIVATIONS = {"relu": 0, "relu2": 1}
-METHODS = ("fused", "per_block", "two_phase", "fused_tc")
+METHODS = ("auto", "fused", "per_block", "two_phase", "fused_tc")
 MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
 MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
 
@@ -424,8 +428,10 @@ if triton is not None:
                      y_ptr, stride_yt, T, D, n_bucket,
                      HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     FENCE: tl.constexpr):
-        """Program (column block, row split): sum over its share of the rows of h[:, r] * down[r, cols]."""
+                     FENCE: tl.constexpr, FINISH: tl.constexpr = True):
+        """Program (column block, row split): sum over its share of the rows of h[:, r] * down[r, cols].
+        FINISH=False (several tokens): only add into acc (the row-split-0 programs add the down bias); a drain
+        launch writes y."""
         pid_d = tl.program_id(0)
         pid_s = tl.program_id(1)
         n = n_active
@@ -459,7 +465,13 @@ if triton is not None:
             else:
                 tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], acc, mask=tmask[:, None] & dmask[None, :],
                               sem="relaxed")
-        _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1, FENCE)
+        if FINISH:
+            _finish(acc_ptr, sem_ptr, y_ptr, stride_yt, out_bias_ptr, T, D, HAS_OUT_BIAS, BLOCK_E, 1, FENCE)
+        elif HAS_OUT_BIAS:
+            if pid_s == 0:
+                ob = tl.load(out_bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+                tl.atomic_add(acc_ptr + offs_t[:, None] * D + d[None, :], tl.broadcast_to(ob[None, :], [BLOCK_T, BLOCK_D]),
+                              mask=tmask[:, None] & dmask[None, :], sem="relaxed")
 
     # (BLOCK_R, BLOCK_D, num_warps, num_stages); "one": one token (CUDA cores), "dot": 2..16 tokens (tensor cores)
     _ROWS_ONE = [(4, 1024, 4, 3), (8, 1024, 8, 3)]
@@ -523,8 +535,10 @@ if triton is not None:
                     _KEY + ["GATED"], prune=_prune_stream)
     HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
+    # reset_to_zero: with several tokens the programs only add into the workspace (FINISH=False), so each
+    # tuning run must start from zeros, and the autotuner zeroes it again before the real launch
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
-                  _DEFAULT, _KEY)
+                  _DEFAULT, _KEY, reset_to_zero=["acc_ptr"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -600,7 +614,7 @@ def _check(x, up, down, idx, gate, bias, down_bias, count, method):
 
 
 def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, activation="relu", count=None,
-               method="fused", impl="auto", config=None, out=None, accumulate=None, pdl=False):
+               method="auto", impl="auto", config=None, out=None, accumulate=None, pdl=False):
     """y = sum over active rows r of act(x . up[r] + bias[r]) * down[r] (+ down_bias); gated: act(x.gate[r]) * (x.up[r]).
 
     x: [d_model] or [tokens, d_model] (fp16/bf16, same dtype as the weights); up, down, gate: [n_rows, d_model]
@@ -608,8 +622,11 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     or None for all rows; count: optional int32 [1] device tensor (from predict_active) -- then only
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
-    method: 'fused' (default: the persistent whole-row kernel where d_model <= 8192), 'per_block' (v1: one
-    program per row block), 'two_phase', or 'fused_tc' (experimental tensor-core path, see module doc).
+    method: 'auto' (default): 'fused' for one token, and wherever `config`, `accumulate` or `pdl` is given;
+    'two_phase' for several tokens (H200, batch 8: 2-4x faster than 'fused' at 80-97% sparsity,
+    benchmarks/kernels.txt). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
+    one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
+    columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
     config: fixed block sizes instead of autotuning (tests): 'fused' takes {'BLOCK_R', 'BLOCK_D' >= d_model,
     'N_ACC' (one token only; several tokens use one copy), 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
@@ -629,6 +646,9 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
+    if method == "auto":
+        several = x.dim() == 2 and x.shape[0] > 1
+        method = "two_phase" if several and config is None and accumulate is None and not pdl else "fused"
     if accumulate is not None:
         _check_accumulate(x, accumulate, method, out)
     _check_pdl(pdl, x, idx, count, method)
@@ -717,13 +737,13 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         parts = [_launch(backend, x[t:t + 1], up, down, idx, gate, bias, down_bias, activation, count, method,
                          config, None if y is None else y[t:t + 1]) for t in range(T)]
         return torch.cat(parts) if y is None else y
-    if T > 1 and acc_into is None and method == "fused" and D <= MAX_WHOLE_ROW:
+    if T > 1 and acc_into is None and (method == "two_phase" or (method == "fused" and D <= MAX_WHOLE_ROW)):
         # several tokens: the programs add into the (zeroed) workspace, then a second launch of T x D/1024
         # programs drains it into y and re-zeroes it. The in-kernel finish (the last program alone reads T x D
         # sums from L2) took ~17 us of 61 at 8 tokens, OPT-6.7B 90% (H200, benchmarks/kernels_h200_run6.log)
         ws, _ = _workspace(x.device, T * D)
         sums = ws[:T * D].view(T, D)
-        if config is not None:
+        if config is not None and method == "fused":
             config = dict(config, N_ACC=1)       # one copy: the drain reads one sum (N_ACC is for one token)
         _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config,
                 acc_into=sums, pdl=pdl)
@@ -731,7 +751,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
-    if acc_into is not None:
+    if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
                    count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
@@ -808,7 +828,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     DOWN.launch(backend, mode, grid2, h, down, down.stride(0), down.stride(1),
                 down_bias if down_bias is not None else dummy, *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                 HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
-                **flags)
+                **({"FINISH": False} if acc_into is not None else {}), **flags)
     return y
 
 
