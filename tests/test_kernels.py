@@ -164,14 +164,15 @@ def test_out_argument_and_its_checks():
         bundled_sparse_ffn(x, cache, idx, bias=bias, out=out[:2])
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("impl,method", [("auto", "fused"), ("auto", "two_phase"), ("torch", "auto")])
 @pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
-def test_accumulate_adds_in_fp32(gated, tokens, impl):
+def test_accumulate_adds_in_fp32(gated, tokens, impl, method):
     """accumulate=: two calls over disjoint row sets (as the engine's resident and new rows) add into one
     fp32 buffer that held something already; the sum is y (+ down bias) of all rows in fp32, not rounded to
     the weights' dtype. Tolerance: fp32 accumulation over k terms (4 eps32 sqrt(k)), plus the rounding of
-    adding into the buffer's prior content (eps32 per add, relative to that content)."""
+    adding into the buffer's prior content (eps32 per add, relative to that content). Two-phase with several
+    tokens multiplies h on tensor cores as a sum of terms of the weights' dtype: the same fp32-level bound."""
     d_model, dtype = 72, torch.float16
     cache, x, idx, bias = _ffn_inputs(21 + tokens, 150, d_model, tokens, 0.6, dtype, gated, with_bias=not gated)
     down_bias = None if gated else torch.randn(d_model, generator=_gen(22)).to(dtype)
@@ -180,11 +181,11 @@ def test_accumulate_adds_in_fp32(gated, tokens, impl):
     acc = acc0.clone()
     half = idx.numel() // 2
     first = bundled_sparse_ffn(x, cache, idx[:half], gated=gated, bias=bias, down_bias=down_bias, impl=impl,
-                               accumulate=acc)
+                               accumulate=acc, method=method)
     assert first is acc
     count = torch.tensor([idx.numel() - half], dtype=torch.int32)          # device-side count, second call
     bundled_sparse_ffn(x, cache, torch.cat([idx[half:], idx[:3]]), gated=gated, bias=bias, impl=impl,
-                       count=count, accumulate=acc)
+                       count=count, accumulate=acc, method=method)
     ref = _ref(x, cache, idx, bias, gated, down_bias=down_bias)
     eps32 = torch.finfo(torch.float32).eps
     err = (acc.double() - acc0.double() - ref).norm() / ref.norm()
@@ -198,8 +199,8 @@ def test_accumulate_checks():
         bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(2, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match="accumulate: expected"):
         bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(1, 32))
-    with pytest.raises(ValueError, match="accumulate: only method='fused'"):
-        bundled_sparse_ffn(x, cache, idx, method="two_phase", accumulate=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="accumulate: only method 'fused'"):
+        bundled_sparse_ffn(x, cache, idx, method="per_block", accumulate=torch.zeros(2, 32))
     with pytest.raises(ValueError, match="out: not with accumulate"):
         bundled_sparse_ffn(x, cache, idx, out=torch.empty_like(x), accumulate=torch.zeros(2, 32))
     with pytest.raises(ValueError, match="N_ACC must be 1 with accumulate"):
@@ -286,13 +287,13 @@ def test_workspace_is_left_clean(tokens, method):
 
 def test_auto_method_choice(monkeypatch):
     """method='auto' (the default): the one-launch kernel for one token, two-phase for several, and the
-    one-launch kernel whenever an option only it has is asked for (accumulate, pdl, a fixed config)."""
+    one-launch kernel whenever an option only it has is asked for (pdl, a fixed config)."""
     sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
     launch, seen = sparse_ffn_mod._launch, []
     monkeypatch.setattr(sparse_ffn_mod, "_launch", lambda *a, **k: (seen.append(a[10]), launch(*a, **k))[1])
     cache, x, idx, bias = _ffn_inputs(8, 60, 32, 3, 0.5, torch.float16, False, with_bias=True)
     cases = [(x[:1], {}, "fused"), (x, {}, "two_phase"), (x, {"pdl": True}, "fused"),
-             (x, {"accumulate": torch.zeros(3, 32)}, "fused"),
+             (x, {"accumulate": torch.zeros(3, 32)}, "two_phase"), (x[:1], {"accumulate": torch.zeros(1, 32)}, "fused"),
              (x, {"config": {"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 1, "PROGS_PER_SM": 1}}, "fused")]
     for xs, kwargs, want in cases:
         seen.clear()

@@ -151,6 +151,18 @@ if triton is not None:
                     key=["R", "N", "BLOCK_T", "SPLIT_K", "HAS_BIAS"], reset_to_zero=["count_ptr"])
 
 
+# pdl=True launches these fixed configs instead of autotuning: the autotuner times one launch alone (after a
+# flush), which cannot see the overlap PDL gives, and its picks (all within 5% of each other when timed plainly)
+# ranged 7.1-12.5 us with PDL at batch 8. Picked by benchmarks/predictor_configs.py at OPT-6.7B's shapes (rank
+# 128; H200, 2026-12-02, two processes within 0.1 us): 5.8 us at batch 1, 7.1-7.2 us at batch 8.
+PDL_CONFIGS = {
+    "one": {"lowrank": {"BLOCK_RR": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+            "select": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+    "dot": {"lowrank": {"BLOCK_RR": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+            "select": {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}},
+}
+
+
 def _check(x, A, B, bias=None):
     if x.dim() not in (1, 2):
         raise ValueError(f"x: expected [d_model] or [tokens, d_model], got shape {tuple(x.shape)}")
@@ -182,6 +194,7 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     while the stream's previous kernel finishes: it requests its first tile of A (or its block of B and the
     bias) at once and waits for that kernel before reading x or z, so the weights stream during the previous
     kernel's tail. Safe after any kernel, provided no kernel that may still be running writes A, B or bias.
+    Without `config`, PDL launches take PDL_CONFIGS (fixed, measured) rather than the autotuner's pick.
     """
     _check(x, A, B, bias)
     if pdl not in (False, True):
@@ -206,6 +219,8 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     z = torch.empty((split_k, T, R), dtype=torch.float32, device=x.device)
     idx = torch.empty(N, dtype=torch.int32, device=x.device)
     count = torch.empty(1, dtype=torch.int32, device=x.device)
+    if config is None and pdl and backend == "triton":
+        config = PDL_CONFIGS[mode]
     config = config or {}
     LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]), split_k), x2, x2.stride(0), A,
                    A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,

@@ -15,8 +15,8 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   atomics per program. Kept as the measured comparison.
 * ``two_phase`` (the default for several tokens): kernel 1 writes h [tokens, n_active] (fp32, tiny; tensor
   cores for 2..16 tokens); kernel 2 splits the output columns and the rows over programs (few atomics; for
-  several tokens h is rounded to the weight dtype before that product, as a dense fp16/bf16 FFN rounds its
-  hidden layer). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
+  several tokens h @ down runs on tensor cores with h split into two (bf16: three) terms of the weight dtype,
+  `_dot_fp32_lhs`, so h keeps ~fp32 accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
   per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 21 against 45 us (OPT-6.7B,
   90%) and 22 against 58 us (Llama-2-7B), about the same at 99% (H200, benchmarks/kernels_h200_run8.log).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
@@ -423,6 +423,21 @@ if triton is not None:
                 tl.store(h_ptr + offs_t[:, None] * n_active + offs_r[None, :], h,
                          mask=(offs_t < T)[:, None] & rmask[None, :])
 
+    @triton.jit
+    def _dot_fp32_lhs(h, w, acc):
+        """acc + h @ w on tensor cores with h kept to ~fp32 accuracy: h (fp32) is split into terms of w's dtype,
+        h = hi + mid (+ lo for bfloat16's 8-bit mantissa), each multiplied exactly by w. What is dropped is
+        below u^2 (fp16: 2^-22) or u^3 (bf16: 2^-24) of h, so the product stays within fp32 rounding of the
+        float64 one, instead of one rounding of h to w's dtype (2^-11 / 2^-8)."""
+        hi = h.to(w.dtype)
+        rest = h - hi.to(tl.float32)
+        mid = rest.to(w.dtype)
+        acc = tl.dot(hi, w, acc)
+        acc = tl.dot(mid, w, acc)
+        if w.dtype == tl.bfloat16:
+            acc = tl.dot((rest - mid.to(tl.float32)).to(w.dtype), w, acc)
+        return acc
+
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
     def _down_kernel(h_ptr, down_ptr, s_dr, s_dd, out_bias_ptr, idx_ptr, count_ptr, n_active, acc_ptr, sem_ptr,
                      y_ptr, stride_yt, T, D, n_bucket,
@@ -459,7 +474,7 @@ if triton is not None:
                 else:
                     h = tl.load(h_ptr + offs_t[:, None] * n_active + offs_r[None, :],
                                 mask=tmask[:, None] & rmask[None, :], other=0.0)
-                    acc = tl.dot(h.to(dn.dtype), dn, acc)
+                    acc = _dot_fp32_lhs(h, dn, acc)
             if BLOCK_T == 1:
                 tl.atomic_add(acc_ptr + d, tl.sum(acc1, axis=0), mask=dmask, sem="relaxed")
             else:
@@ -622,7 +637,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     or None for all rows; count: optional int32 [1] device tensor (from predict_active) -- then only
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
-    method: 'auto' (default): 'fused' for one token, and wherever `config`, `accumulate` or `pdl` is given;
+    method: 'auto' (default): 'fused' for one token, and wherever `config` or `pdl` is given;
     'two_phase' for several tokens (H200, batch 8: 2-4x faster than 'fused' at 80-97% sparsity,
     benchmarks/kernels.txt). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
     one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
@@ -648,7 +663,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
     if method == "auto":
         several = x.dim() == 2 and x.shape[0] > 1
-        method = "two_phase" if several and config is None and accumulate is None and not pdl else "fused"
+        method = "two_phase" if several and config is None and not pdl else "fused"
     if accumulate is not None:
         _check_accumulate(x, accumulate, method, out)
     _check_pdl(pdl, x, idx, count, method)
@@ -703,9 +718,10 @@ def _check_accumulate(x, acc, method, out):
                          f"{x.device}, got {acc.dtype} {tuple(acc.shape)} on {acc.device} (contiguous: "
                          f"{acc.is_contiguous()}). Fix: allocate it with torch.zeros(x.shape, dtype=torch.float32, "
                          "device=x.device)")
-    if method != "fused" or x.shape[-1] > MAX_WHOLE_ROW or (x.dim() == 2 and x.shape[0] > MAX_TOKENS_PER_LAUNCH):
-        raise ValueError(f"accumulate: only method='fused' with d_model <= {MAX_WHOLE_ROW} and at most "
-                         f"{MAX_TOKENS_PER_LAUNCH} tokens (got method={method!r}, x {tuple(x.shape)}). "
+    if method not in ("fused", "two_phase") or (method == "fused" and x.shape[-1] > MAX_WHOLE_ROW) \
+            or (x.dim() == 2 and x.shape[0] > MAX_TOKENS_PER_LAUNCH):
+        raise ValueError(f"accumulate: only method 'fused' (d_model <= {MAX_WHOLE_ROW}) or 'two_phase', with at "
+                         f"most {MAX_TOKENS_PER_LAUNCH} tokens (got method={method!r}, x {tuple(x.shape)}). "
                          "Fix: pass accumulate=None and add the returned y yourself")
     if out is not None:
         raise ValueError("out: not with accumulate (the result is the accumulator). Fix: pass one of them")
@@ -751,13 +767,20 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
+    tune_into_scratch = lambda: _launch(  # noqa: E731 - the same launch, adding into a scratch buffer
+        backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
+        acc_into=torch.zeros_like(acc_into), tune_acc=True)
+    acc_key = (str(x.device), D, T, next_pow2(n_cap), idx is None, count is None, gate is None, bias is None,
+               down_bias is None, activation, x.dtype, method)
+    if acc_into is not None and method == "two_phase" and config is None and backend == "triton" \
+            and not tune_acc and acc_key not in _ACC_CONFIGS:
+        # the down kernel's autotuner zeroes its accumulator around tuning runs: tune on a scratch buffer
+        # first, so that this shape's later launches (direct dispatch, or the autotuner's cache) never do
+        tune_into_scratch()
+        _ACC_CONFIGS[acc_key] = {}
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
-            key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
-                   count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
-            config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
-                backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
-                acc_into=torch.zeros_like(acc_into), tune_acc=True))
+            config = _accumulate_config(acc_key, "one" if T == 1 else "multi", tune_into_scratch)
         elif config is not None:
             if int(config.get("N_ACC", 1)) != 1:
                 raise ValueError(f"config: N_ACC must be 1 with accumulate (the sum goes straight into the caller's "
