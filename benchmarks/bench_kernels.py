@@ -664,11 +664,11 @@ def must_show(records, log):
             # today's default; later records: ours_ms is the default itself
             ms, how = (r["split_ms"], "split_k=auto (the default), ") if "split_ms" in r else (r["ours_ms"], "")
             f = ms / r["dense_ffn_ms"]
-            lines.append(f"predictor r={r['rank']} b{r['batch']}: {how}{ms * 1e3:.1f} us = {100 * f:.1f}% of dense "
+            lines.append(f"predictor r={r['rank']} b{r['batch']}: {how}{ms * 1e3:.2f} us = {100 * f:.2f}% of dense "
                          f"FFN (need < 10): {'PASS' if f < 0.1 else 'FAIL'}")
             if r.get("pdl_ms") is not None:
                 f = r["pdl_ms"] / r["dense_ffn_ms"]
-                lines.append(f"  the same with PDL (pdl=True): {r['pdl_ms'] * 1e3:.1f} us = {100 * f:.1f}% of dense "
+                lines.append(f"  the same with PDL (pdl=True): {r['pdl_ms'] * 1e3:.2f} us = {100 * f:.2f}% of dense "
                              f"FFN: {'PASS' if f < 0.1 else 'FAIL'}")
         if r["op"] == "add_norm":
             lines.append(f"add+{r['norm']} b{r['batch']}: fused {r['ours_ms'] * 1e3:.1f} us vs unfused "

@@ -152,9 +152,10 @@ if triton is not None:
 
 
 # pdl=True launches these fixed configs instead of autotuning: the autotuner times one launch alone (after a
-# flush), which cannot see the overlap PDL gives, and its picks (all within 5% of each other when timed plainly)
-# ranged 7.1-12.5 us with PDL at batch 8. Picked by benchmarks/predictor_configs.py at OPT-6.7B's shapes (rank
-# 128; H200, 2026-12-02, two processes within 0.1 us): 5.8 us at batch 1, 7.1-7.2 us at batch 8.
+# flush), which cannot see the overlap PDL gives: at batch 8 the pairs within 5% of the best plain time took
+# 7.2-11.7 us with PDL. Picked by benchmarks/predictor_configs.py at OPT-6.7B's shapes (rank
+# 128; H200, 2026-12-02, two processes within 0.1 us): 5.8 us at batch 1, 7.1-7.2 us at batch 8 (in
+# bench_kernels' later processes 5.9-6.0 and 7.5 us: benchmarks/kernels_h200_run11_predictor.log).
 PDL_CONFIGS = {
     "one": {"lowrank": {"BLOCK_RR": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
             "select": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
