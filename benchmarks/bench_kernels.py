@@ -466,7 +466,8 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     pair_acc_ms: accumulating FFN + consuming add+norm, the same result (checked). Both pairs leave every
     buffer as they found it, so their difference is what the fused form saves per layer. acc_pdl_ms and
     pair_pdl_ms: the same with programmatic dependent launch (pdl=True: each launch may start while the one
-    before it finishes, and waits for it before reading; checked too)."""
+    before it finishes, and waits for it before reading; checked too). All calls take the default method: at
+    batch > 1 the plain ones run two-phase and the PDL ones the persistent kernel (two-phase has no PDL)."""
     T, D = xs[0].shape
     rms = gated  # Llama-style models use RMSNorm
     w = torch.randn(D, device="cuda", dtype=DTYPE)

@@ -213,11 +213,22 @@ class Kernel:
         return self._last.get(mode)
 
 
+_PDL_CAPABLE: dict = {}   # device index -> compute capability >= 9.0
+
+
 def pdl_args(level: int, backend: str) -> dict:
     """Launch arguments for programmatic dependent launch: the kernel's PDL constexpr (its meaning is the
-    kernel's; 0 = off) and Triton's launch_pdl. Compiled kernels only: the interpreter has no griddepcontrol."""
+    kernel's; 0 = off) and Triton's launch_pdl. Compiled kernels only: the interpreter has no griddepcontrol.
+    griddepcontrol needs compute capability 9.0 (Hopper) or newer: older GPUs get a clear error."""
     if not level or backend != "triton":
         return {}
+    dev = torch.cuda.current_device()
+    if dev not in _PDL_CAPABLE:
+        _PDL_CAPABLE[dev] = torch.cuda.get_device_capability(dev) >= (9, 0)
+    if not _PDL_CAPABLE[dev]:
+        major, minor = torch.cuda.get_device_capability(dev)
+        raise ValueError(f"pdl: programmatic dependent launch needs compute capability 9.0+ (Hopper), this GPU "
+                         f"is {major}.{minor}. Fix: pass pdl=False")
     return {"PDL": level, "launch_pdl": True}
 
 

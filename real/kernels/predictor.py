@@ -156,6 +156,7 @@ if triton is not None:
 # 7.2-11.7 us with PDL. Picked by benchmarks/predictor_configs.py at OPT-6.7B's shapes (rank
 # 128; H200, 2026-12-02, two processes within 0.1 us): 5.8 us at batch 1, 7.1-7.2 us at batch 8 (in
 # bench_kernels' later processes 5.9-6.0 and 7.5 us: benchmarks/kernels_h200_run11_predictor.log).
+PDL_CONFIGS_MAX_RANK = 128   # the rank they were measured at; higher ranks need larger tiles of B
 PDL_CONFIGS = {
     "one": {"lowrank": {"BLOCK_RR": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
             "select": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
@@ -195,7 +196,8 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     while the stream's previous kernel finishes: it requests its first tile of A (or its block of B and the
     bias) at once and waits for that kernel before reading x or z, so the weights stream during the previous
     kernel's tail. Safe after any kernel, provided no kernel that may still be running writes A, B or bias.
-    Without `config`, PDL launches take PDL_CONFIGS (fixed, measured) rather than the autotuner's pick.
+    Without `config`, PDL launches take PDL_CONFIGS (fixed, measured) rather than the autotuner's pick, up to
+    rank PDL_CONFIGS_MAX_RANK. Needs a Hopper-class GPU (compute capability 9.0+).
     """
     _check(x, A, B, bias)
     if pdl not in (False, True):
@@ -220,14 +222,15 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     z = torch.empty((split_k, T, R), dtype=torch.float32, device=x.device)
     idx = torch.empty(N, dtype=torch.int32, device=x.device)
     count = torch.empty(1, dtype=torch.int32, device=x.device)
-    if config is None and pdl and backend == "triton":
-        config = PDL_CONFIGS[mode]
+    if config is None and pdl and backend == "triton" and R <= PDL_CONFIGS_MAX_RANK:
+        config = PDL_CONFIGS[mode]                # beyond the measured rank the autotuner picks, as without PDL
     config = config or {}
+    bias = None if bias is None else bias.contiguous()  # before the launches: a PDL select reads it before its wait
     LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]), split_k), x2, x2.stride(0), A,
                    A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,
                    config=config.get("lowrank"), **pdl_args(int(pdl), backend))
     SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
-                  B if bias is None else bias.contiguous(), idx, count, float(threshold), T, R, N, BLOCK_T=block_t,
+                  B if bias is None else bias, idx, count, float(threshold), T, R, N, BLOCK_T=block_t,
                   R_PAD=max(16, next_pow2(R)), SPLIT_K=split_k, HAS_BIAS=bias is not None,
                   config=config.get("select"), **pdl_args(int(pdl), backend))
     return idx, count

@@ -29,7 +29,7 @@ launch leaves as it found it. Ordering: every thread fences its own atomics (fen
 barrier and the acq_rel ticket, and the last program reads the accumulator with atomic adds of zero (served by
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
 mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
-Except ``accumulate=`` (the persistent kernel only): its programs add into the caller's fp32 buffer and stop,
+Except ``accumulate=`` (the persistent and two-phase kernels): their programs add into the caller's fp32 buffer and stop,
 no ticket or finish: that epilogue is ~2.2-2.4 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
 (benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
 And the persistent and two-phase kernels with 2..16 tokens: they add into the workspace like ``accumulate=``, and a second launch
@@ -426,15 +426,22 @@ if triton is not None:
     @triton.jit
     def _dot_fp32_lhs(h, w, acc):
         """acc + h @ w on tensor cores with h kept to ~fp32 accuracy: h (fp32) is split into terms of w's dtype,
-        h = hi + mid (+ lo for bfloat16's 8-bit mantissa), each multiplied exactly by w. What is dropped is
-        below u^2 (fp16: 2^-22) or u^3 (bf16: 2^-24) of h, so the product stays within fp32 rounding of the
-        float64 one, instead of one rounding of h to w's dtype (2^-11 / 2^-8)."""
-        hi = h.to(w.dtype)
-        rest = h - hi.to(tl.float32)
-        mid = rest.to(w.dtype)
-        acc = tl.dot(hi, w, acc)
-        acc = tl.dot(mid, w, acc)
-        if w.dtype == tl.bfloat16:
+        each multiplied exactly by w. bf16: h = hi + mid + lo (what is dropped is below 2^-24 of h). fp16:
+        h = hi + mid / 2048, mid scaled into fp16's normal range (dropped: ~2^-22 of h); a tile with |h| >= 2^15
+        is first divided by 2^16 (exact), so hi cannot overflow to inf. Instead of one rounding of h to w's
+        dtype (2^-11 / 2^-8)."""
+        if w.dtype == tl.float16:
+            scale = tl.where(tl.max(tl.abs(h)) >= 32768.0, 65536.0, 1.0)
+            hs = h / scale
+            hi = hs.to(tl.float16)
+            mid = ((hs - hi.to(tl.float32)) * 2048.0).to(tl.float16)
+            acc += (tl.dot(hi, w) + tl.dot(mid, w) * (1.0 / 2048.0)) * scale
+        else:
+            hi = h.to(w.dtype)
+            rest = h - hi.to(tl.float32)
+            mid = rest.to(w.dtype)
+            acc = tl.dot(hi, w, acc)
+            acc = tl.dot(mid, w, acc)
             acc = tl.dot((rest - mid.to(tl.float32)).to(w.dtype), w, acc)
         return acc
 
@@ -550,10 +557,10 @@ if triton is not None:
                     _KEY + ["GATED"], prune=_prune_stream)
     HIDDEN = Kernel(_hidden_kernel, {"one": configs(_ROWS_ONE + [(2, 4096, 4, 1), (4, 4096, 8, 1)], _NAMES), "dot": configs(_ROWS_DOT, _NAMES)},
                     _DEFAULT, _KEY + ["GATED"])
-    # reset_to_zero: with several tokens the programs only add into the workspace (FINISH=False), so each
-    # tuning run must start from zeros, and the autotuner zeroes it again before the real launch
+    # restore_value: with FINISH=False (several tokens, or accumulate=) the programs only add into acc, so every
+    # tuning run must leave it as it found it: the workspace's zeros, or a caller's sum
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
-                  _DEFAULT, _KEY, reset_to_zero=["acc_ptr"])
+                  _DEFAULT, _KEY, restore_value=["acc_ptr"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,9 +655,9 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     'num_warps', 'num_stages'.
     out: optional preallocated result (x's shape, dtype and device, contiguous; at most 16 tokens), so that a
     call allocates nothing (the accumulator is a cached workspace).
-    accumulate: optional float32 tensor of x's shape (contiguous, at most 16 tokens; method 'fused',
-    d_model <= 8192): y (+ down_bias) is ADDED into it in fp32 and it is returned. One launch whose programs
-    only add, with no epilogue (no ticket, cast or re-zeroing): the caller owns the sum, e.g. several calls
+    accumulate: optional float32 tensor of x's shape (contiguous, at most 16 tokens; method 'fused' with
+    d_model <= 8192, or 'two_phase'): y (+ down_bias) is ADDED into it in fp32 and it is returned. Launches
+    whose programs only add, with no epilogue (no ticket, cast or re-zeroing): the caller owns the sum, e.g. several calls
     (resident and new rows) add into one buffer and the next fused op reads and resets it.
     pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
     start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
@@ -663,7 +670,8 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
     if method == "auto":
         several = x.dim() == 2 and x.shape[0] > 1
-        method = "two_phase" if several and config is None and not pdl else "fused"
+        wide_sum = accumulate is not None and x.shape[-1] > MAX_WHOLE_ROW    # 'fused' cannot accumulate those
+        method = "two_phase" if (several or wide_sum) and config is None and not pdl else "fused"
     if accumulate is not None:
         _check_accumulate(x, accumulate, method, out)
     _check_pdl(pdl, x, idx, count, method)
@@ -767,20 +775,13 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
-    tune_into_scratch = lambda: _launch(  # noqa: E731 - the same launch, adding into a scratch buffer
-        backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
-        acc_into=torch.zeros_like(acc_into), tune_acc=True)
-    acc_key = (str(x.device), D, T, next_pow2(n_cap), idx is None, count is None, gate is None, bias is None,
-               down_bias is None, activation, x.dtype, method)
-    if acc_into is not None and method == "two_phase" and config is None and backend == "triton" \
-            and not tune_acc and acc_key not in _ACC_CONFIGS:
-        # the down kernel's autotuner zeroes its accumulator around tuning runs: tune on a scratch buffer
-        # first, so that this shape's later launches (direct dispatch, or the autotuner's cache) never do
-        tune_into_scratch()
-        _ACC_CONFIGS[acc_key] = {}
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
-            config = _accumulate_config(acc_key, "one" if T == 1 else "multi", tune_into_scratch)
+            key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
+                   count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
+            config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
+                backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
+                acc_into=torch.zeros_like(acc_into), tune_acc=True))
         elif config is not None:
             if int(config.get("N_ACC", 1)) != 1:
                 raise ValueError(f"config: N_ACC must be 1 with accumulate (the sum goes straight into the caller's "
