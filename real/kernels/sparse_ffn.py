@@ -17,8 +17,8 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   cores for 2..16 tokens); kernel 2 splits the output columns and the rows over programs (few atomics; for
   several tokens h @ down runs on tensor cores with h split into two (bf16: three) terms of the weight dtype,
   `_dot_fp32_lhs`, so h keeps ~fp32 accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
-  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 22.3 against 44.4 us
-  (OPT-6.7B, 90%) and 23.1 against 58.4 us (Llama-2-7B), 4-6% more at 99% (H200, benchmarks/kernels_h200_run11.log).
+  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 25.4 against 44.4 us
+  (OPT-6.7B, 90%) and 24.8 against 57.5 us (Llama-2-7B), 4-6% more at 99% (H200, benchmarks/kernels_h200_run12.log).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
@@ -645,8 +645,8 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
     method: 'auto' (default): 'fused' for one token, and wherever `config` or `pdl` is given;
-    'two_phase' for several tokens (H200, batch 8: 1.4-4.9x faster than 'fused' at 0-95% sparsity, 4-6%
-    slower at 99%; benchmarks/kernels.txt). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
+    'two_phase' for several tokens (H200, batch 8: 1.7-4.0x faster than 'fused' at 0-90% sparsity, 4-6%
+    slower at 99%; benchmarks/kernels_h200_run12.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
     one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
     columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
