@@ -517,12 +517,22 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
                 pair_pdl_ms=pair_pdl_ms, acc_correct=bool(acc_ok and pair_ok))
 
 
-def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
+PREDICTOR_THRESHOLD = 1.28  # about 10% of the neurons predicted active with predictor_weights' scales
+
+
+def predictor_weights():
+    """ROTATE copies of a random OPT-6.7B rank-RANK predictor (A, B): 5 MB together, so 16 copies (80 MB) make
+    every call read them from HBM."""
     D, Fd, _, _ = MODELS["opt-6.7b"]
-    # A and B are 5 MB together: rotate 16 copies (80 MB) so that each call reads them from HBM
     As = [(torch.randn(D, RANK, device="cuda") / D ** 0.5).to(DTYPE) for _ in range(ROTATE)]
     Bs = [(torch.randn(RANK, Fd, device="cuda") / RANK ** 0.5).to(DTYPE) for _ in range(ROTATE)]
-    thr = 1.28  # about 10% of the neurons predicted active with these scales
+    return As, Bs
+
+
+def bench_predictor(peak, stamp, log, records, dense_ms_by_batch):
+    D, Fd, _, _ = MODELS["opt-6.7b"]
+    As, Bs = predictor_weights()
+    thr = PREDICTOR_THRESHOLD
     for T in BATCHES:
         xs = [torch.randn(T, D, device="cuda", dtype=DTYPE) for _ in range(ROTATE)]
         ours = [(lambda x=x, A=A, B=B: predict_active(x, A, B, thr)) for x, A, B in zip(xs, As, Bs)]

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_kernels import RANK, ROTATE, graph_ms  # noqa: E402
+from bench_kernels import DTYPE, MODELS, PREDICTOR_THRESHOLD, ROTATE, graph_ms, predictor_weights  # noqa: E402
 from real.kernels import predictor as pred  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 
-D, FF, DTYPE, THRESHOLD = 4096, 16384, torch.float16, 1.28   # OPT-6.7B, as bench_kernels.bench_predictor
+D = MODELS["opt-6.7b"][0]     # the inputs of bench_kernels.bench_predictor
 
 
 def as_dict(cfg) -> dict:
@@ -41,20 +41,20 @@ def main():
     args = ap.parse_args()
     stamp = {"device": torch.cuda.get_device_name(),
              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    As = [(torch.randn(D, RANK, device="cuda") / D ** 0.5).to(DTYPE) for _ in range(ROTATE)]
-    Bs = [(torch.randn(RANK, FF, device="cuda") / RANK ** 0.5).to(DTYPE) for _ in range(ROTATE)]
-    records, lines = [], [f"# predictor config pairs, OPT-6.7B rank {RANK}: {stamp['device']}, {stamp['date']}",
+    As, Bs = predictor_weights()
+    records, lines = [], [f"# predictor config pairs, OPT-6.7B rank {As[0].shape[1]}: {stamp['device']}, {stamp['date']}",
                           "# CUDA-graph replay of 16 rotated input sets, median per call (us); split_k auto"]
     for T in (1, 8):
         mode = "one" if T == 1 else "dot"
         xs = [torch.randn(T, D, device="cuda", dtype=DTYPE) for _ in range(ROTATE)]
-        want = set(pred.active_list(*pred.predict_active(xs[0], As[0], Bs[0], THRESHOLD)).tolist())
+        want = set(pred.active_list(*pred.predict_active(xs[0], As[0], Bs[0], PREDICTOR_THRESHOLD)).tolist())
         for lc in pred.LOWRANK.configs[mode]:
             for sc in pred.SELECT.configs[mode]:
                 config = {"lowrank": as_dict(lc), "select": as_dict(sc)}
                 row = {}
                 for pdl in (False, True):
-                    calls = [(lambda x=x, A=A, B=B: pred.predict_active(x, A, B, THRESHOLD, config=config, pdl=pdl))
+                    calls = [(lambda x=x, A=A, B=B: pred.predict_active(x, A, B, PREDICTOR_THRESHOLD,
+                                                                        config=config, pdl=pdl))
                              for x, A, B in zip(xs, As, Bs)]
                     try:
                         got = set(pred.active_list(*calls[0]()).tolist())

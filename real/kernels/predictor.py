@@ -45,6 +45,15 @@ if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
+    def _a_tile(a_ptr, s_ak, s_ar, k0, offs_k, k_hi, offs_r, rmask):
+        """A's [BLOCK_K, BLOCK_RR] tile at rows k0.. (masked to this slice's end k_hi), with those row numbers."""
+        k = k0 + offs_k
+        kmask = k < k_hi
+        a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
+                    other=0.0)
+        return a, k, kmask
+
+    @triton.jit
     def _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T: tl.constexpr):
         """Add one [BLOCK_K, BLOCK_RR] tile of A times x's matching slice into the fp32 accumulators."""
         if BLOCK_T == 1:
@@ -76,20 +85,14 @@ if triton is not None:
         acc1 = tl.zeros([BLOCK_K, BLOCK_RR], tl.float32)
         acc = tl.zeros([BLOCK_T, BLOCK_RR], tl.float32)
         # the first tile is peeled off the loop so that, with PDL, it is in flight before the wait
-        k = k_lo + offs_k
-        kmask = k < k_hi
-        a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
-                    other=0.0)
+        a, k, kmask = _a_tile(a_ptr, s_ak, s_ar, k_lo, offs_k, k_hi, offs_r, rmask)
         if PDL:
             gdc_wait()
         if (pid == 0) & (pid_k == 0):
             tl.store(count_ptr, 0)
         acc1, acc = _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            k = k0 + offs_k
-            kmask = k < k_hi
-            a = tl.load(a_ptr + k[:, None] * s_ak + offs_r[None, :] * s_ar, mask=kmask[:, None] & rmask[None, :],
-                        other=0.0)
+            a, k, kmask = _a_tile(a_ptr, s_ak, s_ar, k0, offs_k, k_hi, offs_r, rmask)
             acc1, acc = _lowrank_step(x_ptr, stride_xt, a, k, kmask, offs_t, tmask, acc1, acc, BLOCK_T)
         if BLOCK_T == 1:
             acc = tl.reshape(tl.sum(acc1, axis=0), [1, BLOCK_RR])
@@ -226,13 +229,14 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
         config = PDL_CONFIGS[mode]                # beyond the measured rank the autotuner picks, as without PDL
     config = config or {}
     bias = None if bias is None else bias.contiguous()  # before the launches: a PDL select reads it before its wait
+    launch_pdl = pdl_args(int(pdl), backend)
     LOWRANK.launch(backend, mode, lambda meta: (triton.cdiv(R, meta["BLOCK_RR"]), split_k), x2, x2.stride(0), A,
                    A.stride(0), A.stride(1), z, count, T, K, R, k_chunk, BLOCK_T=block_t, SPLIT_K=split_k,
-                   config=config.get("lowrank"), **pdl_args(int(pdl), backend))
+                   config=config.get("lowrank"), **launch_pdl)
     SELECT.launch(backend, mode, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), z, B, B.stride(0), B.stride(1),
                   B if bias is None else bias, idx, count, float(threshold), T, R, N, BLOCK_T=block_t,
                   R_PAD=max(16, next_pow2(R)), SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                  config=config.get("select"), **pdl_args(int(pdl), backend))
+                  config=config.get("select"), **launch_pdl)
     return idx, count
 
 
