@@ -425,6 +425,19 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 check(f"{model} T={T} sparsity {sp}% fused persistent (autotuned)", ours_call(0, "fused")(), ref,
                       DTYPE, D, log)
                 persistent_ms = graph_ms([ours_call(i, "fused") for i in range(ROTATE)])
+            other_ms, other = None, None
+            if T > 1:  # two-phase with the other h @ down product ('split' fp16 terms vs two 'tf32' products)
+                default = sparse_ffn_mod.DOWN_PRODUCT
+                other = next(p for p in sparse_ffn_mod.DOWN_PRODUCTS if p != default)
+                sparse_ffn_mod.DOWN_PRODUCT = other
+                try:
+                    check(f"{model} T={T} sparsity {sp}% two-phase, {other} h @ down (autotuned)", ours_call(0)(),
+                          ref, DTYPE, D, log)
+                    check(f"{model} T={T} sparsity {sp}% two-phase, {other} h @ down, second call", ours_call(0)(),
+                          ref, DTYPE, D, log)
+                    other_ms = graph_ms([ours_call(i) for i in range(ROTATE)])
+                finally:
+                    sparse_ffn_mod.DOWN_PRODUCT = default
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
             cfg = (_short(sparse_ffn_mod.STREAM.best_config("one")) if T == 1 else
@@ -437,6 +450,8 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                                 sparsity=sp, ours_ms=ours_ms, gather_ms=gather_ms, dense_ms=dense_ms,
                                 touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, per_block_ms=v1_ms,
                                 method="fused" if T == 1 else "two_phase", persistent_ms=persistent_ms,
+                                down_product=sparse_ffn_mod.DOWN_PRODUCT if T > 1 else None,
+                                **({f"two_phase_{other}_ms": other_ms} if other else {}),
                                 read_peak_gbps=READ_PEAK.get("gbps"), n_active=n,
                                 copy_ways_gbps=dict(COPY_WAYS),
                                 touched_mb=touched / 1e6, dtype="float16", correct=ok, timing="cuda_graph",
@@ -445,6 +460,7 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
             two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
             v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
             persist = "-" if persistent_ms is None else f"{persistent_ms * 1e3:.1f}"
+            persist += "" if other_ms is None else f"  two-phase {other} {other_ms * 1e3:.1f} us"
             log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
                 f"  two_phase {two} us  one-launch persistent {persist} us  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
@@ -453,7 +469,10 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 f"{fused['pair_ms'] * 1e3:.1f} us, accumulate + consuming {fused['pair_acc_ms'] * 1e3:.1f} us; PDL: "
                 f"accumulate {fused['acc_pdl_ms'] * 1e3:.1f} us "
                 f"({100 * acc_touched / fused['acc_pdl_ms'] / 1e6 / peak:3.0f}% of peak), pair "
-                f"{fused['pair_pdl_ms'] * 1e3:.1f} us")
+                f"{fused['pair_pdl_ms'] * 1e3:.1f} us" + ("" if fused["acc_early_ms"] is None else
+                f"; PDL early: accumulate {fused['acc_early_ms'] * 1e3:.1f} us "
+                f"({100 * acc_touched / fused['acc_early_ms'] / 1e6 / peak:3.0f}% of peak), pair "
+                f"{fused['pair_early_ms'] * 1e3:.1f} us"))
     del cache, caches, c64, w_up, w_down, w_gate
     torch.cuda.empty_cache()
 
@@ -467,7 +486,9 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     buffer as they found it, so their difference is what the fused form saves per layer. acc_pdl_ms and
     pair_pdl_ms: the same with programmatic dependent launch (pdl=True: each launch may start while the one
     before it finishes, and waits for it before reading; checked too). All calls take the default method: at
-    batch > 1 the plain ones run two-phase and the PDL ones the persistent kernel (two-phase has no PDL)."""
+    batch > 1 the plain ones run two-phase and the PDL ones the persistent kernel (two-phase has no PDL).
+    acc_early_ms and pair_early_ms (batch 1): pdl='early', whose programs request their first two blocks of
+    rows before the wait (the rows and the index are no earlier kernel's output here; x is read after it)."""
     T, D = xs[0].shape
     rms = gated  # Llama-style models use RMSNorm
     w = torch.randn(D, device="cuda", dtype=DTYPE)
@@ -479,6 +500,7 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
         return bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated, bias=bias, **kw)
 
     def norm(x, r, consume=False, pdl=False):
+        pdl = bool(pdl)      # the norms have no 'early' (their inputs are the previous kernel's outputs)
         return add_rms_norm(x, r, w, 1e-6, consume=consume, pdl=pdl) if rms else add_layer_norm(
             x, r, w, b, 1e-5, consume=consume, pdl=pdl)
 
@@ -498,6 +520,10 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     pair_ok = check(f"{label} accumulate + consuming add+norm vs finishing pair", out_a, out_f.double(), DTYPE, D, log)
     out_p, _ = pair_accumulating(0, pdl=True)()
     pair_ok &= check(f"{label} the same with PDL vs finishing pair", out_p, out_f.double(), DTYPE, D, log)
+    early = T == 1
+    if early:
+        out_e, _ = pair_accumulating(0, pdl="early")()
+        pair_ok &= check(f"{label} the same with PDL early vs finishing pair", out_e, out_f.double(), DTYPE, D, log)
     if accs[0].any():
         FAILURES.append(f"{label}: the consuming add+norm left the fp32 sum non-zero")
         pair_ok = False
@@ -510,11 +536,18 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     for a in accs:
         a.zero_()
     pair_pdl_ms = graph_ms([pair_accumulating(i, pdl=True) for i in range(ROTATE)])
+    acc_early_ms = pair_early_ms = None
+    if early:
+        acc_early_ms = graph_ms([lambda i=i: ffn(i, accumulate=accs[i], pdl="early") for i in range(ROTATE)])
+        for a in accs:
+            a.zero_()
+        pair_early_ms = graph_ms([pair_accumulating(i, pdl="early") for i in range(ROTATE)])
     if any(a.any() for a in accs):
         FAILURES.append(f"{label}: after the PDL pairs an fp32 sum is non-zero (a consuming add+norm ran early?)")
         pair_ok = False
     return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, acc_pdl_ms=acc_pdl_ms,
-                pair_pdl_ms=pair_pdl_ms, acc_correct=bool(acc_ok and pair_ok))
+                pair_pdl_ms=pair_pdl_ms, acc_early_ms=acc_early_ms, pair_early_ms=pair_early_ms,
+                acc_correct=bool(acc_ok and pair_ok))
 
 
 PREDICTOR_THRESHOLD = 1.28  # about 10% of the neurons predicted active with predictor_weights' scales
@@ -645,11 +678,12 @@ def _fused_form_line(r) -> str:
     frac = r["acc_touched_gbps"] / r["peak_gbps"]
     bw = "" if r["sparsity"] > 95 else f", {100 * frac:.0f}% of peak (need >= 70): {'PASS' if frac >= 0.7 else 'FAIL'}"
     pdl = ""
-    if r.get("acc_pdl_ms") is not None:
-        frac_pdl = _acc_pdl_gbps(r) / r["peak_gbps"]
-        pdl = (f"; with PDL {r['acc_pdl_ms'] * 1e3:.1f} us" +
-               ("" if r["sparsity"] > 95 else f", {100 * frac_pdl:.0f}%: {'PASS' if frac_pdl >= 0.7 else 'FAIL'}") +
-               f", pair {r['pair_pdl_ms'] * 1e3:.1f} us")
+    for key, name in (("pdl", "PDL"), ("early", "PDL early")):
+        if r.get(f"acc_{key}_ms") is not None:
+            frac_pdl = _acc_pdl_gbps(r, key) / r["peak_gbps"]
+            pdl += (f"; with {name} {r[f'acc_{key}_ms'] * 1e3:.1f} us" +
+                    ("" if r["sparsity"] > 95 else f", {100 * frac_pdl:.0f}%: {'PASS' if frac_pdl >= 0.7 else 'FAIL'}")
+                    + f", pair {r[f'pair_{key}_ms'] * 1e3:.1f} us")
     return (f"fused form (accumulate, add+norm consumes): {vs_g:.1f}x vs gather: {'PASS' if vs_g >= 2 else 'FAIL'}, "
             f"{vs_d:.1f}x vs dense: {'PASS' if vs_d >= 5 else 'FAIL'}{bw}; FFN + add+norm {r['pair_ms'] * 1e3:.1f} us "
             f"finishing vs {r['pair_acc_ms'] * 1e3:.1f} us fused{pdl}")
@@ -701,15 +735,19 @@ CONVENTIONS = [
     "(consume=True) reads the sum and zeroes it. Its bytes: the same rows, index, bias and x, plus the sum read and "
     "written (8 bytes per element). 'pair' = FFN + add+norm, finishing kernel (fp16 y) vs fused form",
     "# PDL: the fused form launched with programmatic dependent launch (pdl=True): a launch may start while the one "
-    "before it finishes and waits for it before reading, hiding launch latency between back-to-back launches",
+    "before it finishes and waits for it before reading, hiding launch latency between back-to-back launches; "
+    "'early' (pdl='early', batch 1): each program also requests its first two blocks of rows (and their row ids) "
+    "before that wait, so they stream while the previous kernel finishes (rows and index written by no kernel "
+    "that may still run; x is read after the wait)",
 ]
 
 
-def _acc_pdl_gbps(r):
-    """The accumulating launch's GB/s under PDL: its touched bytes (acc_touched_gbps x acc_ms) over its time."""
-    if r.get("acc_pdl_ms") is None or r.get("acc_touched_gbps") is None:
+def _acc_pdl_gbps(r, key="pdl"):
+    """The accumulating launch's GB/s under PDL (key 'pdl') or PDL early ('early'): its touched bytes
+    (acc_touched_gbps x acc_ms) over its time."""
+    if r.get(f"acc_{key}_ms") is None or r.get("acc_touched_gbps") is None:
         return None
-    return r["acc_touched_gbps"] * r["acc_ms"] / r["acc_pdl_ms"]
+    return r["acc_touched_gbps"] * r["acc_ms"] / r[f"acc_{key}_ms"]
 
 
 def _us(ms) -> str:
@@ -730,10 +768,11 @@ def write_table(path, records, stamp, peak, checks, source=None):
            (f", read-only {max(reads):.0f} GB/s" if reads else ""), *CONVENTIONS, "",
            "## sparse FFN: ours (the default method: one-launch persistent kernel for batch 1, two-phase for batch "
            "> 1 from 2026-12-02 12:50 UTC on) vs v1 (one program per row block) vs two-phase (batch 1) or the "
-           "one-launch persistent kernel (batch > 1: 'persist') vs torch index_select+matmul vs dense cuBLAS FFN (us)",
-           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'persist':>7} {'gather':>7} "
+           "one-launch persistent kernel (batch > 1: 'persist'; 'split' = two-phase with h @ down on fp16/bf16 terms of h, the default until 2026-12-02 15:10 UTC: now two tf32 products) vs torch index_select+matmul vs dense cuBLAS FFN (us)",
+           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'persist':>7} {'split':>6} {'gather':>7} "
            f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5} {'acc':>6} "
-           f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7} {'accPDL':>6} {'%pk':>4} {'pairPDL':>7}  config"]
+           f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7} {'accPDL':>6} {'%pk':>4} {'pairPDL':>7} {'early':>6} {'%pk':>4} "
+           f"{'pairEarly':>9}  config"]
     for r in records:
         if r["op"] != "sparse_ffn":
             continue
@@ -741,6 +780,7 @@ def write_table(path, records, stamp, peak, checks, source=None):
         v1 = "-" if r.get("per_block_ms") is None else f"{r['per_block_ms'] * 1e3:.1f}"
         out.append(f"{r['model']:<11} {r['batch']:>2} {r['sparsity']:>3} {r['n_active']:>6} "
                    f"{r['ours_ms'] * 1e3:>7.1f} {v1:>7} {two:>7} {_us(r.get('persistent_ms')):>7} "
+                   f"{_us(r.get('two_phase_split_ms')):>6} "
                    f"{r['gather_ms'] * 1e3:>7.1f} "
                    f"{r['dense_ms'] * 1e3:>7.1f} {r['gather_ms'] / r['ours_ms']:>6.1f} "
                    f"{r['dense_ms'] / r['ours_ms']:>7.1f} {r['touched_gbps']:>6.0f} "
@@ -748,7 +788,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
                    f"{'ok' if r.get('correct', True) and r.get('acc_correct', True) else 'FAIL':>5} "
                    f"{_us(r.get('acc_ms')):>6} {_pct(r.get('acc_touched_gbps'), r['peak_gbps']):>6} "
                    f"{_us(r.get('pair_ms')):>6} {_us(r.get('pair_acc_ms')):>7} {_us(r.get('acc_pdl_ms')):>6} "
-                   f"{_pct(_acc_pdl_gbps(r), r['peak_gbps']):>4} {_us(r.get('pair_pdl_ms')):>7}  {r['config']}")
+                   f"{_pct(_acc_pdl_gbps(r), r['peak_gbps']):>4} {_us(r.get('pair_pdl_ms')):>7} {_us(r.get('acc_early_ms')):>6} "
+                   f"{_pct(_acc_pdl_gbps(r, 'early'), r['peak_gbps']):>4} {_us(r.get('pair_early_ms')):>9}  {r['config']}")
     out += ["", "## predictor (rank 128, OPT-6.7B; 'torch' = matmuls + threshold + nonzero_static) and fused "
             "add+norm (d_model 4096; 'torch' = x + residual, then F.layer_norm / F.rms_norm) (us)",
             "predictor 'ours' = split_k=auto (x A split over d_model and rank, the default); 'split_k=1' = over the rank only",
@@ -797,9 +838,17 @@ def plot(path, records, peak):
                    if r.get("acc_pdl_ms") is not None and r.get("acc_correct", True)]
             if pdl:
                 ax.plot(*zip(*pdl), "v:", color="C6", label="ours, fused form with PDL")
+            early = [(r["sparsity"], r["acc_early_ms"] * 1e3) for r in rows
+                     if r.get("acc_early_ms") is not None and r.get("acc_correct", True)]
+            if early:
+                ax.plot(*zip(*early), ">:", color="C7", label="ours, fused form, PDL early")
             two = [(r["sparsity"], r["two_phase_ms"] * 1e3) for r in rows if r.get("two_phase_ms") is not None]
             if two:
                 ax.plot(*zip(*two), "s--", color="C1", label="ours (two-phase)")
+            split = [(r["sparsity"], r["two_phase_split_ms"] * 1e3) for r in rows
+                     if r.get("two_phase_split_ms") is not None]
+            if split:
+                ax.plot(*zip(*split), "x:", color="C8", label="ours, two-phase with h @ down on fp16 terms (before)")
             persist = [(r["sparsity"], r["persistent_ms"] * 1e3) for r in rows if r.get("persistent_ms") is not None]
             if persist:
                 ax.plot(*zip(*persist), "P--", color="C5", label="ours, one-launch persistent kernel")

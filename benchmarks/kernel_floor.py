@@ -17,10 +17,12 @@ kernel with 0 active rows (count on the device), both ways. And the same with pr
 hides launch latency between dependent kernels: the read, waiting before it reads (as any kernel whose input
 the previous kernel wrote must) or only before its store (inputs no earlier kernel writes), our kernel both
 ways, and the all-resident-rows form (idx=None over a cache of just the touched rows, no index) accumulating
-without PDL, with it, and with pdl='early' (the first block of weights requested before the wait). Before
+without PDL, with it, and with pdl='early' (the first two blocks of weights requested before the wait), and
+the indexed form accumulating with pdl='early'. Before
 timing, the accumulating and PDL launches are checked against the plain finishing one (PDL ones right after a
 kernel that writes their x late, with a negative control that shows whether the early start happened); at 90
-and 95% every persistent-kernel config is timed accumulating, and all-rows with pdl='early'. Writes
+and 95% every persistent-kernel config (and a few with 16 warps) is timed accumulating, and indexed and
+all-rows with pdl='early'. Writes
 kernel_floor.txt and results/kernel_floor.json."""
 
 from __future__ import annotations
@@ -107,17 +109,24 @@ def best_read_ms(srcs, sms, pdl: int = 0) -> tuple[float, str]:
     return best
 
 
+# beyond the autotuner's list: 16 warps halve the registers per thread that the two blocks in flight take;
+# 4 warps leave room for a second program on the SM (a PDL launch's programs can start beside the last ones)
+EXTRA_CONFIGS = [dict(BLOCK_R=r, BLOCK_D=D, PROGS_PER_SM=p, num_warps=w)
+                 for r, p, w in ((4, 1, 16), (2, 1, 16), (2, 1, 4), (1, 1, 4), (2, 2, 4))]
+
+
 def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
-    """Every persistent-kernel config on an accumulating launch (diagnostic: which grid the fused form likes);
-    call(i, config) launches rotated input set i with that config."""
+    """Every persistent-kernel config (the autotuner's and EXTRA_CONFIGS) on an accumulating launch
+    (diagnostic: which grid the fused form likes); call(i, config) launches rotated input set i with it."""
     out = []
-    for c in sparse_ffn_mod.STREAM.configs["one_acc"]:
-        if c.kwargs["BLOCK_D"] != D:
+    cfgs = [dict(c.kwargs, num_warps=c.num_warps) for c in sparse_ffn_mod.STREAM.configs["one_acc"]] + EXTRA_CONFIGS
+    for c in cfgs:
+        if c["BLOCK_D"] != D:
             continue
-        cfg = dict(c.kwargs, N_ACC=1, num_warps=c.num_warps, num_stages=c.num_stages)
+        cfg = dict(c, N_ACC=1, num_stages=1)
         ms = graph_ms([lambda i=i: call(i, cfg) for i in range(ROTATE)])
-        out.append(f"#   {sp}% {label} BLOCK_R={c.kwargs['BLOCK_R']} PROGS_PER_SM={c.kwargs['PROGS_PER_SM']} "
-                   f"w{c.num_warps}: {ms * 1e3:.2f} us")
+        out.append(f"#   {sp}% {label} BLOCK_R={c['BLOCK_R']} PROGS_PER_SM={c['PROGS_PER_SM']} "
+                   f"w{c['num_warps']}: {ms * 1e3:.2f} us")
     return out
 
 
@@ -223,7 +232,7 @@ def main() -> int:
         idxs = [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
                 for _ in range(ROTATE)]
         checks.append(check_accumulate(xs[0], caches[0], idxs[0], bias, sp))
-        checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp, sms))
+        checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp, sms, modes=(True, "early")))
         # the all-resident-rows form: a cache of just n rows, no index; 16 disjoint row ranges (none in L2)
         rows = [caches[i % 4][(i // 4) * n:(i // 4 + 1) * n] for i in range(ROTATE)]
         biases = [bias[(i // 4) * n:(i // 4 + 1) * n] for i in range(ROTATE)]
@@ -236,6 +245,9 @@ def main() -> int:
         if sp <= 95:
             checks += accumulate_sweep(lambda i, cfg: bundled_sparse_ffn(
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], config=cfg), sp)
+            checks += accumulate_sweep(lambda i, cfg: bundled_sparse_ffn(
+                xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], config=cfg, pdl="early"), sp,
+                label="PDL early")
             checks += accumulate_sweep(lambda i, cfg: all_rows(i, "early", cfg), sp, label="all rows, PDL early")
         timed, read_cfgs = {}, {}
         for pdl, name in enumerate((READ_CASE, READ_CASE_PDL, READ_CASE_PDL_EARLY)):
@@ -254,6 +266,8 @@ def main() -> int:
                                                                          pdl=True) for i in range(ROTATE)],
             "ours, fp32 accumulate, PDL": [lambda i=i: bundled_sparse_ffn(
                 xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl=True) for i in range(ROTATE)],
+            "ours, fp32 accumulate, PDL early": [lambda i=i: bundled_sparse_ffn(
+                xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl="early") for i in range(ROTATE)],
         }
         timed.update({name: graph_ms(calls) for name, calls in contenders.items()})
         sizes = dict.fromkeys(timed, nbytes)

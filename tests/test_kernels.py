@@ -23,6 +23,7 @@ from real.kernels import (active_list, add_layer_norm, add_layer_norm_reference,
                           add_rms_norm_reference, backend_for, bundled_sparse_ffn, interpreting,
                           predict_active, predict_active_reference, predict_scores_reference, sparse_ffn,
                           sparse_ffn_reference, split_bundles)
+sparse_ffn_module = importlib.import_module("real.kernels.sparse_ffn")  # the module (the package exports the function)
 
 # If another test module imported triton first (real.engine imports the kernels), triton is compiled-only in
 # this process: then every test here is skipped and `test_all_in_fresh_process` runs this file in a fresh
@@ -164,15 +165,19 @@ def test_out_argument_and_its_checks():
         bundled_sparse_ffn(x, cache, idx, bias=bias, out=out[:2])
 
 
-@pytest.mark.parametrize("impl,method", [("auto", "fused"), ("auto", "two_phase"), ("torch", "auto")])
+@pytest.mark.parametrize("impl,method", [("auto", "fused"), ("auto", "two_phase"), ("auto", "two_phase:tf32"),
+                                         ("torch", "auto")])
 @pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
-def test_accumulate_adds_in_fp32(gated, tokens, impl, method):
+def test_accumulate_adds_in_fp32(gated, tokens, impl, method, monkeypatch):
     """accumulate=: two calls over disjoint row sets (as the engine's resident and new rows) add into one
     fp32 buffer that held something already; the sum is y (+ down bias) of all rows in fp32, not rounded to
     the weights' dtype. Tolerance: fp32 accumulation over k terms (4 eps32 sqrt(k)), plus the rounding of
     adding into the buffer's prior content (eps32 per add, relative to that content). Two-phase with several
-    tokens multiplies h on tensor cores as a sum of terms of the weights' dtype: the same fp32-level bound."""
+    tokens multiplies h on tensor cores as a sum of terms of the weights' dtype (or, ':tf32', as two tf32
+    terms): the same fp32-level bound."""
+    method, _, product = method.partition(":")
+    monkeypatch.setattr(sparse_ffn_module, "DOWN_PRODUCT", product or "split")
     d_model, dtype = 72, torch.float16
     cache, x, idx, bias = _ffn_inputs(21 + tokens, 150, d_model, tokens, 0.6, dtype, gated, with_bias=not gated)
     down_bias = None if gated else torch.randn(d_model, generator=_gen(22)).to(dtype)
@@ -208,8 +213,10 @@ def test_accumulate_checks():
                            config={"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 4, "PROGS_PER_SM": 1})
     with pytest.raises(ValueError, match="pdl: only method='fused'"):
         bundled_sparse_ffn(x, cache, idx, method="two_phase", pdl=True)
-    with pytest.raises(ValueError, match="pdl='early'.*idx=None"):
+    with pytest.raises(ValueError, match="pdl='early': one token only"):
         bundled_sparse_ffn(x, cache, idx, pdl="early")
+    with pytest.raises(ValueError, match="pdl='early'.*count=None"):
+        bundled_sparse_ffn(x[:1], cache, idx, count=torch.tensor([1], dtype=torch.int32), pdl="early")
     with pytest.raises(ValueError, match="pdl: expected False, True or 'early'"):
         bundled_sparse_ffn(x, cache, idx, pdl="yes")
     acc = torch.ones(0, 32)                                  # no tokens: nothing added, nothing launched
@@ -302,10 +309,13 @@ def test_auto_method_choice(monkeypatch):
         assert_close(y, _ref(xs, cache, idx, bias, False), torch.float16, 32)
 
 
+@pytest.mark.parametrize("product", ["split", "tf32"])
 @pytest.mark.parametrize("z", [20.0, 320.0], ids=["h-4e2", "h-1e5"])
-def test_two_phase_keeps_large_hidden_values(z):
+def test_two_phase_keeps_large_hidden_values(z, product, monkeypatch):
     """relu2 with x.up = z gives h = z^2; at z = 320, h = 102400 is beyond fp16's range (65504), which the
-    tensor-core product must not round to inf (it splits h into fp16 terms, scaling such a tile by 2^-16)."""
+    tensor-core product must not round to inf (split: h in fp16 terms, such a tile scaled by 2^-16; tf32 has
+    fp32's range)."""
+    monkeypatch.setattr(sparse_ffn_module, "DOWN_PRODUCT", product)
     d_model, n_rows, tokens = 32, 20, 3
     x = torch.ones(tokens, d_model, dtype=torch.float16)
     up = torch.full((n_rows, d_model), z / d_model, dtype=torch.float16)

@@ -15,10 +15,10 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   atomics per program. Kept as the measured comparison.
 * ``two_phase`` (the default for several tokens): kernel 1 writes h [tokens, n_active] (fp32, tiny; tensor
   cores for 2..16 tokens); kernel 2 splits the output columns and the rows over programs (few atomics; for
-  several tokens h @ down runs on tensor cores with h split into two (bf16: three) terms of the weight dtype,
-  `_dot_fp32_lhs`, so h keeps ~fp32 accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
-  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 25.4 against 44.4 us
-  (OPT-6.7B, 90%) and 24.8 against 57.5 us (Llama-2-7B), 4-6% more at 99% (H200, benchmarks/kernels_h200_run12.log).
+  several tokens h @ down runs on tensor cores as two tf32 products, `_dot_fp32_lhs`, so h keeps ~fp32
+  accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
+  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 22.1 against 45.6 us
+  (OPT-6.7B, 90%) and 22.8 against 57.4 us (Llama-2-7B), 1-7% more at 99% (H200, benchmarks/kernels_h200_run14.log).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
@@ -55,6 +55,12 @@ ACTIVATIONS = {"relu": 0, "relu2": 1}
 METHODS = ("auto", "fused", "per_block", "two_phase", "fused_tc")
 MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
 MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
+# two-phase h @ down for several tokens, h kept to ~fp32 accuracy either way (`_dot_fp32_lhs`): "tf32" (two
+# tf32 products, no overflow guard needed) or "split" (h in two fp16 / three bf16 terms, fp16 with an overflow
+# guard). tf32 was faster at every sparsity at batch 8: OPT-6.7B 76.1 vs 92.7 us at 0%, 22.1 vs 25.1 at 90%,
+# 15.9 vs 16.5 at 99% (H200, 2026-12-02 15:00 UTC, benchmarks/kernels_h200_run13.log)
+DOWN_PRODUCT = "tf32"
+DOWN_PRODUCTS = ("split", "tf32")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,15 +343,20 @@ if triton is not None:
         """Persistent-style whole-row kernel: a grid of about #SMs x PROGS_PER_SM programs, each streaming a
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
-        each program keeps a block of weights in flight. One token: y's share stays in fp32 registers and is
+        each program keeps a block of weights in flight. (Requesting the block after next right after a block's
+        arithmetic instead, the same order on paper, was 1.5-3 us slower at 90-95%: H200, 2026-12-02 14:41 UTC,
+        benchmarks/kernel_floor_h200_run8.log.) One token: y's share stays in fp32 registers and is
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
         FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
         programs only add into it (program 0 adds the down bias) and no epilogue runs.
         PDL (launched with programmatic dependent launch) 1: let the next kernel launch now, then wait for the
         previous one to finish and flush before reading anything (x, the index, the count, the accumulator);
-        2 (no index, count from the host): request the first block's weight tiles before that wait, so they
-        stream while the previous kernel finishes; x and the rest only after it."""
+        2 (one token, count from the host): request the row ids of the first three blocks and the weight tiles
+        of the first two before that wait, so they stream while the previous kernel finishes; x and the rest
+        only after it. Two blocks is what the loop holds anyway (the current block, and the next one in
+        flight), so the early requests cost no registers."""
+        tl.static_assert(PDL != 2 or BLOCK_T == 1, "PDL 2 (pdl='early') takes one token")
         if PDL > 0:
             gdc_launch_dependents()
         if PDL == 1:
@@ -372,10 +383,21 @@ if triton is not None:
         rows_nxt = _row_ids(idx_ptr, start + BLOCK_R + offs, m_nxt, HAS_IDX)
         u, g, dn, b = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd, bias_ptr,
                                    rows_cur, m_cur, d, dmask, HAS_BIAS, GATED)
+        first = start
         if PDL == 2:
+            # block 1 too (and the row ids of block 2) before the wait; block 0 is computed here, peeled, and
+            # the loop goes on from block 1 exactly as below
+            m_far = start + 2 * BLOCK_R + offs < end
+            rows_far = _row_ids(idx_ptr, start + 2 * BLOCK_R + offs, m_far, HAS_IDX)
+            u_n, g_n, dn_n, b_n = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
+                                               bias_ptr, rows_nxt, m_nxt, d, dmask, HAS_BIAS, GATED)
             gdc_wait()
             x0 = tl.load(x_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        for r0 in range(start, end, BLOCK_R):
+            part = _whole_contrib(x0, u, g, dn, b, m_cur, GATED, ACT)   # one token: PDL 2 needs BLOCK_T 1
+            u, g, dn, b, m_cur = u_n, g_n, dn_n, b_n, m_nxt
+            rows_nxt, m_nxt = rows_far, m_far
+            first = start + BLOCK_R
+        for r0 in range(first, end, BLOCK_R):
             m_far = r0 + 2 * BLOCK_R + offs < end
             rows_far = _row_ids(idx_ptr, r0 + 2 * BLOCK_R + offs, m_far, HAS_IDX)
             u_n, g_n, dn_n, b_n = _whole_tiles(up_ptr, s_ur, s_ud, gate_ptr, s_gr, s_gd, down_ptr, s_dr, s_dd,
@@ -424,13 +446,20 @@ if triton is not None:
                          mask=(offs_t < T)[:, None] & rmask[None, :])
 
     @triton.jit
-    def _dot_fp32_lhs(h, w, acc):
-        """acc + h @ w on tensor cores with h kept to ~fp32 accuracy: h (fp32) is split into terms of w's dtype,
-        each multiplied exactly by w. bf16: h = hi + mid + lo (what is dropped is below 2^-24 of h). fp16:
+    def _dot_fp32_lhs(h, w, acc, TF32: tl.constexpr = False):
+        """acc + h @ w on tensor cores with h kept to ~fp32 accuracy, instead of one rounding of h to w's dtype
+        (2^-11 / 2^-8). TF32: w (fp16/bf16) is exact in tf32, and h = hb + (h - hb) with hb its top 11
+        significant bits (exact in tf32, by masking) and the rest rounded to tf32 (dropped: ~2^-21 of h): two
+        tf32 products, fp32's range, so no overflow guard. Otherwise h is split into terms of w's dtype, each
+        multiplied exactly by w. bf16: h = hi + mid + lo (what is dropped is below 2^-24 of h). fp16:
         h = hi + mid / 2048, mid scaled into fp16's normal range (dropped: ~2^-22 of h); a tile with |h| >= 2^15
-        is first divided by 2^16 (exact), so hi cannot overflow to inf. Instead of one rounding of h to w's
-        dtype (2^-11 / 2^-8)."""
-        if w.dtype == tl.float16:
+        is first divided by 2^16 (exact), so hi cannot overflow to inf."""
+        if TF32:
+            w32 = w.to(tl.float32)
+            hb = (h.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(hb, w32, acc, input_precision="tf32")
+            acc = tl.dot(h - hb, w32, acc, input_precision="tf32")
+        elif w.dtype == tl.float16:
             scale = tl.where(tl.max(tl.abs(h)) >= 32768.0, 65536.0, 1.0)
             hs = h / scale
             hi = hs.to(tl.float16)
@@ -450,7 +479,7 @@ if triton is not None:
                      y_ptr, stride_yt, T, D, n_bucket,
                      HAS_IDX: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     FENCE: tl.constexpr, FINISH: tl.constexpr = True):
+                     FENCE: tl.constexpr, FINISH: tl.constexpr = True, TF32: tl.constexpr = False):
         """Program (column block, row split): sum over its share of the rows of h[:, r] * down[r, cols].
         FINISH=False (several tokens): only add into acc (the row-split-0 programs add the down bias); a drain
         launch writes y."""
@@ -481,7 +510,7 @@ if triton is not None:
                 else:
                     h = tl.load(h_ptr + offs_t[:, None] * n_active + offs_r[None, :],
                                 mask=tmask[:, None] & rmask[None, :], other=0.0)
-                    acc = _dot_fp32_lhs(h, dn, acc)
+                    acc = _dot_fp32_lhs(h, dn, acc, TF32)
             if BLOCK_T == 1:
                 tl.atomic_add(acc_ptr + d, tl.sum(acc1, axis=0), mask=dmask, sem="relaxed")
             else:
@@ -533,7 +562,7 @@ if triton is not None:
     # persistent whole-row kernel: (BLOCK_R, BLOCK_D, N_ACC, PROGS_PER_SM, num_warps, num_stages)
     _STREAM_NAMES = ("BLOCK_R", "BLOCK_D", "N_ACC", "PROGS_PER_SM")
     _STREAM_ONE = [(2, 4096, 1, 2, 8, 1), (2, 4096, 1, 1, 8, 1), (1, 4096, 1, 4, 4, 1), (1, 4096, 1, 2, 8, 1),
-                   (4, 4096, 1, 1, 8, 1), (1, 8192, 1, 2, 8, 1), (2, 8192, 1, 1, 8, 1)]
+                   (4, 4096, 1, 1, 8, 1), (2, 4096, 1, 1, 16, 1), (1, 8192, 1, 2, 8, 1), (2, 8192, 1, 1, 8, 1)]
     _STREAM_MULTI = [(1, 4096, 1, 4, 4, 1), (2, 4096, 1, 2, 8, 1), (4, 4096, 1, 1, 8, 1), (1, 8192, 1, 2, 8, 1),
                      (2, 8192, 1, 1, 8, 1)]
     _STREAM_DEFAULT = {m: {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 2, "PROGS_PER_SM": 1} for m in ("one", "multi")}
@@ -560,7 +589,7 @@ if triton is not None:
     # restore_value: with FINISH=False (several tokens, or accumulate=) the programs only add into acc, so every
     # tuning run must leave it as it found it: the workspace's zeros, or a caller's sum
     DOWN = Kernel(_down_kernel, {"one": configs(_DOWN_ONE, _NAMES), "dot": configs(_DOWN_DOT, _NAMES)},
-                  _DEFAULT, _KEY, restore_value=["acc_ptr"])
+                  _DEFAULT, _KEY + ["TF32"], restore_value=["acc_ptr"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -645,8 +674,8 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     idx[:count] is used and nothing is read back to the host; bias: [n_rows] per-neuron up bias (indexed by
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
     method: 'auto' (default): 'fused' for one token, and wherever `config` or `pdl` is given;
-    'two_phase' for several tokens (H200, batch 8: 1.7-4.0x faster than 'fused' at 0-90% sparsity, 4-6%
-    slower at 99%; benchmarks/kernels_h200_run12.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
+    'two_phase' for several tokens (H200, batch 8: 2.1-4.6x faster than 'fused' at 0-90% sparsity, 1-7%
+    slower at 99%; benchmarks/kernels_h200_run14.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
     one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
     columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
@@ -661,10 +690,11 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     (resident and new rows) add into one buffer and the next fused op reads and resets it.
     pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
     start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
-    before reading anything, so it is safe after any kernel; it hides launch latency only. pdl='early' (idx
-    and count None: all rows) also requests each program's first block of weight rows before that wait, so
-    they stream while the previous kernel finishes: only when no kernel that may still be running writes
-    `up`, `down`, `gate` or `bias` (a launch without PDL, or a sync, between the cache insert and this call).
+    before reading anything, so it is safe after any kernel; it hides launch latency only. pdl='early'
+    (one token, count None) also requests each program's first two blocks of weight rows (and their row ids) before
+    that wait, so they stream while the previous kernel finishes: only when no kernel that may still be
+    running writes `up`, `down`, `gate`, `bias` or `idx` (a launch without PDL, a copy from the host, or a
+    sync between the cache insert and this call). x is read only after the wait.
     """
     _check_activation(activation)
     _check(x, up, down, idx, gate, bias, down_bias, count, method)
@@ -714,10 +744,13 @@ def _check_pdl(pdl, x, idx, count, method):
     if pdl and (method != "fused" or x.shape[-1] > MAX_WHOLE_ROW):
         raise ValueError(f"pdl: only method='fused' with d_model <= {MAX_WHOLE_ROW} (got method={method!r}, "
                          f"d_model {x.shape[-1]}). Fix: pass pdl=False")
-    if pdl == "early" and (idx is not None or count is not None):
-        raise ValueError("pdl='early': reads weight rows before the previous kernel has finished, so the rows "
-                         "must not come from a kernel's output: only with idx=None and count=None. "
-                         "Fix: pass pdl=True")
+    if pdl == "early" and x.dim() == 2 and x.shape[0] > 1:
+        raise ValueError(f"pdl='early': one token only (its programs compute their first block right after the "
+                         f"wait, for token 0), got {x.shape[0]} tokens. Fix: pass pdl=True")
+    if pdl == "early" and count is not None:
+        raise ValueError("pdl='early': reads the row list and weight rows before the previous kernel has "
+                         "finished, so they must not come from a kernel's output, and a device-side count "
+                         "(predict_active's) does. Fix: pass count=None (the host's idx) or pdl=True")
 
 
 def _check_accumulate(x, acc, method, out):
@@ -751,6 +784,22 @@ def _accumulate_config(key, mode: str, tune) -> dict:
     return cfg
 
 
+def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
+    """Block sizes for pdl='early' launches, fixed: the autotuner times one launch alone, with nothing before
+    it to overlap, so it cannot rank them. A program requests its first two blocks before the wait; where its
+    share of rows fits those (<= 8 rows) 4-row blocks take it all, else 2-row blocks with 16 warps. From the
+    H200 sweep at OPT-6.7B's shapes (2026-12-02 15:05 UTC, benchmarks/kernel_floor.txt): 90% (12.4 rows per
+    program) 2 rows x 16 warps 9.99 us, 4 x 8 10.52, the plain-tuned pick 10.73; 95% (6.2 rows) 4 x 8 6.10 us,
+    2 x 16 7.12, the plain-tuned pick 7.57."""
+    share = -(-n_rows // sms)
+    block_r = 4 if share <= 8 else 2
+    block_d = next_pow2(d_model)
+    k = 3 if gated else 2
+    warps = 8 if block_r == 4 and 2 * k * block_r * block_d <= TILE_HALVES_PER_THREAD * 32 * 8 else 16
+    return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
+            "num_stages": 1}
+
+
 def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
             acc_into=None, tune_acc=False, pdl=False):
     T, D = x.shape
@@ -775,6 +824,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
+    if pdl == "early" and config is None and backend == "triton":
+        config = early_config(n_cap, _sm_count(x.device), D, gate is not None)
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
@@ -852,6 +903,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     DOWN.launch(backend, mode, grid2, h, down, down.stride(0), down.stride(1),
                 down_bias if down_bias is not None else dummy, *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                 HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
+                TF32=mode == "dot" and DOWN_PRODUCT == "tf32",
                 **({"FINISH": False} if acc_into is not None else {}), **flags)
     return y
 
