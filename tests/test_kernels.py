@@ -521,3 +521,18 @@ def test_wait_flag_passes_a_raised_flag_and_reports_a_timeout_stickily():
     assert int(timed_out[0]) == 1
     _wait_flag[(1,)](flag, 2, 50, timed_out)
     assert int(timed_out[0]) == 1
+
+
+@pytest.mark.parametrize("d_model,gated", [(4096, False), (4096, True), (5120, False), (8192, True)])
+def test_early_config_keeps_two_blocks_in_registers(d_model, gated):
+    """pdl='early' holds two blocks per program before the wait: 4-row blocks when a program's share fits them,
+    never more weight halves per thread than the register budget that prunes the autotuner's configs."""
+    k = 3 if gated else 2
+    for n_rows in (0, 100, 819, 1056, 1638, 16384):
+        cfg = sparse_ffn_module.early_config(n_rows, 132, d_model, gated)
+        assert cfg["BLOCK_D"] >= d_model and cfg["PROGS_PER_SM"] == 1 and cfg["N_ACC"] == 1
+        halves = 2 * k * cfg["BLOCK_R"] * cfg["BLOCK_D"]
+        assert halves <= sparse_ffn_module.TILE_HALVES_PER_THREAD * 32 * cfg["num_warps"], (n_rows, cfg)
+        if n_rows > 8 * 132:
+            assert cfg["BLOCK_R"] <= 2, (n_rows, cfg)
+    assert sparse_ffn_module.early_config(819, 132, 4096, False)["BLOCK_R"] == 4

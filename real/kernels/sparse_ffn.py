@@ -792,10 +792,14 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     program) 2 rows x 16 warps 9.99 us, 4 x 8 10.52, the plain-tuned pick 10.73; 95% (6.2 rows) 4 x 8 6.10 us,
     2 x 16 7.12, the plain-tuned pick 7.57."""
     share = -(-n_rows // sms)
-    block_r = 4 if share <= 8 else 2
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
-    warps = 8 if block_r == 4 and 2 * k * block_r * block_d <= TILE_HALVES_PER_THREAD * 32 * 8 else 16
+
+    def fits(block_r, warps):   # the two blocks in flight within the register budget (as _prune_stream)
+        return 2 * k * block_r * block_d <= TILE_HALVES_PER_THREAD * 32 * warps
+
+    block_r = 4 if share <= 8 and fits(4, 16) else 2 if fits(2, 16) else 1
+    warps = 8 if block_r == 4 and fits(4, 8) else 16
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
             "num_stages": 1}
 
