@@ -425,6 +425,9 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 check(f"{model} T={T} sparsity {sp}% fused persistent (autotuned)", ours_call(0, "fused")(), ref,
                       DTYPE, D, log)
                 persistent_ms = graph_ms([ours_call(i, "fused") for i in range(ROTATE)])
+            cfg = (_short(sparse_ffn_mod.STREAM.best_config("one")) if T == 1 else
+                   f"two-phase: hidden {_short(sparse_ffn_mod.HIDDEN.best_config('dot'))}; "
+                   f"down {_short(sparse_ffn_mod.DOWN.best_config('dot'))}")   # before the other product re-tunes
             other_ms, other = None, None
             if T > 1:  # two-phase with the other h @ down product ('split' fp16 terms vs two 'tf32' products)
                 default = sparse_ffn_mod.DOWN_PRODUCT
@@ -440,9 +443,6 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                     sparse_ffn_mod.DOWN_PRODUCT = default
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
-            cfg = (_short(sparse_ffn_mod.STREAM.best_config("one")) if T == 1 else
-                   f"two-phase: hidden {_short(sparse_ffn_mod.HIDDEN.best_config('dot'))}; "
-                   f"down {_short(sparse_ffn_mod.DOWN.best_config('dot'))}")
             fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log)
             # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
             acc_touched = touched - T * D * 2 + 2 * T * D * 4
@@ -460,7 +460,7 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
             two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
             v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
             persist = "-" if persistent_ms is None else f"{persistent_ms * 1e3:.1f}"
-            persist += "" if other_ms is None else f"  two-phase {other} {other_ms * 1e3:.1f} us"
+            persist += "" if other_ms is None else f"  two-phase {other} {other_ms * 1e3:.1f}"
             log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
                 f"  two_phase {two} us  one-launch persistent {persist} us  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
@@ -750,6 +750,11 @@ def _acc_pdl_gbps(r, key="pdl"):
     return r["acc_touched_gbps"] * r["acc_ms"] / r[f"acc_{key}_ms"]
 
 
+def _other_product_ms(r):
+    """Two-phase with the other h @ down product (split or tf32; records have at most one of them)."""
+    return r.get("two_phase_split_ms", r.get("two_phase_tf32_ms"))
+
+
 def _us(ms) -> str:
     return "-" if ms is None else f"{ms * 1e3:.1f}"
 
@@ -768,8 +773,8 @@ def write_table(path, records, stamp, peak, checks, source=None):
            (f", read-only {max(reads):.0f} GB/s" if reads else ""), *CONVENTIONS, "",
            "## sparse FFN: ours (the default method: one-launch persistent kernel for batch 1, two-phase for batch "
            "> 1 from 2026-12-02 12:50 UTC on) vs v1 (one program per row block) vs two-phase (batch 1) or the "
-           "one-launch persistent kernel (batch > 1: 'persist'; 'split' = two-phase with h @ down on fp16/bf16 terms of h, the default until 2026-12-02 15:10 UTC: now two tf32 products) vs torch index_select+matmul vs dense cuBLAS FFN (us)",
-           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'persist':>7} {'split':>6} {'gather':>7} "
+           "one-launch persistent kernel (batch > 1: 'persist'; 'other' = two-phase with the h @ down product that is not the record's default: fp16/bf16 terms of h ('split', the default until 2026-12-02 15:10 UTC) or, in records of 15:00 UTC, two tf32 products, the default since) vs torch index_select+matmul vs dense cuBLAS FFN (us)",
+           f"{'model':<11} {'b':>2} {'sp%':>3} {'n_act':>6} {'ours':>7} {'v1':>7} {'2phase':>7} {'persist':>7} {'other':>6} {'gather':>7} "
            f"{'dense':>7} {'x gath':>6} {'x dense':>7} {'GB/s':>6} {'%peak':>5} {'check':>5} {'acc':>6} "
            f"{'acc%pk':>6} {'pair':>6} {'pairacc':>7} {'accPDL':>6} {'%pk':>4} {'pairPDL':>7} {'early':>6} {'%pk':>4} "
            f"{'pairEarly':>9}  config"]
@@ -780,7 +785,7 @@ def write_table(path, records, stamp, peak, checks, source=None):
         v1 = "-" if r.get("per_block_ms") is None else f"{r['per_block_ms'] * 1e3:.1f}"
         out.append(f"{r['model']:<11} {r['batch']:>2} {r['sparsity']:>3} {r['n_active']:>6} "
                    f"{r['ours_ms'] * 1e3:>7.1f} {v1:>7} {two:>7} {_us(r.get('persistent_ms')):>7} "
-                   f"{_us(r.get('two_phase_split_ms')):>6} "
+                   f"{_us(_other_product_ms(r)):>6} "
                    f"{r['gather_ms'] * 1e3:>7.1f} "
                    f"{r['dense_ms'] * 1e3:>7.1f} {r['gather_ms'] / r['ours_ms']:>6.1f} "
                    f"{r['dense_ms'] / r['ours_ms']:>7.1f} {r['touched_gbps']:>6.0f} "

@@ -536,3 +536,40 @@ def test_early_config_keeps_two_blocks_in_registers(d_model, gated):
         if n_rows > 8 * 132:
             assert cfg["BLOCK_R"] <= 2, (n_rows, cfg)
     assert sparse_ffn_module.early_config(819, 132, 4096, False)["BLOCK_R"] == 4
+
+
+@pytest.mark.parametrize("block_r,progs", [(1, 1), (2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("with_idx", [True, False], ids=["idx", "all-rows"])
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_early_launch_path_matches_float64(gated, with_idx, block_r, progs, monkeypatch):
+    """pdl='early' compiles a different prologue (PDL 2: two blocks requested before the wait, the first one
+    peeled off the loop). The interpreter has no griddepcontrol, so here the wait and the launch signal are
+    no-ops and PDL 2 is passed as a plain constexpr: the peeled block and the loop must still cover every row
+    exactly once, for shares of 0, 1, 2 and more blocks, finishing and accumulating."""
+    monkeypatch.setattr(sparse_ffn_module, "gdc_wait", lambda: None)
+    monkeypatch.setattr(sparse_ffn_module, "gdc_launch_dependents", lambda: None)
+    monkeypatch.setattr(sparse_ffn_module, "pdl_args", lambda level, backend: {"PDL": level} if level else {})
+    config = {"BLOCK_R": block_r, "BLOCK_D": 64, "N_ACC": 1, "PROGS_PER_SM": progs}
+    for n_active in (0, 1, 3, 9, 30):
+        cache, x, idx, bias = _ffn_inputs(60 + n_active, 80, 48, 1, 0.5, torch.float16, gated,
+                                          with_bias=not gated)
+        idx = idx[:n_active]
+        if not with_idx:                     # all rows of a cache of just the active rows
+            cache, bias = cache[idx.long()], None if bias is None else bias[idx.long()]
+            idx = None
+        ref = _ref(x, cache, idx, bias, gated)
+        y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, pdl="early", config=config)
+        acc = torch.zeros(x.shape)
+        bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, pdl="early", config=config, accumulate=acc)
+        if not ref.any():                    # no rows, or none fires (relu of one row can be 0)
+            assert not y.any() and not acc.any()
+            continue
+        assert_close(y, ref, torch.float16, 48)
+        assert_close(acc.to(torch.float16), ref, torch.float16, 48)
+
+
+def test_down_product_is_validated(monkeypatch):
+    cache, x, idx, _ = _ffn_inputs(70, 30, 32, 3, 0.5, torch.float16, False, with_bias=False)
+    monkeypatch.setattr(sparse_ffn_module, "DOWN_PRODUCT", "TF32")
+    with pytest.raises(ValueError, match="DOWN_PRODUCT: unknown 'TF32'"):
+        bundled_sparse_ffn(x, cache, idx, method="two_phase")

@@ -344,8 +344,8 @@ if triton is not None:
         contiguous share of the active list BLOCK_R rows at a time. Software-pipelined by hand: the tiles of the
         next block and the row ids of the one after are requested before the current block's arithmetic, so
         each program keeps a block of weights in flight. (Requesting the block after next right after a block's
-        arithmetic instead, the same order on paper, was 1.5-3 us slower at 90-95%: H200, 2026-12-02 14:41 UTC,
-        benchmarks/kernel_floor_h200_run8.log.) One token: y's share stays in fp32 registers and is
+        arithmetic instead, the same order on paper, made most launches 0.8-3 us slower at 90-95%: H200,
+        2026-12-02 14:41 UTC, benchmarks/kernel_floor_h200_run8.log.) One token: y's share stays in fp32 registers and is
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
         FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
@@ -357,6 +357,7 @@ if triton is not None:
         only after it. Two blocks is what the loop holds anyway (the current block, and the next one in
         flight), so the early requests cost no registers."""
         tl.static_assert(PDL != 2 or BLOCK_T == 1, "PDL 2 (pdl='early') takes one token")
+        tl.static_assert(PDL != 2 or not COUNT_ON_DEVICE, "PDL 2 (pdl='early') reads the count before the wait")
         if PDL > 0:
             gdc_launch_dependents()
         if PDL == 1:
@@ -784,13 +785,18 @@ def _accumulate_config(key, mode: str, tune) -> dict:
     return cfg
 
 
+EARLY_CONFIG_MAX_SHARE = 16   # rows per program up to which early_config was measured to beat the tuned pick
+
+
 def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
-    """Block sizes for pdl='early' launches, fixed: the autotuner times one launch alone, with nothing before
-    it to overlap, so it cannot rank them. A program requests its first two blocks before the wait; where its
-    share of rows fits those (<= 8 rows) 4-row blocks take it all, else 2-row blocks with 16 warps. From the
-    H200 sweep at OPT-6.7B's shapes (2026-12-02 15:05 UTC, benchmarks/kernel_floor.txt): 90% (12.4 rows per
-    program) 2 rows x 16 warps 9.99 us, 4 x 8 10.52, the plain-tuned pick 10.73; 95% (6.2 rows) 4 x 8 6.10 us,
-    2 x 16 7.12, the plain-tuned pick 7.57."""
+    """Block sizes for pdl='early' launches with an index, fixed: the autotuner times one launch alone, with
+    nothing before it to overlap, so it cannot rank them. A program requests its first two blocks before the
+    wait; where its share of rows fits those (<= 8 rows) 4-row blocks take it all, else 2-row blocks with 16
+    warps. From the H200 sweep at OPT-6.7B's shapes (2026-12-02 15:05 UTC, benchmarks/kernel_floor_h200_run9.log):
+    90% (12.4 rows per program) 2 rows x 16 warps 9.99 us, 4 x 8 10.52, the plain-tuned pick 10.73; 95% (6.2
+    rows) 4 x 8 6.10 us, 2 x 16 7.12, the plain-tuned pick 7.57. Used up to EARLY_CONFIG_MAX_SHARE rows per
+    program: beyond, and without an index, the tuned configs were as fast or faster (OPT 0%: 62.2 vs 77.9 us;
+    all rows at 90%: 9.9-10.5 vs 11.6 us)."""
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
@@ -828,7 +834,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
-    if pdl == "early" and config is None and backend == "triton":
+    if pdl == "early" and config is None and backend == "triton" and idx is not None \
+            and n_cap <= EARLY_CONFIG_MAX_SHARE * _sm_count(x.device):
         config = early_config(n_cap, _sm_count(x.device), D, gate is not None)
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
@@ -907,9 +914,16 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     DOWN.launch(backend, mode, grid2, h, down, down.stride(0), down.stride(1),
                 down_bias if down_bias is not None else dummy, *common, acc, sem, y, y.stride(0), T, D, n_bucket,
                 HAS_OUT_BIAS=down_bias is not None, BLOCK_E=block_e, FENCE=backend == "triton", config=config,
-                TF32=mode == "dot" and DOWN_PRODUCT == "tf32",
+                TF32=mode == "dot" and _down_product() == "tf32",
                 **({"FINISH": False} if acc_into is not None else {}), **flags)
     return y
+
+
+def _down_product() -> str:
+    if DOWN_PRODUCT not in DOWN_PRODUCTS:
+        raise ValueError(f"DOWN_PRODUCT: unknown {DOWN_PRODUCT!r}. Fix: set real.kernels.sparse_ffn's DOWN_PRODUCT "
+                         f"(the module, importlib.import_module('real.kernels.sparse_ffn')) to one of {DOWN_PRODUCTS}")
+    return DOWN_PRODUCT
 
 
 def split_bundles(cache: torch.Tensor, d_model: int, gated: bool = False):
