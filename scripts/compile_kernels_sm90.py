@@ -1,0 +1,124 @@
+"""Compile the sparse FFN and predictor kernels for Hopper (sm_90) on a machine without a GPU.
+
+The CPU tests run the kernels in Triton's interpreter, which skips what only the compiler sees: inline
+assembly (griddepcontrol for PDL, fences), static asserts, tf32 dots, register-heavy whole-row tiles. Triton
+can compile for a CUDA target without a device (its wheel brings ptxas), so this builds each specialization
+the library launches, down to a cubin, and checks the PTX of the PDL variants: a launch that waits first
+(PDL 1) issues no global load before `griddepcontrol.wait`; an early launch (PDL 2) issues its weight loads
+before it.
+
+    python scripts/compile_kernels_sm90.py        # prints one line per specialization; exit 1 on a failure
+
+Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled. Fix: unset it")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+NO_TOOLCHAIN = 3          # exit status when this triton cannot compile for CUDA here (the test then skips)
+sparse = importlib.import_module("real.kernels.sparse_ffn")
+predictor = importlib.import_module("real.kernels.predictor")
+
+
+def _signature(fn, consts: dict, types: dict) -> dict:
+    return {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+
+
+def compile_one(fn, consts: dict, types: dict, num_warps: int):
+    src = ASTSource(fn=fn, signature=_signature(fn, consts, types), constexprs=consts)
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 1})
+
+
+def check_pdl_order(ptx: str, pdl: int) -> str | None:
+    """None if the PTX orders loads as the PDL level promises, else what is wrong."""
+    if pdl == 0:
+        return None
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0:
+        return "no griddepcontrol.wait"
+    before = ptx[:wait].count("ld.global")
+    if pdl == 1 and before:
+        return f"{before} global loads before the wait (PDL 1 must read nothing before it)"
+    if pdl == 2 and not before:
+        return "no global load before the wait (PDL 2 requests its first blocks there)"
+    return None
+
+
+def stream_cases():
+    f16 = {n: "*fp16" for n in ("x_ptr", "up_ptr", "gate_ptr", "down_ptr", "bias_ptr", "out_bias_ptr", "y_ptr")}
+    types = dict(f16, idx_ptr="*i32", count_ptr="*i32", acc_ptr="*fp32", sem_ptr="*i32")
+    for pdl, has_idx, gated, block_t, finish in itertools.product((0, 1, 2), (True, False), (False, True),
+                                                                   (1, 8), (True, False)):
+        if pdl == 2 and block_t > 1:
+            continue                       # early launches take one token (the kernel static-asserts it)
+        block_r, warps = (4, 8) if not gated else (2, 16)
+        consts = dict(HAS_IDX=has_idx, COUNT_ON_DEVICE=has_idx and pdl != 2, HAS_BIAS=not gated,
+                      HAS_OUT_BIAS=True, GATED=gated, ACT=0, BLOCK_T=block_t, BLOCK_E=4096, BLOCK_R=block_r,
+                      BLOCK_D=4096, N_ACC=1, PROGS_PER_SM=1, FENCE=True, FINISH=finish, PDL=pdl)
+        yield (f"_stream_kernel PDL={pdl} idx={has_idx} gated={gated} T={block_t} finish={finish}",
+               sparse._stream_kernel, consts, types, warps, pdl)
+
+
+def two_phase_cases():
+    for dtype, tf32, block_t in ((d, t, b) for d in ("fp16", "bf16") for t, b in ((False, 1), (False, 16), (True, 16))):
+        types = dict(h_ptr="*fp32", down_ptr=f"*{dtype}", out_bias_ptr=f"*{dtype}", idx_ptr="*i32",
+                     count_ptr="*i32", acc_ptr="*fp32", sem_ptr="*i32", y_ptr=f"*{dtype}")
+        consts = dict(HAS_IDX=True, COUNT_ON_DEVICE=True, HAS_OUT_BIAS=True, BLOCK_T=block_t, BLOCK_E=4096,
+                      BLOCK_R=32, BLOCK_D=256, FENCE=True, FINISH=block_t == 1, TF32=tf32)
+        yield f"_down_kernel {dtype} T={block_t} tf32={tf32}", sparse._down_kernel, consts, types, 8, 0
+    for block_t in (1, 16):
+        types = {n: "*fp16" for n in ("x_ptr", "up_ptr", "gate_ptr", "bias_ptr")}
+        types.update(idx_ptr="*i32", count_ptr="*i32", h_ptr="*fp32")
+        consts = dict(HAS_IDX=True, COUNT_ON_DEVICE=True, HAS_BIAS=True, GATED=False, ACT=0, BLOCK_T=block_t,
+                      BLOCK_R=16, BLOCK_D=256)
+        yield f"_hidden_kernel T={block_t}", sparse._hidden_kernel, consts, types, 4, 0
+
+
+def predictor_cases():
+    for pdl, block_t in itertools.product((False, True), (1, 16)):
+        types = dict(x_ptr="*fp16", a_ptr="*fp16", z_ptr="*fp32", count_ptr="*i32")
+        consts = dict(BLOCK_T=block_t, BLOCK_RR=16, BLOCK_K=256, SPLIT_K=8, PDL=pdl)
+        yield f"_lowrank_kernel T={block_t} pdl={pdl}", predictor._lowrank_kernel, consts, types, 4, 0
+        types = dict(z_ptr="*fp32", b_ptr="*fp16", bias_ptr="*fp16", idx_ptr="*i32", count_ptr="*i32",
+                     threshold="fp32")
+        consts = dict(BLOCK_T=block_t, R_PAD=128, BLOCK_N=256, SPLIT_K=8, HAS_BIAS=True, PDL=pdl)
+        yield f"_select_kernel T={block_t} pdl={pdl}", predictor._select_kernel, consts, types, 8, 0
+
+
+def main() -> int:
+    failures = 0
+    for name, fn, consts, types, warps, pdl in itertools.chain(stream_cases(), two_phase_cases(), predictor_cases()):
+        t0 = time.perf_counter()
+        try:
+            compiled = compile_one(fn, consts, types, warps)
+            problem = check_pdl_order(compiled.asm["ptx"], pdl)
+        except Exception as e:  # noqa: BLE001 - report every specialization, then fail
+            if "ptxas" in str(e) and "not found" in str(e).lower():
+                print(f"no ptxas here, nothing compiled: {e}")
+                return NO_TOOLCHAIN
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        failures += problem is not None
+        print(f"{'FAIL' if problem else 'ok  '} {name} ({time.perf_counter() - t0:.1f} s)" +
+              (f": {problem}" if problem else ""), flush=True)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
