@@ -17,8 +17,8 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   cores for 2..16 tokens); kernel 2 splits the output columns and the rows over programs (few atomics; for
   several tokens h @ down runs on tensor cores as two tf32 products, `_dot_fp32_lhs`, so h keeps ~fp32
   accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
-  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 22.1 against 45.6 us
-  (OPT-6.7B, 90%) and 22.8 against 57.4 us (Llama-2-7B), 1-7% more at 99% (H200, benchmarks/kernels_h200_run14.log).
+  per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 22.2 against 46.4 us
+  (OPT-6.7B, 90%) and 22.9 against 57.5 us (Llama-2-7B), 1-7% more at 99% (H200, benchmarks/kernels_h200_run15.log).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
@@ -676,7 +676,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
     method: 'auto' (default): 'fused' for one token, and wherever `config` or `pdl` is given;
     'two_phase' for several tokens (H200, batch 8: 2.1-4.6x faster than 'fused' at 0-90% sparsity, 1-7%
-    slower at 99%; benchmarks/kernels_h200_run14.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
+    slower at 99%; benchmarks/kernels_h200_run15.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
     one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
     columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
