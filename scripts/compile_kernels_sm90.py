@@ -1,11 +1,11 @@
-"""Compile the sparse FFN and predictor kernels for Hopper (sm_90) on a machine without a GPU.
+"""Compile the sparse FFN, predictor and add+norm kernels for Hopper (sm_90) on a machine without a GPU.
 
 The CPU tests run the kernels in Triton's interpreter, which skips what only the compiler sees: inline
 assembly (griddepcontrol for PDL, fences), static asserts, tf32 dots, register-heavy whole-row tiles. Triton
 can compile for a CUDA target without a device (its wheel brings ptxas), so this builds each specialization
 the library launches, down to a cubin, and checks the PTX of the PDL variants: a launch that waits first
-(PDL 1) issues no global load before `griddepcontrol.wait`; an early launch (PDL 2) issues its weight loads
-before it.
+(PDL 1: the sparse FFN's `pdl=True`, the norms) issues no global load before `griddepcontrol.wait`; one that
+requests its weights early (PDL 2: `pdl="early"`, the predictor's `pdl=True`) issues loads before it.
 
     python scripts/compile_kernels_sm90.py        # prints one line per specialization; exit 1 on a failure
 
@@ -34,6 +34,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 NO_TOOLCHAIN = 3          # exit status when this triton cannot compile for CUDA here (the test then skips)
 sparse = importlib.import_module("real.kernels.sparse_ffn")
 predictor = importlib.import_module("real.kernels.predictor")
+add_norm = importlib.import_module("real.kernels.add_norm")
 
 
 def _signature(fn, consts: dict, types: dict) -> dict:
@@ -94,16 +95,28 @@ def predictor_cases():
     for pdl, block_t in itertools.product((False, True), (1, 16)):
         types = dict(x_ptr="*fp16", a_ptr="*fp16", z_ptr="*fp32", count_ptr="*i32")
         consts = dict(BLOCK_T=block_t, BLOCK_RR=16, BLOCK_K=256, SPLIT_K=8, PDL=pdl)
-        yield f"_lowrank_kernel T={block_t} pdl={pdl}", predictor._lowrank_kernel, consts, types, 4, 0
+        # with PDL both request their weights (A's first tile; B's block and the bias) before the wait: level 2
+        yield f"_lowrank_kernel T={block_t} pdl={pdl}", predictor._lowrank_kernel, consts, types, 4, 2 * pdl
         types = dict(z_ptr="*fp32", b_ptr="*fp16", bias_ptr="*fp16", idx_ptr="*i32", count_ptr="*i32",
                      threshold="fp32")
         consts = dict(BLOCK_T=block_t, R_PAD=128, BLOCK_N=256, SPLIT_K=8, HAS_BIAS=True, PDL=pdl)
-        yield f"_select_kernel T={block_t} pdl={pdl}", predictor._select_kernel, consts, types, 8, 0
+        yield f"_select_kernel T={block_t} pdl={pdl}", predictor._select_kernel, consts, types, 8, 2 * pdl
+
+
+def add_norm_cases():
+    for rms, consume, pdl in itertools.product((False, True), (False, True), (False, True)):
+        x = "*fp32" if consume else "*fp16"          # consume: x is the FFN's fp32 sum, read and zeroed
+        types = dict(x_ptr=x, r_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16",
+                     eps="fp32")
+        consts = dict(RMS=rms, HAS_W=True, HAS_B=not rms, CONSUME=consume, BLOCK=4096, PDL=pdl)
+        yield (f"_add_norm_kernel rms={rms} consume={consume} pdl={pdl}", add_norm._add_norm_kernel, consts, types,
+               8, int(pdl))
 
 
 def main() -> int:
     failures = 0
-    for name, fn, consts, types, warps, pdl in itertools.chain(stream_cases(), two_phase_cases(), predictor_cases()):
+    for name, fn, consts, types, warps, pdl in itertools.chain(stream_cases(), two_phase_cases(), predictor_cases(),
+                                                                     add_norm_cases()):
         t0 = time.perf_counter()
         try:
             compiled = compile_one(fn, consts, types, warps)
