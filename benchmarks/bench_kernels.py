@@ -457,12 +457,10 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                                 touched_mb=touched / 1e6, dtype="float16", correct=ok, timing="cuda_graph",
                                 ours_ms_do_bench=ours_db, gather_ms_do_bench=gather_db, dense_ms_do_bench=dense_db,
                                 config=cfg, acc_touched_gbps=acc_touched / fused["acc_ms"] / 1e6, **fused))
-            two = "-" if two_ms is None else f"{two_ms * 1e3:.1f}"
-            v1 = "-" if v1_ms is None else f"{v1_ms * 1e3:.1f}"
-            persist = "-" if persistent_ms is None else f"{persistent_ms * 1e3:.1f}"
-            persist += "" if other_ms is None else f"  two-phase {other} {other_ms * 1e3:.1f}"
-            log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {v1} us"
-                f"  two_phase {two} us  one-launch persistent {persist} us  gather {gather_ms * 1e3:6.1f} us"
+            other_part = "" if other_ms is None else f"  two-phase {other} {_us(other_ms)}"
+            log(f"  {model} T={T} sp={sp:2d}% n={n:5d}: ours {ours_ms * 1e3:6.1f} us  v1 per-block {_us(v1_ms)} us"
+                f"  two_phase {_us(two_ms)} us  one-launch persistent {_us(persistent_ms)}{other_part} us"
+                f"  gather {gather_ms * 1e3:6.1f} us"
                 f"  {gbps:5.0f} GB/s ({100 * gbps / peak:3.0f}% of peak)  cfg {cfg}")
             log(f"    fused form: accumulate {fused['acc_ms'] * 1e3:6.1f} us ({acc_touched / fused['acc_ms'] / 1e6:5.0f}"
                 f" GB/s, {100 * acc_touched / fused['acc_ms'] / 1e6 / peak:3.0f}% of peak); with add+norm: finishing "
@@ -475,6 +473,10 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                 f"{fused['pair_early_ms'] * 1e3:.1f} us"))
     del cache, caches, c64, w_up, w_down, w_gate
     torch.cuda.empty_cache()
+
+
+# the fused form's PDL launches: (record key, sparse_ffn's pdl, name); 'early' takes one token
+PDL_FORMS = (("pdl", True, "PDL"), ("early", "early", "PDL early"))
 
 
 def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
@@ -518,12 +520,10 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     out_f, _ = pair_finishing(0)()
     out_a, _ = pair_accumulating(0)()
     pair_ok = check(f"{label} accumulate + consuming add+norm vs finishing pair", out_a, out_f.double(), DTYPE, D, log)
-    out_p, _ = pair_accumulating(0, pdl=True)()
-    pair_ok &= check(f"{label} the same with PDL vs finishing pair", out_p, out_f.double(), DTYPE, D, log)
-    early = T == 1
-    if early:
-        out_e, _ = pair_accumulating(0, pdl="early")()
-        pair_ok &= check(f"{label} the same with PDL early vs finishing pair", out_e, out_f.double(), DTYPE, D, log)
+    forms = [(key, pdl, name) for key, pdl, name in PDL_FORMS if T == 1 or pdl != "early"]   # early: one token
+    for _, pdl, name in forms:
+        out_p, _ = pair_accumulating(0, pdl=pdl)()
+        pair_ok &= check(f"{label} the same with {name} vs finishing pair", out_p, out_f.double(), DTYPE, D, log)
     if accs[0].any():
         FAILURES.append(f"{label}: the consuming add+norm left the fp32 sum non-zero")
         pair_ok = False
@@ -532,22 +532,16 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
         a.zero_()
     pair_ms = graph_ms([pair_finishing(i) for i in range(ROTATE)])
     pair_acc_ms = graph_ms([pair_accumulating(i) for i in range(ROTATE)])
-    acc_pdl_ms = graph_ms([lambda i=i: ffn(i, accumulate=accs[i], pdl=True) for i in range(ROTATE)])
-    for a in accs:
-        a.zero_()
-    pair_pdl_ms = graph_ms([pair_accumulating(i, pdl=True) for i in range(ROTATE)])
-    acc_early_ms = pair_early_ms = None
-    if early:
-        acc_early_ms = graph_ms([lambda i=i: ffn(i, accumulate=accs[i], pdl="early") for i in range(ROTATE)])
+    timed = {f"{kind}_{key}_ms": None for key, _, _ in PDL_FORMS for kind in ("acc", "pair")}
+    for key, pdl, _ in forms:
+        timed[f"acc_{key}_ms"] = graph_ms([lambda i=i: ffn(i, accumulate=accs[i], pdl=pdl) for i in range(ROTATE)])
         for a in accs:
             a.zero_()
-        pair_early_ms = graph_ms([pair_accumulating(i, pdl="early") for i in range(ROTATE)])
+        timed[f"pair_{key}_ms"] = graph_ms([pair_accumulating(i, pdl=pdl) for i in range(ROTATE)])
     if any(a.any() for a in accs):
         FAILURES.append(f"{label}: after the PDL pairs an fp32 sum is non-zero (a consuming add+norm ran early?)")
         pair_ok = False
-    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, acc_pdl_ms=acc_pdl_ms,
-                pair_pdl_ms=pair_pdl_ms, acc_early_ms=acc_early_ms, pair_early_ms=pair_early_ms,
-                acc_correct=bool(acc_ok and pair_ok))
+    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, **timed, acc_correct=bool(acc_ok and pair_ok))
 
 
 PREDICTOR_THRESHOLD = 1.28  # about 10% of the neurons predicted active with predictor_weights' scales
@@ -678,7 +672,7 @@ def _fused_form_line(r) -> str:
     frac = r["acc_touched_gbps"] / r["peak_gbps"]
     bw = "" if r["sparsity"] > 95 else f", {100 * frac:.0f}% of peak (need >= 70): {'PASS' if frac >= 0.7 else 'FAIL'}"
     pdl = ""
-    for key, name in (("pdl", "PDL"), ("early", "PDL early")):
+    for key, _, name in PDL_FORMS:
         if r.get(f"acc_{key}_ms") is not None:
             frac_pdl = _acc_pdl_gbps(r, key) / r["peak_gbps"]
             pdl += (f"; with {name} {r[f'acc_{key}_ms'] * 1e3:.1f} us" +

@@ -280,24 +280,22 @@ def test_workspace_is_left_clean(tokens, method):
     """The fused and two-phase kernels (one token: the last program's finish; several: the drain launch)
     leave their fp32 workspace and ticket at zero, so back-to-back calls give identical results; the down
     bias is added exactly once."""
-    sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
     cache, x, idx, bias = _ffn_inputs(4, 100, 48, tokens, 0.5, torch.float16, False, with_bias=True)
     down_bias = torch.randn(48, generator=_gen(40)).to(torch.float16)
     first = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=down_bias, method=method)
     second = bundled_sparse_ffn(x, cache, idx, bias=bias, down_bias=down_bias, method=method)
     assert torch.equal(first, second)
     assert_close(first, _ref(x, cache, idx, bias, False, down_bias=down_bias), torch.float16, 48)
-    assert sparse_ffn_mod._WORKSPACES, "the kernel path used no workspace"
-    for acc, ticket in sparse_ffn_mod._WORKSPACES.values():
+    assert sparse_ffn_module._WORKSPACES, "the kernel path used no workspace"
+    for acc, ticket in sparse_ffn_module._WORKSPACES.values():
         assert not acc.any() and not ticket.any()
 
 
 def test_auto_method_choice(monkeypatch):
     """method='auto' (the default): the one-launch kernel for one token, two-phase for several, and the
     one-launch kernel whenever an option only it has is asked for (pdl, a fixed config)."""
-    sparse_ffn_mod = importlib.import_module("real.kernels.sparse_ffn")
-    launch, seen = sparse_ffn_mod._launch, []
-    monkeypatch.setattr(sparse_ffn_mod, "_launch", lambda *a, **k: (seen.append(a[10]), launch(*a, **k))[1])
+    launch, seen = sparse_ffn_module._launch, []
+    monkeypatch.setattr(sparse_ffn_module, "_launch", lambda *a, **k: (seen.append(a[10]), launch(*a, **k))[1])
     cache, x, idx, bias = _ffn_inputs(8, 60, 32, 3, 0.5, torch.float16, False, with_bias=True)
     cases = [(x[:1], {}, "fused"), (x, {}, "two_phase"), (x, {"pdl": True}, "fused"),
              (x, {"accumulate": torch.zeros(3, 32)}, "two_phase"), (x[:1], {"accumulate": torch.zeros(1, 32)}, "fused"),

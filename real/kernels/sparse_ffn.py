@@ -55,12 +55,19 @@ ACTIVATIONS = {"relu": 0, "relu2": 1}
 METHODS = ("auto", "fused", "per_block", "two_phase", "fused_tc")
 MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
 MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
+TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 registers; more spills
 # two-phase h @ down for several tokens, h kept to ~fp32 accuracy either way (`_dot_fp32_lhs`): "tf32" (two
 # tf32 products, no overflow guard needed) or "split" (h in two fp16 / three bf16 terms, fp16 with an overflow
 # guard). tf32 was faster at every sparsity at batch 8: OPT-6.7B 76.1 vs 92.7 us at 0%, 22.1 vs 25.1 at 90%,
 # 15.9 vs 16.5 at 99% (H200, 2026-12-02 15:00 UTC, benchmarks/kernels_h200_run13.log)
 DOWN_PRODUCT = "tf32"
 DOWN_PRODUCTS = ("split", "tf32")
+
+
+def _tiles_fit(k: int, block_r: int, block_d: int, num_warps: int) -> bool:
+    """The persistent kernel's two blocks in flight (k matrices of block_r x block_d halves each) fit the
+    register budget of num_warps warps."""
+    return 2 * k * block_r * block_d <= TILE_HALVES_PER_THREAD * 32 * num_warps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,13 +575,11 @@ if triton is not None:
                      (2, 8192, 1, 1, 8, 1)]
     _STREAM_DEFAULT = {m: {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 2, "PROGS_PER_SM": 1} for m in ("one", "multi")}
     MAX_N_ACC = 8
-    TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 registers; more spills
-
     def _prune_stream(configs_, named_args, **kwargs):
         """A row must fit one tile (D <= BLOCK_D < 2 D), and the double-buffered tiles must fit the registers."""
         D, k = named_args["D"], 3 if kwargs.get("GATED", named_args.get("GATED")) else 2
         kept = [c for c in configs_ if D <= c.kwargs["BLOCK_D"] < 2 * D
-                and 2 * k * c.kwargs["BLOCK_R"] * c.kwargs["BLOCK_D"] <= TILE_HALVES_PER_THREAD * 32 * c.num_warps]
+                and _tiles_fit(k, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_D"], c.num_warps)]
         return kept or [min(configs_, key=lambda c: c.kwargs["BLOCK_R"] * abs(c.kwargs["BLOCK_D"] - D))]
 
     # modes "one_acc"/"multi_acc": the same configs tuned on accumulating launches (no epilogue, so the
@@ -800,12 +805,8 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
-
-    def fits(block_r, warps):   # the two blocks in flight within the register budget (as _prune_stream)
-        return 2 * k * block_r * block_d <= TILE_HALVES_PER_THREAD * 32 * warps
-
-    block_r = 4 if share <= 8 and fits(4, 16) else 2 if fits(2, 16) else 1
-    warps = 8 if block_r == 4 and fits(4, 8) else 16
+    block_r = 4 if share <= 8 and _tiles_fit(k, 4, block_d, 16) else 2 if _tiles_fit(k, 2, block_d, 16) else 1
+    warps = 8 if block_r == 4 and _tiles_fit(k, 4, block_d, 8) else 16
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
             "num_stages": 1}
 
@@ -834,9 +835,10 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
-    if pdl == "early" and config is None and backend == "triton" and idx is not None \
-            and n_cap <= EARLY_CONFIG_MAX_SHARE * _sm_count(x.device):
-        config = early_config(n_cap, _sm_count(x.device), D, gate is not None)
+    if pdl == "early" and config is None and backend == "triton" and idx is not None:
+        sms = _sm_count(x.device)
+        if n_cap <= EARLY_CONFIG_MAX_SHARE * sms:
+            config = early_config(n_cap, sms, D, gate is not None)
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
