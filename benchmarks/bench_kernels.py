@@ -195,7 +195,7 @@ def peak_copy_gbps() -> float:
 
 
 FAILURES: list[str] = []
-OPTIONS = {"do_bench": False, "two_phase": False, "v1": True}  # set from the command line
+OPTIONS = {"do_bench": False, "two_phase": False, "v1": True, "acc_copies": 1}  # set from the command line
 READ_PEAK: dict = {}  # read-only streaming rate (informational; the acceptance uses the copy peak)
 COPY_WAYS: dict = {}  # GB/s of each way of copying 1 GiB that peak_copy_gbps timed
 
@@ -443,7 +443,7 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                     sparse_ffn_mod.DOWN_PRODUCT = default
             touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
             gbps = touched / ours_ms / 1e6
-            fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log)
+            fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log, OPTIONS["acc_copies"])
             # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
             acc_touched = touched - T * D * 2 + 2 * T * D * 4
             records.append(dict(device=stamp["device"], date=stamp["date"], op="sparse_ffn", model=model, batch=T,
@@ -479,7 +479,7 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
 PDL_FORMS = (("pdl", True, "PDL"), ("early", "early", "PDL early"))
 
 
-def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
+def fused_form(model, xs, caches, idxs, gated, bias, ref, log, copies: int = 1) -> dict:
     """The sparse FFN's fused form, timed beside the finishing kernel: ``accumulate=`` adds y into an fp32 sum
     with no epilogue, and the next op (add + norm with ``consume=True``) reads that sum and leaves it zeroed.
     acc_ms: the accumulating launch alone (into rotated fp32 buffers that are not reset between calls: the
@@ -490,13 +490,15 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     before it finishes, and waits for it before reading; checked too). All calls take the default method: at
     batch > 1 the plain ones run two-phase and the PDL ones the persistent kernel (two-phase has no PDL).
     acc_early_ms and pair_early_ms (batch 1): pdl='early', whose programs request their first two blocks of
-    rows before the wait (the rows and the index are no earlier kernel's output here; x is read after it)."""
+    rows before the wait (the rows and the index are no earlier kernel's output here; x is read after it).
+    The sums have `copies` copies (--acc-copies; the FFN's programs spread their closing atomics over them,
+    the add+norm adds them up and zeroes each)."""
     T, D = xs[0].shape
     rms = gated  # Llama-style models use RMSNorm
     w = torch.randn(D, device="cuda", dtype=DTYPE)
     b = None if rms else torch.randn(D, device="cuda", dtype=DTYPE)
     rs = [torch.randn(T, D, device="cuda", dtype=DTYPE) for _ in range(ROTATE)]
-    accs = [torch.zeros(T, D, device="cuda") for _ in range(ROTATE)]
+    accs = [torch.zeros(copies, T, D, device="cuda") for _ in range(ROTATE)]
 
     def ffn(i, **kw):
         return bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated, bias=bias, **kw)
@@ -514,8 +516,8 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
 
     n = caches[0].shape[0] if idxs[0] is None else idxs[0].numel()
     label = f"{model} T={T} n={n}"
-    acc_ok = check(f"{label} accumulate (fp32 sum)", ffn(0, accumulate=accs[0]).clone(), ref, torch.float32,
-                   max(D, n), log)
+    acc_ok = check(f"{label} accumulate (fp32 sum, {copies} copies)", ffn(0, accumulate=accs[0]).sum(0), ref,
+                   torch.float32, max(D, n), log)
     accs[0].zero_()
     out_f, _ = pair_finishing(0)()
     out_a, _ = pair_accumulating(0)()
@@ -541,7 +543,8 @@ def fused_form(model, xs, caches, idxs, gated, bias, ref, log) -> dict:
     if any(a.any() for a in accs):
         FAILURES.append(f"{label}: after the PDL pairs an fp32 sum is non-zero (a consuming add+norm ran early?)")
         pair_ok = False
-    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, **timed, acc_correct=bool(acc_ok and pair_ok))
+    return dict(acc_ms=acc_ms, pair_ms=pair_ms, pair_acc_ms=pair_acc_ms, **timed, acc_copies=copies,
+                acc_correct=bool(acc_ok and pair_ok))
 
 
 PREDICTOR_THRESHOLD = 1.28  # about 10% of the neurons predicted active with predictor_weights' scales
@@ -727,7 +730,10 @@ CONVENTIONS = [
     "not counted",
     "# fused form ('acc'): sparse_ffn(accumulate=sum) adds y into an fp32 sum with no epilogue; the next add+norm "
     "(consume=True) reads the sum and zeroes it. Its bytes: the same rows, index, bias and x, plus the sum read and "
-    "written (8 bytes per element). 'pair' = FFN + add+norm, finishing kernel (fp16 y) vs fused form",
+    "written (8 bytes per element). 'pair' = FFN + add+norm, finishing kernel (fp16 y) vs fused form. Records with "
+    "acc_copies > 1 (--acc-copies): the sum in that many copies, program p of the FFN adding into copy p % copies "
+    "(its closing atomics spread over more L2 lines) and the add+norm adding them up; bytes still counted for one "
+    "sum. Records without acc_copies: one sum",
     "# PDL: the fused form launched with programmatic dependent launch (pdl=True): a launch may start while the one "
     "before it finishes and waits for it before reading, hiding launch latency between back-to-back launches; "
     "'early' (pdl='early', batch 1): each program also requests its first two blocks of rows (and their row ids) "
@@ -918,10 +924,14 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated token counts")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma-separated percentages")
+    ap.add_argument("--acc-copies", type=int, default=1,
+                    help="copies of the fused form's fp32 sum (sparse_ffn accumulate=[copies, T, D]; default 1)")
     ap.add_argument("--sections", default="check,ffn,predictor,add_norm",
                     help="comma-separated subset of check,diag,ffn,predictor,add_norm (to split a run over calls)")
     args = ap.parse_args()
-    OPTIONS.update(do_bench=args.do_bench, two_phase=args.two_phase, v1=not args.no_v1)
+    OPTIONS.update(do_bench=args.do_bench, two_phase=args.two_phase, v1=not args.no_v1, acc_copies=args.acc_copies)
+    if not 1 <= args.acc_copies <= sparse_ffn_mod.MAX_N_ACC:
+        ap.error(f"--acc-copies: expected 1..{sparse_ffn_mod.MAX_N_ACC}, got {args.acc_copies}")
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     SPARSITIES = tuple(int(p) for p in args.sparsities.split(","))
     if args.render:

@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +50,45 @@ from sim.atomic import atomic_write_text  # noqa: E402
 D, FF = 4096, 16384            # OPT-6.7B
 SPARSITIES = (90, 95, 97, 99)
 DTYPE = torch.float16
+
+
+def opt_inputs(g):
+    """The floor's inputs at OPT-6.7B's shapes, fp16: 4 bundled caches [FF, 2 D] (4 x 256 MiB: rotated calls
+    find no rows in L2), one up bias [FF], and ROTATE tokens x [1, D]."""
+    caches = [(torch.randn(FF, 2 * D, device="cuda", generator=g) / D ** 0.5).to(DTYPE) for _ in range(4)]
+    bias = (0.1 * torch.randn(FF, device="cuda", generator=g)).to(DTYPE)
+    xs = [torch.randn(1, D, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
+    return caches, bias, xs
+
+
+def active_sets(g, n: int) -> list:
+    """ROTATE sorted int32 sets of n random active rows out of FF."""
+    return [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
+            for _ in range(ROTATE)]
+
+
+def probe_setup(doc: str) -> SimpleNamespace:
+    """What the OPT-6.7B probes (staged_probe.py, atomic_spread_probe.py) share: their command line (--out,
+    --sparsities), device, date, copy peak and SM count, and a seeded generator with opt_inputs drawn from it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--sparsities", default="90,95,97,99", help="comma-separated percentages (default: %(default)s)")
+    args = ap.parse_args()
+    ctx = SimpleNamespace(out=args.out, sparsities=[int(v) for v in args.sparsities.split(",")],
+                          dev=torch.cuda.get_device_name(),
+                          date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), peak=peak_copy_gbps(),
+                          sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                          g=torch.Generator(device="cuda").manual_seed(0))
+    ctx.caches, ctx.bias, ctx.xs = opt_inputs(ctx.g)
+    return ctx
+
+
+def write_outputs(out_dir, name: str, text: str, records: list) -> None:
+    """name.txt (the table) and results/name.json (flat records), each written atomically."""
+    out = Path(out_dir)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.txt", text)
+    atomic_write_text(out / "results" / f"{name}.json", json.dumps(records, indent=1) + "\n")
 
 
 @triton.jit
@@ -112,7 +152,13 @@ def best_read_ms(srcs, sms, pdl: int = 0) -> tuple[float, str]:
 # beyond the autotuner's list: 16 warps halve the registers per thread that the two blocks in flight take;
 # 4 warps leave room for a second program on the SM (a PDL launch's programs can start beside the last ones)
 EXTRA_CONFIGS = [dict(BLOCK_R=r, BLOCK_D=D, PROGS_PER_SM=p, num_warps=w)
-                 for r, p, w in ((4, 1, 16), (2, 1, 4), (1, 1, 4), (2, 2, 4))]
+                 for r, p, w in ((4, 1, 16), (2, 1, 4), (1, 1, 4), (2, 2, 4), (1, 1, 8))]
+# register caps (ptxas maxnreg) that leave half of the SM's 64K registers free, so that the programs of the
+# next (PDL) launch can be resident beside this launch's and request their early blocks while it streams
+# (sm_90 compile of the early launch, OPT shapes: 2x16 uses 80 registers uncapped, 64 capped with 8 bytes of
+# spill; 4x16 110 -> 64; 4x8 222 -> 128; 2x8 128 and 1x8 83 fit uncapped)
+EXTRA_CONFIGS += [dict(BLOCK_R=r, BLOCK_D=D, PROGS_PER_SM=1, num_warps=w, maxnreg=m)
+                  for r, w, m in ((2, 16, 64), (4, 16, 64), (4, 8, 128), (1, 16, 64))]
 
 
 def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
@@ -125,8 +171,9 @@ def accumulate_sweep(call, sp, label="accumulate") -> list[str]:
             continue
         cfg = dict(c, N_ACC=1, num_stages=1)
         ms = graph_ms([lambda i=i: call(i, cfg) for i in range(ROTATE)])
+        cap = f" maxnreg={c['maxnreg']}" if "maxnreg" in c else ""
         out.append(f"#   {sp}% {label} BLOCK_R={c['BLOCK_R']} PROGS_PER_SM={c['PROGS_PER_SM']} "
-                   f"w{c['num_warps']}: {ms * 1e3:.2f} us")
+                   f"w{c['num_warps']}{cap}: {ms * 1e3:.2f} us")
     return out
 
 
@@ -182,15 +229,16 @@ def check_accumulate(x, cache, idx, bias, sp) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
+                    help="comma-separated percentages of inactive rows (default: %(default)s)")
     args = ap.parse_args()
+    sparsities = [int(v) for v in args.sparsities.split(",")]
     dev_name = torch.cuda.get_device_name()
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     peak = peak_copy_gbps()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator(device="cuda").manual_seed(0)
-    caches = [(torch.randn(FF, 2 * D, device="cuda", generator=g) / D ** 0.5).to(DTYPE) for _ in range(4)]
-    bias = (0.1 * torch.randn(FF, device="cuda", generator=g)).to(DTYPE)
-    xs = [torch.randn(1, D, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
+    caches, bias, xs = opt_inputs(g)
     dummy = torch.zeros(1, device="cuda")
     floors = {
         "empty Triton kernel, 1 program": graph_ms([lambda: _empty[(1,)](dummy)] * ROTATE),
@@ -222,15 +270,14 @@ def main() -> int:
     lines.append("")
     lines.append(f"{'sparsity':>8} {'MB':>6} {'contender':<44} {'us':>7} {'GB/s':>6} {'% peak':>7}")
     checks = []
-    for sp in SPARSITIES:
+    for sp in sparsities:
         n = round(FF * (1 - sp / 100))
         nbytes = touched_bytes(n)
         half = nbytes // 4                       # fp16 elements in half the bytes
         srcs = [torch.randn(half, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
         dsts = [torch.empty_like(s) for s in srcs]
         reads = [torch.randn(nbytes // 2, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
-        idxs = [torch.sort(torch.randperm(FF, device="cuda", generator=g)[:n]).values.to(torch.int32)
-                for _ in range(ROTATE)]
+        idxs = active_sets(g, n)
         checks.append(check_accumulate(xs[0], caches[0], idxs[0], bias, sp))
         checks.append(check_pdl(xs[0], caches[0], idxs[0], bias, sp, sms, modes=(True, "early")))
         # the all-resident-rows form: a cache of just n rows, no index; 16 disjoint row ranges (none in L2)
@@ -286,10 +333,7 @@ def main() -> int:
         checks += [f"# {sp}%: {name}: fastest config {cfg}" for name, cfg in read_cfgs.items()]
     text = "\n".join(lines + [""] + checks) + "\n"
     print(text)
-    out = Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "kernel_floor.txt", text)
-    atomic_write_text(out / "results" / "kernel_floor.json", json.dumps(records, indent=1) + "\n")
+    write_outputs(args.out, "kernel_floor", text, records)
     return 0
 
 

@@ -5,7 +5,9 @@ assembly (griddepcontrol for PDL, fences), static asserts, tf32 dots, register-h
 can compile for a CUDA target without a device (its wheel brings ptxas), so this builds each specialization
 the library launches, down to a cubin, and checks the PTX of the PDL variants: a launch that waits first
 (PDL 1: the sparse FFN's `pdl=True`, the norms) issues no global load before `griddepcontrol.wait`; one that
-requests its weights early (PDL 2: `pdl="early"`, the predictor's `pdl=True`) issues loads before it.
+requests its weights early (PDL 2: `pdl="early"`, the predictor's `pdl=True`) issues loads before it. Each
+is specialized as a launch from torch would be (`compile_one`), and its registers and stack are read from the
+cubin: more than MAX_SPILL_BYTES of stack per thread (a spilled tile) fails.
 
     python scripts/compile_kernels_sm90.py        # prints one line per specialization; exit 1 on a failure
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,9 +45,44 @@ def _signature(fn, consts: dict, types: dict) -> dict:
     return {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
 
 
+# how a launch from torch specializes the integer arguments at real shapes (contiguous rows, d_model, ranks and
+# strides multiples of 16): unit strides become the constant 1, the others are known divisible by 16
+UNIT_STRIDES = {"s_ud", "s_gd", "s_dd", "s_ar", "s_bn"}
+ALIGNED_INTS = {"stride_xt", "s_ur", "s_gr", "s_dr", "stride_yt", "D", "s_ak", "K", "R", "K_CHUNK", "s_br", "N",
+                "s_x", "s_r", "s_o", "s_res", "s_copy"}
+
+
 def compile_one(fn, consts: dict, types: dict, num_warps: int):
-    src = ASTSource(fn=fn, signature=_signature(fn, consts, types), constexprs=consts)
+    """Compile as a launch from torch specializes: unit strides become constants, pointers and the aligned
+    integers are marked divisible by 16 (do_not_specialize arguments excepted). Without this the compiler
+    cannot vectorize row loads, and the kernel it builds differs from the one that runs (the 4-row early
+    launch spilled 4 KB per thread unspecialized)."""
+    names = list(fn.arg_names)
+    plain = set(getattr(fn, "do_not_specialize", ()) or ())
+    plain |= {names[i] for i in plain if isinstance(i, int)}
+    consts = dict(consts, **{n: 1 for n in names if n in UNIT_STRIDES and n not in plain and n not in consts})
+    aligned = {n for n in names if n in ALIGNED_INTS and n not in plain}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n not in consts and (types.get(n, "").startswith("*") or n in aligned)}
+    src = ASTSource(fn=fn, signature=_signature(fn, consts, types), constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": 1})
+
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+MAX_SPILL_BYTES = 128     # per thread: a few spilled values (the 8-token launches: 24-64 B); a spilled tile: KBs
+
+
+def resources(compiled) -> tuple[int, int] | None:
+    """(registers, stack bytes) per thread of the cubin, from triton's cuobjdump; None where it has none."""
+    if not CUOBJDUMP.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    fields = dict(f.split(":", 1) for line in out.splitlines() if "REG:" in line for f in line.split()
+                  if ":" in f and f.split(":", 1)[1].isdigit())
+    return (int(fields["REG"]), int(fields["STACK"])) if "REG" in fields and "STACK" in fields else None
 
 
 def check_pdl_order(ptx: str, pdl: int) -> str | None:
@@ -71,7 +110,8 @@ def stream_cases():
         block_r, warps = (4, 8) if not gated else (2, 16)
         consts = dict(HAS_IDX=has_idx, COUNT_ON_DEVICE=has_idx and pdl != 2, HAS_BIAS=not gated,
                       HAS_OUT_BIAS=True, GATED=gated, ACT=0, BLOCK_T=block_t, BLOCK_E=4096, BLOCK_R=block_r,
-                      BLOCK_D=4096, N_ACC=1, PROGS_PER_SM=1, FENCE=True, FINISH=finish, PDL=pdl)
+                      BLOCK_D=4096, N_ACC=1 if finish or block_t > 1 else 4, PROGS_PER_SM=1, FENCE=True,
+                      FINISH=finish, PDL=pdl)   # accumulating one token: into 4 copies of the sum
         yield (f"_stream_kernel PDL={pdl} idx={has_idx} gated={gated} T={block_t} finish={finish}",
                sparse._stream_kernel, consts, types, warps, pdl)
 
@@ -94,12 +134,13 @@ def two_phase_cases():
 def predictor_cases():
     for pdl, block_t in itertools.product((False, True), (1, 16)):
         types = dict(x_ptr="*fp16", a_ptr="*fp16", z_ptr="*fp32", count_ptr="*i32")
-        consts = dict(BLOCK_T=block_t, BLOCK_RR=16, BLOCK_K=256, SPLIT_K=8, PDL=pdl)
+        one = {"T": 1} if block_t == 1 else {}        # T == 1 is specialized to a constant at batch 1
+        consts = dict(BLOCK_T=block_t, BLOCK_RR=16, BLOCK_K=256, SPLIT_K=8, PDL=pdl, **one)
         # with PDL both request their weights (A's first tile; B's block and the bias) before the wait: level 2
         yield f"_lowrank_kernel T={block_t} pdl={pdl}", predictor._lowrank_kernel, consts, types, 4, 2 * pdl
         types = dict(z_ptr="*fp32", b_ptr="*fp16", bias_ptr="*fp16", idx_ptr="*i32", count_ptr="*i32",
                      threshold="fp32")
-        consts = dict(BLOCK_T=block_t, R_PAD=128, BLOCK_N=256, SPLIT_K=8, HAS_BIAS=True, PDL=pdl)
+        consts = dict(BLOCK_T=block_t, R_PAD=128, BLOCK_N=256, SPLIT_K=8, HAS_BIAS=True, PDL=pdl, **one)
         yield f"_select_kernel T={block_t} pdl={pdl}", predictor._select_kernel, consts, types, 8, 2 * pdl
 
 
@@ -108,7 +149,8 @@ def add_norm_cases():
         x = "*fp32" if consume else "*fp16"          # consume: x is the FFN's fp32 sum, read and zeroed
         types = dict(x_ptr=x, r_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16",
                      eps="fp32")
-        consts = dict(RMS=rms, HAS_W=True, HAS_B=not rms, CONSUME=consume, BLOCK=4096, PDL=pdl)
+        consts = dict(RMS=rms, HAS_W=True, HAS_B=not rms, CONSUME=consume, BLOCK=4096, PDL=pdl,
+                      COPIES=4 if consume else 1)    # consume: the FFN's sum in 4 copies
         yield (f"_add_norm_kernel rms={rms} consume={consume} pdl={pdl}", add_norm._add_norm_kernel, consts, types,
                8, int(pdl))
 
@@ -118,16 +160,22 @@ def main() -> int:
     for name, fn, consts, types, warps, pdl in itertools.chain(stream_cases(), two_phase_cases(), predictor_cases(),
                                                                      add_norm_cases()):
         t0 = time.perf_counter()
+        used = ""
         try:
             compiled = compile_one(fn, consts, types, warps)
             problem = check_pdl_order(compiled.asm["ptx"], pdl)
+            res = resources(compiled)
+            if res is not None:
+                used = f", {res[0]} registers, {res[1]} B stack"
+                if problem is None and res[1] > MAX_SPILL_BYTES:
+                    problem = f"{res[1]} bytes of stack per thread: registers spilled (limit {MAX_SPILL_BYTES})"
         except Exception as e:  # noqa: BLE001 - report every specialization, then fail
             if "ptxas" in str(e) and "not found" in str(e).lower():
                 print(f"no ptxas here, nothing compiled: {e}")
                 return NO_TOOLCHAIN
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         failures += problem is not None
-        print(f"{'FAIL' if problem else 'ok  '} {name} ({time.perf_counter() - t0:.1f} s)" +
+        print(f"{'FAIL' if problem else 'ok  '} {name} ({time.perf_counter() - t0:.1f} s{used})" +
               (f": {problem}" if problem else ""), flush=True)
     print(f"{failures} failure(s)")
     return 1 if failures else 0

@@ -169,20 +169,22 @@ def test_out_argument_and_its_checks():
                                          ("torch", "auto")])
 @pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
-def test_accumulate_adds_in_fp32(gated, tokens, impl, method, monkeypatch):
+@pytest.mark.parametrize("copies", [None, 3], ids=["one-sum", "3-copies"])
+def test_accumulate_adds_in_fp32(copies, gated, tokens, impl, method, monkeypatch):
     """accumulate=: two calls over disjoint row sets (as the engine's resident and new rows) add into one
     fp32 buffer that held something already; the sum is y (+ down bias) of all rows in fp32, not rounded to
     the weights' dtype. Tolerance: fp32 accumulation over k terms (4 eps32 sqrt(k)), plus the rounding of
     adding into the buffer's prior content (eps32 per add, relative to that content). Two-phase with several
     tokens multiplies h on tensor cores as a sum of terms of the weights' dtype (or, ':tf32', as two tf32
-    terms): the same fp32-level bound."""
+    terms): the same fp32-level bound. With copies the sum over the copies is checked, and 'fused' (several
+    programs: 4 fake SMs on CPU) must have spread its programs over more than one copy."""
     method, _, product = method.partition(":")
     monkeypatch.setattr(sparse_ffn_module, "DOWN_PRODUCT", product or "split")
     d_model, dtype = 72, torch.float16
     cache, x, idx, bias = _ffn_inputs(21 + tokens, 150, d_model, tokens, 0.6, dtype, gated, with_bias=not gated)
     down_bias = None if gated else torch.randn(d_model, generator=_gen(22)).to(dtype)
     g = _gen(23)
-    acc0 = torch.randn(tokens, d_model, generator=g)
+    acc0 = torch.randn(*(() if copies is None else (copies,)), tokens, d_model, generator=g)
     acc = acc0.clone()
     half = idx.numel() // 2
     first = bundled_sparse_ffn(x, cache, idx[:half], gated=gated, bias=bias, down_bias=down_bias, impl=impl,
@@ -193,7 +195,12 @@ def test_accumulate_adds_in_fp32(gated, tokens, impl, method, monkeypatch):
                        count=count, accumulate=acc, method=method)
     ref = _ref(x, cache, idx, bias, gated, down_bias=down_bias)
     eps32 = torch.finfo(torch.float32).eps
-    err = (acc.double() - acc0.double() - ref).norm() / ref.norm()
+    added = acc.double() - acc0.double()
+    if copies is not None:
+        spread = sum(bool((acc[c] != acc0[c]).any()) for c in range(copies))
+        assert spread > 1 if (method == "fused" and impl == "auto") else spread == 1, spread
+        added = added.sum(0)
+    err = (added - ref).norm() / ref.norm()
     tol = 4 * eps32 * math.sqrt(max(d_model, idx.numel())) + 4 * eps32 * float(acc0.norm() / ref.norm())
     assert acc.dtype == torch.float32 and err <= tol, f"relative error {err:.3e} > {tol:.3e}"
 
@@ -208,9 +215,11 @@ def test_accumulate_checks():
         bundled_sparse_ffn(x, cache, idx, method="per_block", accumulate=torch.zeros(2, 32))
     with pytest.raises(ValueError, match="out: not with accumulate"):
         bundled_sparse_ffn(x, cache, idx, out=torch.empty_like(x), accumulate=torch.zeros(2, 32))
-    with pytest.raises(ValueError, match="N_ACC must be 1 with accumulate"):
+    with pytest.raises(ValueError, match="N_ACC=4 with an accumulate buffer of 1 copies"):
         bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(2, 32),
                            config={"BLOCK_R": 2, "BLOCK_D": 32, "N_ACC": 4, "PROGS_PER_SM": 1})
+    with pytest.raises(ValueError, match=r"accumulate: expected .*\[copies <= 8"):
+        bundled_sparse_ffn(x, cache, idx, accumulate=torch.zeros(9, 2, 32))
     with pytest.raises(ValueError, match="pdl: only method='fused'"):
         bundled_sparse_ffn(x, cache, idx, method="two_phase", pdl=True)
     with pytest.raises(ValueError, match="pdl='early': one token only"):
@@ -477,13 +486,13 @@ def test_accumulating_ffn_then_consuming_add_norm(norm, dtype, impl):
     d_model, tokens = 72, 3
     add_norm = add_layer_norm if norm == "layer" else add_rms_norm
     w = torch.randn(d_model, generator=_gen(31)).to(dtype)
-    acc = torch.zeros(tokens, d_model)
-    for layer in range(2):
+    for layer, copies in enumerate((None, 4, 1)):     # one sum, then copies of it (the FFN spreads over them)
+        acc = torch.zeros(*(() if copies is None else (copies,)), tokens, d_model)
         cache, x, idx, bias = _ffn_inputs(32 + layer, 150, d_model, tokens, 0.6, dtype, False, with_bias=True)
         residual = (3 * torch.randn(tokens, d_model, generator=_gen(40 + layer))).to(dtype)
         bundled_sparse_ffn(x, cache, idx, bias=bias, impl=impl, accumulate=acc)
         y64 = _ref(x, cache, idx, bias, False)
-        y32 = acc.clone()
+        y32 = acc.clone() if copies is None else sum(acc[c] for c in range(copies))
         assert_close(y32, y64, torch.float32, d_model)
         out, new_res = add_norm(acc, residual, w, consume=True, impl=impl)
         assert not acc.any(), "the consumed sum must be left zeroed for the next accumulating launch"
@@ -503,6 +512,8 @@ def test_add_norm_rejects_mismatch():
         add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="consume: x must be a contiguous float32"):
         add_layer_norm(x, x, consume=True)
+    with pytest.raises(ValueError, match="with consume=True also as its copies"):   # copies only when consumed
+        add_layer_norm(torch.zeros(3, 2, 8), x)
     with pytest.raises(ValueError, match="pdl: expected False or True"):
         add_rms_norm(x, x, pdl="early")
 
@@ -559,11 +570,14 @@ def test_early_launch_path_matches_float64(gated, with_idx, block_r, progs, monk
         y = bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, pdl="early", config=config)
         acc = torch.zeros(x.shape)
         bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, pdl="early", config=config, accumulate=acc)
+        copies = torch.zeros(2, *x.shape)    # the same launch spread over two copies of the sum
+        bundled_sparse_ffn(x, cache, idx, gated=gated, bias=bias, pdl="early", config=config, accumulate=copies)
         if not ref.any():                    # no rows, or none fires (relu of one row can be 0)
-            assert not y.any() and not acc.any()
+            assert not y.any() and not acc.any() and not copies.any()
             continue
         assert_close(y, ref, torch.float16, 48)
         assert_close(acc.to(torch.float16), ref, torch.float16, 48)
+        assert_close((copies[0] + copies[1]).to(torch.float16), ref, torch.float16, 48)
 
 
 def test_down_product_is_validated(monkeypatch):

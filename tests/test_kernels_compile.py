@@ -2,7 +2,8 @@
 
 The interpreter (tests/test_kernels.py) runs the kernels' logic but not what only the compiler sees (inline
 assembly, static asserts, tf32 dots); scripts/compile_kernels_sm90.py builds every specialization the library
-launches down to a cubin and checks the PTX around griddepcontrol.wait. It runs in a fresh process without
+launches down to a cubin, checks the PTX around griddepcontrol.wait and fails a specialization whose registers
+spill (stack per thread). It runs in a fresh process without
 TRITON_INTERPRET, since triton picks compiled or interpreted functions once, at import."""
 
 import os

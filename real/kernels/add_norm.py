@@ -8,7 +8,9 @@ x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``
 reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
 a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
 of a workspace, ~2.2-2.4 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
-store per element of a row it holds anyway.
+store per element of a row it holds anyway. The sum may come in copies ([copies, *residual.shape], the FFN's
+programs spread over them, see sparse_ffn's accumulate): the kernel adds them up in order and zeroes each; one
+program per row reads and zeroes every copy, ~0.25-0.4 us per extra copy at d_model 4096 (H200).
 
 pdl=True launches with programmatic dependent launch (CUDA): the launch may start while the stream's previous
 kernel finishes, its programs wait for that kernel before reading anything, and they let the next kernel launch
@@ -24,8 +26,13 @@ from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_ar
 
 
 def _sum_reference(x, residual, consume):
-    """x + residual in the residual's dtype; x zeroed afterwards when consumed."""
-    new_res = (x + residual).to(residual.dtype)
+    """x + residual in the residual's dtype (x's copies added up first); x zeroed afterwards when consumed."""
+    total = x
+    if x.dim() == residual.dim() + 1:
+        total = x[0].clone()
+        for c in range(1, x.shape[0]):
+            total += x[c]
+    new_res = (total + residual).to(residual.dtype)
     if consume:
         x.zero_()
     return new_res
@@ -55,9 +62,9 @@ if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, D, eps, s_x, s_r, s_o, s_res,
+    def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, res_ptr, D, eps, s_x, s_r, s_o, s_res, s_copy,
                          RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CONSUME: tl.constexpr,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr = False, COPIES: tl.constexpr = 1):
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -65,9 +72,12 @@ if triton is not None:
         d = tl.arange(0, BLOCK)
         m = d < D
         x = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
+        for c in tl.static_range(1, COPIES):      # the FFN's copies of its sum (s_copy apart), added in order
+            x += tl.load(x_ptr + c * s_copy + row * s_x + d, mask=m, other=0.0)
         r = tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
         if CONSUME:  # x is the FFN's fp32 sum: leave it zeroed for the next accumulating launch
-            tl.store(x_ptr + row * s_x + d, tl.zeros([BLOCK], tl.float32), mask=m)
+            for c in tl.static_range(COPIES):
+                tl.store(x_ptr + c * s_copy + row * s_x + d, tl.zeros([BLOCK], tl.float32), mask=m)
         s = (x + r).to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + row * s_res + d, s, mask=m)
         v = s.to(tl.float32)
@@ -85,15 +95,19 @@ if triton is not None:
     # restore_value: with CONSUME a launch zeroes x, so every tuning run must see the caller's x again (a
     # first consuming call once returned norm(residual) alone: benchmarks/kernels_notes.md, 2026-12-02)
     ADD_NORM = Kernel(_add_norm_kernel, {"row": configs([(4, 1), (8, 1), (16, 1)], ())}, {"row": {}},
-                      key=["D", "RMS"], restore_value=["x_ptr"])
+                      key=["D", "RMS", "CONSUME", "COPIES"], restore_value=["x_ptr"])
 
 
 def _check(x, residual, weight, bias, consume, pdl=False):
     if pdl not in (False, True):
         raise ValueError(f"pdl: expected False or True, got {pdl!r} ('early' is the sparse FFN's alone)")
-    if x.shape != residual.shape or x.device != residual.device or x.dtype not in (residual.dtype, torch.float32):
+    # copies of an FFN's sum only with consume: an extra leading dim otherwise is likelier a broadcasting mistake
+    copies = consume and x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
+    if not (x.shape == residual.shape or copies) or x.device != residual.device \
+            or x.dtype not in (residual.dtype, torch.float32):
         raise ValueError(f"residual: shape/dtype/device {tuple(residual.shape)}/{residual.dtype}/{residual.device} "
-                         f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device} (x may be float32: an FFN's sum)")
+                         f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device} (x may be float32: an FFN's sum, "
+                         f"with consume=True also as its copies [copies, *residual.shape])")
     if consume and (x.dtype != torch.float32 or not x.is_contiguous()):
         raise ValueError(f"consume: x must be a contiguous float32 sum (sparse_ffn's accumulate buffer), got "
                          f"{x.dtype} (contiguous: {x.is_contiguous()}). Fix: pass consume=False")
@@ -106,26 +120,28 @@ def _check(x, residual, weight, bias, consume, pdl=False):
 
 def _fused(backend, x, residual, weight, bias, eps, rms, consume, pdl):
     D = x.shape[-1]
+    copies = x.shape[0] if x.dim() == residual.dim() + 1 else 1     # consume: x is contiguous (checked)
     x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)   # a view when consume (x is contiguous)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if r2.stride(-1) != 1:
         r2 = r2.contiguous()
     out, new_res = torch.empty_like(r2), torch.empty_like(r2)
-    if x2.shape[0] > 0:
-        ADD_NORM.launch(backend, "row", (x2.shape[0],), x2, r2, weight if weight is not None else x2,
+    if r2.shape[0] > 0:
+        ADD_NORM.launch(backend, "row", (r2.shape[0],), x2, r2, weight if weight is not None else x2,
                         bias if bias is not None else x2, out, new_res, D, float(eps), x2.stride(0), r2.stride(0),
-                        out.stride(0), new_res.stride(0), RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-                        CONSUME=consume, BLOCK=next_pow2(D),
+                        out.stride(0), new_res.stride(0), r2.shape[0] * D, RMS=rms, HAS_W=weight is not None,
+                        HAS_B=bias is not None, CONSUME=consume, BLOCK=next_pow2(D), COPIES=copies,
                         **pdl_args(int(pdl), backend))
-    return out.reshape(x.shape), new_res.reshape(x.shape)
+    return out.reshape(residual.shape), new_res.reshape(residual.shape)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, consume: bool = False,
                    impl="auto", pdl: bool = False):
     """(layer_norm(x + residual), x + residual) over the last dim; x, residual [..., d_model] of one dtype,
     or x the fp32 sum of an accumulating sparse FFN (results in the residual's dtype); consume=True zeroes
-    that sum after reading it; pdl: programmatic dependent launch (module doc; CUDA only, else ignored)."""
+    that sum after reading it, and takes it also as copies [copies, *residual.shape] (added up, all zeroed);
+    pdl: programmatic dependent launch (module doc; CUDA only, else ignored)."""
     _check(x, residual, weight, bias, consume, pdl)
     backend = backend_for(residual, impl)
     if backend == "torch":

@@ -32,6 +32,9 @@ mostly on a kernel's first call); with them all device checks pass (run 3, bench
 Except ``accumulate=`` (the persistent and two-phase kernels): their programs add into the caller's fp32 buffer and stop,
 no ticket or finish: that epilogue is ~2.2-2.4 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
 (benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
+The buffer may hold several copies of the sum ([copies, tokens, d_model]): the persistent kernel's program p adds
+into copy p % copies, spreading the programs' closing atomics over more L2 lines, and the consumer adds the copies
+up. A trade-off, measured (see `sparse_ffn`'s accumulate): the FFN gets faster, the consuming add+norm slower.
 And the persistent and two-phase kernels with 2..16 tokens: they add into the workspace like ``accumulate=``, and a second launch
 (`_drain_kernel`, T x D/1024 programs) writes y and re-zeroes it, because one last program reading T x D sums
 serially was ~17 us of a 61 us call at 8 tokens (H200).
@@ -54,6 +57,7 @@ from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_ar
 ACTIVATIONS = {"relu": 0, "relu2": 1}
 METHODS = ("auto", "fused", "per_block", "two_phase", "fused_tc")
 MAX_TOKENS_PER_LAUNCH = 16  # tokens per launch; more are split into launches
+MAX_N_ACC = 8               # copies of the fp32 sum that programs may spread their closing atomics over
 MAX_WHOLE_ROW = 8192        # widest d_model whose rows fit one register tile (the multi-token fused path)
 TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 registers; more spills
 # two-phase h @ down for several tokens, h kept to ~fp32 accuracy either way (`_dot_fp32_lhs`): "tf32" (two
@@ -355,8 +359,8 @@ if triton is not None:
         2026-12-02 14:41 UTC, benchmarks/kernel_floor_h200_run8.log.) One token: y's share stays in fp32 registers and is
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
-        FINISH=False (``sparse_ffn(accumulate=...)``, N_ACC 1): acc_ptr is the caller's fp32 [T, D]; the
-        programs only add into it (program 0 adds the down bias) and no epilogue runs.
+        FINISH=False (``sparse_ffn(accumulate=...)``): acc_ptr is the caller's fp32 [N_ACC, T, D] (its copies);
+        the programs only add into them (program 0 adds the down bias into copy 0) and no epilogue runs.
         PDL (launched with programmatic dependent launch) 1: let the next kernel launch now, then wait for the
         previous one to finish and flush before reading anything (x, the index, the count, the accumulator);
         2 (one token, count from the host): request the row ids of the first three blocks and the weight tiles
@@ -574,7 +578,6 @@ if triton is not None:
     _STREAM_MULTI = [(1, 4096, 1, 4, 4, 1), (2, 4096, 1, 2, 8, 1), (4, 4096, 1, 1, 8, 1), (1, 8192, 1, 2, 8, 1),
                      (2, 8192, 1, 1, 8, 1)]
     _STREAM_DEFAULT = {m: {"BLOCK_R": 2, "BLOCK_D": 256, "N_ACC": 2, "PROGS_PER_SM": 1} for m in ("one", "multi")}
-    MAX_N_ACC = 8
     def _prune_stream(configs_, named_args, **kwargs):
         """A row must fit one tile (D <= BLOCK_D < 2 D), and the double-buffered tiles must fit the registers."""
         D, k = named_args["D"], 3 if kwargs.get("GATED", named_args.get("GATED")) else 2
@@ -693,7 +696,14 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     accumulate: optional float32 tensor of x's shape (contiguous, at most 16 tokens; method 'fused' with
     d_model <= 8192, or 'two_phase'): y (+ down_bias) is ADDED into it in fp32 and it is returned. Launches
     whose programs only add, with no epilogue (no ticket, cast or re-zeroing): the caller owns the sum, e.g. several calls
-    (resident and new rows) add into one buffer and the next fused op reads and resets it.
+    (resident and new rows) add into one buffer and the next fused op reads and resets it. It may also be
+    [copies, *x.shape] (copies <= 8): the sum of the copies is what is added; 'fused' spreads its programs
+    over them (program p adds into copy p % copies: fewer atomics on each L2 line), 'two_phase' adds into copy
+    0; `add_*_norm(consume=True)` takes such a buffer as it is. A trade-off: at OPT-6.7B batch 1 (H200,
+    2026-12-02 18:04 UTC, benchmarks/atomic_spread_probe.txt) the pdl='early' FFN took 9.80 / 9.58 / 9.47 us
+    with 1 / 2 / 4 copies at 90% (6.08 / 5.72 / 5.66 at 95%, 5.25 / 4.49 / 4.22 at 97%), but the consuming
+    add+norm, one program per token, 1.98 / 2.45 / 3.23 us, so the pair was fastest with one copy except at
+    97% (7.32 / 6.88 / 7.58 us). One copy (x's shape) is the default to allocate.
     pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
     start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
     before reading anything, so it is safe after any kernel; it hides launch latency only. pdl='early'
@@ -708,15 +718,17 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
         several = x.dim() == 2 and x.shape[0] > 1
         wide_sum = accumulate is not None and x.shape[-1] > MAX_WHOLE_ROW    # 'fused' cannot accumulate those
         method = "two_phase" if (several or wide_sum) and config is None and not pdl else "fused"
+    copies = 1
     if accumulate is not None:
-        _check_accumulate(x, accumulate, method, out)
+        copies = _check_accumulate(x, accumulate, method, out)
     _check_pdl(pdl, x, idx, count, method)
     backend = backend_for(x, impl)
     if backend == "torch":
         if accumulate is not None:
-            return accumulate.add_(sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
-                                                        activation=activation, count=count,
-                                                        out_dtype=torch.float32))
+            accumulate.view(copies, *x.shape)[0].add_(sparse_ffn_reference(
+                x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias, activation=activation, count=count,
+                out_dtype=torch.float32))
+            return accumulate
         return sparse_ffn_reference(x, up, down, idx, gate=gate, bias=bias, down_bias=down_bias,
                                     activation=activation, count=count)
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -727,7 +739,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
         return accumulate if accumulate is not None else out if out is not None else torch.empty_like(x)
     if accumulate is not None:
         _launch(backend, x2, up, down, idx, gate, bias, down_bias, activation, count, method, config,
-                acc_into=accumulate.view(x2.shape), pdl=pdl)
+                acc_into=accumulate.view(copies, *x2.shape), pdl=pdl)
         return accumulate
     if out is not None:
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous() \
@@ -759,12 +771,16 @@ def _check_pdl(pdl, x, idx, count, method):
                          "(predict_active's) does. Fix: pass count=None (the host's idx) or pdl=True")
 
 
-def _check_accumulate(x, acc, method, out):
-    if acc.dtype != torch.float32 or acc.shape != x.shape or acc.device != x.device or not acc.is_contiguous():
-        raise ValueError(f"accumulate: expected a contiguous float32 tensor of x's shape {tuple(x.shape)} on "
-                         f"{x.device}, got {acc.dtype} {tuple(acc.shape)} on {acc.device} (contiguous: "
-                         f"{acc.is_contiguous()}). Fix: allocate it with torch.zeros(x.shape, dtype=torch.float32, "
-                         "device=x.device)")
+def _check_accumulate(x, acc, method, out) -> int:
+    """Validate an accumulate= buffer; returns its number of copies of the sum."""
+    copies = acc.shape[0] if acc.dim() == x.dim() + 1 else 1
+    shape_ok = acc.shape == x.shape or (acc.dim() == x.dim() + 1 and acc.shape[1:] == x.shape
+                                        and 1 <= copies <= MAX_N_ACC)
+    if acc.dtype != torch.float32 or not shape_ok or acc.device != x.device or not acc.is_contiguous():
+        raise ValueError(f"accumulate: expected a contiguous float32 tensor of x's shape {tuple(x.shape)}, or "
+                         f"[copies <= {MAX_N_ACC}, *x.shape], on {x.device}; got {acc.dtype} {tuple(acc.shape)} on "
+                         f"{acc.device} (contiguous: {acc.is_contiguous()}). Fix: allocate it with "
+                         f"torch.zeros(x.shape, dtype=torch.float32, device=x.device)")
     if method not in ("fused", "two_phase") or (method == "fused" and x.shape[-1] > MAX_WHOLE_ROW) \
             or (x.dim() == 2 and x.shape[0] > MAX_TOKENS_PER_LAUNCH):
         raise ValueError(f"accumulate: only method 'fused' (d_model <= {MAX_WHOLE_ROW}) or 'two_phase', with at "
@@ -772,6 +788,7 @@ def _check_accumulate(x, acc, method, out):
                          "Fix: pass accumulate=None and add the returned y yourself")
     if out is not None:
         raise ValueError("out: not with accumulate (the result is the accumulator). Fix: pass one of them")
+    return copies
 
 
 # tuned configs for accumulating launches, by launch shape: tuning runs a kernel many times, which would add
@@ -813,7 +830,9 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
 
 def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
             acc_into=None, tune_acc=False, pdl=False):
+    """acc_into: None (finish into y) or the fp32 sum to add into, [T, D] or [copies, T, D]."""
     T, D = x.shape
+    copies = acc_into.shape[0] if acc_into is not None and acc_into.dim() == 3 else 1
     n_rows = up.shape[0]
     n_cap = n_rows if idx is None else idx.numel()
     if D > MAX_WHOLE_ROW and T > 1 and method in ("fused", "per_block"):
@@ -843,14 +862,16 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
                    count is None, gate is None, bias is None, down_bias is None, activation, x.dtype)
-            config = _accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
+            # tuned on one copy (the block sizes are about streaming rows); launched on the caller's copies
+            config = dict(_accumulate_config(key, "one" if T == 1 else "multi", lambda: _launch(
                 backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, None,
-                acc_into=torch.zeros_like(acc_into), tune_acc=True))
+                acc_into=torch.zeros((T, D), dtype=torch.float32, device=x.device), tune_acc=True)),
+                          N_ACC=copies)
         elif config is not None:
-            if int(config.get("N_ACC", 1)) != 1:
-                raise ValueError(f"config: N_ACC must be 1 with accumulate (the sum goes straight into the caller's "
-                                 f"buffer), got {config['N_ACC']}. Fix: drop N_ACC or set it to 1")
-            config = dict(config, N_ACC=1)
+            if int(config.get("N_ACC", copies)) not in (1, copies):
+                raise ValueError(f"config: N_ACC={config['N_ACC']} with an accumulate buffer of {copies} copies (the "
+                                 f"programs add straight into the caller's copies). Fix: drop N_ACC")
+            config = dict(config, N_ACC=copies)
     if y is None:
         y = torch.empty_like(x) if acc_into is None else acc_into
     if config is not None and not 1 <= int(config.get("N_ACC", 1)) <= MAX_N_ACC:
@@ -873,7 +894,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         if kernel is STREAM or config["WHOLE_ROW"]:
             config["BLOCK_D"] = max(config["BLOCK_D"], next_pow2(D))
         if acc_into is not None:
-            config["N_ACC"] = 1
+            config["N_ACC"] = copies
     whole = kernel is STREAM or (kernel is FUSED and (config or {}).get("WHOLE_ROW"))
     if config is not None and whole and config["BLOCK_D"] < D:
         raise ValueError(f"config: the whole-row kernels (method 'fused', or WHOLE_ROW=True) need BLOCK_D >= "
