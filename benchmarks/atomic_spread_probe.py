@@ -6,7 +6,7 @@ times the L2 lines. N_ACC = the grid (each program its own copy) is the no-conte
     python benchmarks/atomic_spread_probe.py --out DIR     # OPT-6.7B shapes, fp16, CUDA-graph replay
 
 The launch is the library's accumulating `pdl="early"` launch (early_config's block sizes), made directly so
-that N_ACC may exceed 1 (the library's accumulate= takes one copy, which the next add+norm reads); each
+that N_ACC may be any number of copies (the library's accumulate= takes [copies, ...] since this probe); each
 N_ACC is checked (sum of the copies against the library's result) before it is timed; 'PDL' rows use
 pdl=True's wait-first launch for comparison.
 

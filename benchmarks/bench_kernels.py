@@ -681,7 +681,9 @@ def _fused_form_line(r) -> str:
             pdl += (f"; with {name} {r[f'acc_{key}_ms'] * 1e3:.1f} us" +
                     ("" if r["sparsity"] > 95 else f", {100 * frac_pdl:.0f}%: {'PASS' if frac_pdl >= 0.7 else 'FAIL'}")
                     + f", pair {r[f'pair_{key}_ms'] * 1e3:.1f} us")
-    return (f"fused form (accumulate, add+norm consumes): {vs_g:.1f}x vs gather: {'PASS' if vs_g >= 2 else 'FAIL'}, "
+    copies = r.get("acc_copies", 1)
+    into = f" into {copies} copies" if copies > 1 else ""
+    return (f"fused form (accumulate{into}, add+norm consumes): {vs_g:.1f}x vs gather: {'PASS' if vs_g >= 2 else 'FAIL'}, "
             f"{vs_d:.1f}x vs dense: {'PASS' if vs_d >= 5 else 'FAIL'}{bw}; FFN + add+norm {r['pair_ms'] * 1e3:.1f} us "
             f"finishing vs {r['pair_acc_ms'] * 1e3:.1f} us fused{pdl}")
 

@@ -110,8 +110,8 @@ def stream_cases():
         block_r, warps = (4, 8) if not gated else (2, 16)
         consts = dict(HAS_IDX=has_idx, COUNT_ON_DEVICE=has_idx and pdl != 2, HAS_BIAS=not gated,
                       HAS_OUT_BIAS=True, GATED=gated, ACT=0, BLOCK_T=block_t, BLOCK_E=4096, BLOCK_R=block_r,
-                      BLOCK_D=4096, N_ACC=1 if finish or block_t > 1 else 4, PROGS_PER_SM=1, FENCE=True,
-                      FINISH=finish, PDL=pdl)   # accumulating one token: into 4 copies of the sum
+                      BLOCK_D=4096, N_ACC=1 if finish else 4, PROGS_PER_SM=1, FENCE=True,
+                      FINISH=finish, PDL=pdl)   # accumulating: into 4 copies of the sum (accumulate=)
         yield (f"_stream_kernel PDL={pdl} idx={has_idx} gated={gated} T={block_t} finish={finish}",
                sparse._stream_kernel, consts, types, warps, pdl)
 

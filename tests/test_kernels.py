@@ -504,6 +504,30 @@ def test_accumulating_ffn_then_consuming_add_norm(norm, dtype, impl):
         assert_close(out, ref, dtype, d_model)
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("shape", [(3, 72), (72,)], ids=["rows", "1-D"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_consuming_add_norm_adds_up_every_copy(norm, shape, impl):
+    """consume=True with an FFN sum in copies [c, *residual.shape]: the copies (all non-zero here) are added up
+    in order in fp32, the new residual is that sum + residual rounded once, and every copy is left zeroed."""
+    dtype, copies = torch.float16, 4
+    add_norm = add_layer_norm if norm == "layer" else add_rms_norm
+    g = _gen(45)
+    x = torch.randn(copies, *shape, generator=g)
+    residual = (3 * torch.randn(*shape, generator=g)).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(dtype)
+    total = x[0].clone()
+    for c in range(1, copies):
+        total += x[c]
+    out, new_res = add_norm(x, residual, w, consume=True, impl=impl)
+    assert not x.any(), "every copy of the consumed sum must be left zeroed"
+    assert new_res.shape == residual.shape and torch.equal(new_res, (total + residual.float()).to(dtype))
+    s64 = new_res.double()
+    ref = (torch.nn.functional.layer_norm(s64, shape[-1:], w.double(), None, 1e-5) if norm == "layer"
+           else s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double())
+    assert_close(out, ref, dtype, shape[-1])
+
+
 def test_add_norm_rejects_mismatch():
     x = torch.zeros(2, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match="residual"):
@@ -512,8 +536,11 @@ def test_add_norm_rejects_mismatch():
         add_rms_norm(x, x, torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="consume: x must be a contiguous float32"):
         add_layer_norm(x, x, consume=True)
-    with pytest.raises(ValueError, match="with consume=True also as its copies"):   # copies only when consumed
+    with pytest.raises(ValueError, match="x: shape .* needs consume=True"):   # copies only when consumed
         add_layer_norm(torch.zeros(3, 2, 8), x)
+    for copies in (0, 9):
+        with pytest.raises(ValueError, match=r"1\.\.8 copies"):
+            add_layer_norm(torch.zeros(copies, 2, 8), x, consume=True)
     with pytest.raises(ValueError, match="pdl: expected False or True"):
         add_rms_norm(x, x, pdl="early")
 

@@ -10,7 +10,8 @@ a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogu
 of a workspace, ~2.2-2.4 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
 store per element of a row it holds anyway. The sum may come in copies ([copies, *residual.shape], the FFN's
 programs spread over them, see sparse_ffn's accumulate): the kernel adds them up in order and zeroes each; one
-program per row reads and zeroes every copy, ~0.25-0.4 us per extra copy at d_model 4096 (H200).
+program per row reads and zeroes every copy, ~0.35-0.55 us per extra copy at d_model 4096 (H200). With consume,
+an x of one more dim than the residual is always read as copies (x [T, D] with a residual [D]: T copies).
 
 pdl=True launches with programmatic dependent launch (CUDA): the launch may start while the stream's previous
 kernel finishes, its programs wait for that kernel before reading anything, and they let the next kernel launch
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_args, triton
+
+MAX_COPIES = 8   # copies of an FFN sum a consuming launch adds up (sparse_ffn's accumulate= takes up to 8)
 
 
 def _sum_reference(x, residual, consume):
@@ -102,12 +105,17 @@ def _check(x, residual, weight, bias, consume, pdl=False):
     if pdl not in (False, True):
         raise ValueError(f"pdl: expected False or True, got {pdl!r} ('early' is the sparse FFN's alone)")
     # copies of an FFN's sum only with consume: an extra leading dim otherwise is likelier a broadcasting mistake
-    copies = consume and x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
+    copies = x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
+    if copies and not (consume and 1 <= x.shape[0] <= MAX_COPIES):
+        raise ValueError(f"x: shape {tuple(x.shape)} reads as {x.shape[0]} copies of an FFN sum over residual "
+                         f"{tuple(residual.shape)}, which needs consume=True and 1..{MAX_COPIES} copies. Fix: pass "
+                         f"consume=True with [copies <= {MAX_COPIES}, *residual.shape], or x of residual's shape")
     if not (x.shape == residual.shape or copies) or x.device != residual.device \
             or x.dtype not in (residual.dtype, torch.float32):
         raise ValueError(f"residual: shape/dtype/device {tuple(residual.shape)}/{residual.dtype}/{residual.device} "
                          f"must equal x's {tuple(x.shape)}/{x.dtype}/{x.device} (x may be float32: an FFN's sum, "
-                         f"with consume=True also as its copies [copies, *residual.shape])")
+                         f"with consume=True also as its copies [copies, *residual.shape]). Fix: pass tensors of "
+                         f"one shape, device and dtype (or x float32)")
     if consume and (x.dtype != torch.float32 or not x.is_contiguous()):
         raise ValueError(f"consume: x must be a contiguous float32 sum (sparse_ffn's accumulate buffer), got "
                          f"{x.dtype} (contiguous: {x.is_contiguous()}). Fix: pass consume=False")

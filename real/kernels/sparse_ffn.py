@@ -689,7 +689,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
     config: fixed block sizes instead of autotuning (tests): 'fused' takes {'BLOCK_R', 'BLOCK_D' >= d_model,
-    'N_ACC' (one token only; several tokens use one copy), 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
+    'N_ACC' (copies of the fp32 sum: one token only, several tokens use one; with accumulate= the buffer's copies set it), 'PROGS_PER_SM'}, the others {'BLOCK_R', 'BLOCK_D', 'WHOLE_ROW' (per_block/fused_tc)}; all may add
     'num_warps', 'num_stages'.
     out: optional preallocated result (x's shape, dtype and device, contiguous; at most 16 tokens), so that a
     call allocates nothing (the accumulator is a cached workspace).
