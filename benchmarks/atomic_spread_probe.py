@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from bench_kernels import ROTATE, graph_ms, sparse_ffn_mod  # noqa: E402
-from kernel_floor import D, DTYPE, FF, active_sets, probe_setup, touched_bytes, write_outputs  # noqa: E402
+from kernel_floor import D, DTYPE, probe_case, probe_setup, write_outputs  # noqa: E402
 from real.kernels.add_norm import add_layer_norm  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 
@@ -35,7 +35,7 @@ from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 def launch(x, cache, idx, bias, acc, n_acc: int, cfg: dict, pdl: int):
     """The persistent kernel, accumulating (FINISH=False) into acc [n_acc, D], with an index and the count
     from the host, as sparse_ffn(accumulate=..., pdl=...) launches it but with n_acc copies."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sparse_ffn_mod._sm_count(x.device)
     n = idx.numel()
     grid = (max(1, min(triton.cdiv(n, cfg["BLOCK_R"]), sms * cfg["PROGS_PER_SM"])),)
     up, down = cache[:, :D], cache[:, D:]
@@ -58,11 +58,7 @@ def main() -> int:
              f"{'sp%':>4} {'launch':<10} {'N_ACC':>5} {'us':>7} {'%peak':>6}  check"]
     records = []
     for sp in ctx.sparsities:
-        n = round(FF * (1 - sp / 100))
-        nbytes = touched_bytes(n)
-        idxs = active_sets(g, n)
-        ref = torch.zeros(1, D, device="cuda")
-        bundled_sparse_ffn(xs[0], caches[0], idxs[0], bias=bias, accumulate=ref)
+        n, nbytes, idxs, ref = probe_case(ctx, sp)
         cfg = sparse_ffn_mod.early_config(n, sms, D, False)
         grid = min(triton.cdiv(n, cfg["BLOCK_R"]), sms)
         for pdl, name in ((2, "PDL early"), (1, "PDL")):
@@ -87,11 +83,7 @@ def main() -> int:
     w, b = (torch.randn(D, device="cuda", generator=g).to(DTYPE) for _ in range(2))
     rs = [torch.randn(1, D, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
     for sp in ctx.sparsities:
-        n = round(FF * (1 - sp / 100))
-        nbytes = touched_bytes(n)
-        idxs = active_sets(g, n)
-        one = torch.zeros(1, D, device="cuda")
-        bundled_sparse_ffn(xs[0], caches[0], idxs[0], bias=bias, accumulate=one)
+        n, nbytes, idxs, one = probe_case(ctx, sp)
         ref_out, _ = add_layer_norm(one, rs[0], w, b, consume=True)
         for copies in (1, 2, 4):
             accs = [torch.zeros(copies, 1, D, device="cuda") for _ in range(ROTATE)]

@@ -68,11 +68,13 @@ def active_sets(g, n: int) -> list:
 
 
 def probe_setup(doc: str) -> SimpleNamespace:
-    """What the OPT-6.7B probes (staged_probe.py, atomic_spread_probe.py) share: their command line (--out,
-    --sparsities), device, date, copy peak and SM count, and a seeded generator with opt_inputs drawn from it."""
+    """What this floor and the OPT-6.7B probes (staged_probe.py, atomic_spread_probe.py) share: their command
+    line (--out, --sparsities), device, date, copy peak and SM count, and a seeded generator with opt_inputs
+    drawn from it."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
-    ap.add_argument("--sparsities", default="90,95,97,99", help="comma-separated percentages (default: %(default)s)")
+    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
+                    help="comma-separated percentages of inactive rows (default: %(default)s)")
     args = ap.parse_args()
     ctx = SimpleNamespace(out=args.out, sparsities=[int(v) for v in args.sparsities.split(",")],
                           dev=torch.cuda.get_device_name(),
@@ -81,6 +83,16 @@ def probe_setup(doc: str) -> SimpleNamespace:
                           g=torch.Generator(device="cuda").manual_seed(0))
     ctx.caches, ctx.bias, ctx.xs = opt_inputs(ctx.g)
     return ctx
+
+
+def probe_case(ctx, sp: int):
+    """One sparsity of a probe: (n active rows, touched bytes, ROTATE active sets, the library's accumulated
+    y of input set 0 as the reference [1, D] fp32)."""
+    n = round(FF * (1 - sp / 100))
+    idxs = active_sets(ctx.g, n)
+    ref = torch.zeros(1, D, device="cuda")
+    bundled_sparse_ffn(ctx.xs[0], ctx.caches[0], idxs[0], bias=ctx.bias, accumulate=ref)
+    return n, touched_bytes(n), idxs, ref
 
 
 def write_outputs(out_dir, name: str, text: str, records: list) -> None:
@@ -227,18 +239,9 @@ def check_accumulate(x, cache, idx, bias, sp) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks"))
-    ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
-                    help="comma-separated percentages of inactive rows (default: %(default)s)")
-    args = ap.parse_args()
-    sparsities = [int(v) for v in args.sparsities.split(",")]
-    dev_name = torch.cuda.get_device_name()
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    peak = peak_copy_gbps()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    g = torch.Generator(device="cuda").manual_seed(0)
-    caches, bias, xs = opt_inputs(g)
+    ctx = probe_setup(__doc__)
+    dev_name, date, peak, sms, g = ctx.dev, ctx.date, ctx.peak, ctx.sms, ctx.g
+    caches, bias, xs = ctx.caches, ctx.bias, ctx.xs
     dummy = torch.zeros(1, device="cuda")
     floors = {
         "empty Triton kernel, 1 program": graph_ms([lambda: _empty[(1,)](dummy)] * ROTATE),
@@ -270,7 +273,7 @@ def main() -> int:
     lines.append("")
     lines.append(f"{'sparsity':>8} {'MB':>6} {'contender':<44} {'us':>7} {'GB/s':>6} {'% peak':>7}")
     checks = []
-    for sp in sparsities:
+    for sp in ctx.sparsities:
         n = round(FF * (1 - sp / 100))
         nbytes = touched_bytes(n)
         half = nbytes // 4                       # fp16 elements in half the bytes
@@ -333,7 +336,7 @@ def main() -> int:
         checks += [f"# {sp}%: {name}: fastest config {cfg}" for name, cfg in read_cfgs.items()]
     text = "\n".join(lines + [""] + checks) + "\n"
     print(text)
-    write_outputs(args.out, "kernel_floor", text, records)
+    write_outputs(ctx.out, "kernel_floor", text, records)
     return 0
 
 

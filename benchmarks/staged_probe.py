@@ -28,8 +28,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
-from bench_kernels import ROTATE, LateWriter, graph_ms  # noqa: E402
-from kernel_floor import D, DTYPE, FF, active_sets, probe_setup, touched_bytes, write_outputs  # noqa: E402
+from bench_kernels import ROTATE, LateWriter, graph_ms, sparse_ffn_mod  # noqa: E402
+from kernel_floor import D, DTYPE, probe_case, probe_setup, write_outputs  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 
 # (BLOCK_R, num_warps, STAGES, programs per SM)
@@ -72,7 +72,7 @@ def _staged_kernel(x_ptr, up_ptr, s_ur, down_ptr, s_dr, bias_ptr, idx_ptr, n_act
 
 def staged(x, cache, idx, bias, acc, cfg, pdl=True):
     block_r, warps, stages, per_sm = cfg
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sparse_ffn_mod._sm_count(x.device)
     n = idx.numel()
     grid = (max(1, min(triton.cdiv(n, block_r), sms * per_sm)),)
     extra = dict(launch_pdl=True) if pdl else {}
@@ -84,7 +84,7 @@ def staged(x, cache, idx, bias, acc, cfg, pdl=True):
 
 def main() -> int:
     ctx = probe_setup(__doc__)
-    dev, date, peak, sms, g = ctx.dev, ctx.date, ctx.peak, ctx.sms, ctx.g
+    dev, date, peak, sms = ctx.dev, ctx.date, ctx.peak, ctx.sms
     caches, bias, xs = ctx.caches, ctx.bias, ctx.xs
     accs = [torch.zeros(1, D, device="cuda") for _ in range(ROTATE)]
     late = LateWriter(sms)
@@ -94,11 +94,7 @@ def main() -> int:
              f"{'sp%':>4} {'contender':<44} {'us':>7} {'%peak':>6}  check"]
     records = []
     for sp in ctx.sparsities:
-        n = round(FF * (1 - sp / 100))
-        nbytes = touched_bytes(n)
-        idxs = active_sets(g, n)
-        ref = torch.zeros(1, D, device="cuda")
-        bundled_sparse_ffn(xs[0], caches[0], idxs[0], bias=bias, accumulate=ref)
+        n, nbytes, idxs, ref = probe_case(ctx, sp)
         timed = {}
         for label, pdl in (("library, PDL", True), ("library, PDL early", "early")):
             timed[label] = (graph_ms([lambda i=i, p=pdl: bundled_sparse_ffn(

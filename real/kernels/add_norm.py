@@ -28,10 +28,15 @@ from real.kernels._launch import Kernel, backend_for, configs, next_pow2, pdl_ar
 MAX_COPIES = 8   # copies of an FFN sum a consuming launch adds up (sparse_ffn's accumulate= takes up to 8)
 
 
+def _in_copies(x, residual) -> bool:
+    """x [copies, *residual.shape]: an FFN's sum in copies (valid with consume=True only, see _check)."""
+    return x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
+
+
 def _sum_reference(x, residual, consume):
     """x + residual in the residual's dtype (x's copies added up first); x zeroed afterwards when consumed."""
     total = x
-    if x.dim() == residual.dim() + 1:
+    if _in_copies(x, residual):
         total = x[0].clone()
         for c in range(1, x.shape[0]):
             total += x[c]
@@ -105,7 +110,7 @@ def _check(x, residual, weight, bias, consume, pdl=False):
     if pdl not in (False, True):
         raise ValueError(f"pdl: expected False or True, got {pdl!r} ('early' is the sparse FFN's alone)")
     # copies of an FFN's sum only with consume: an extra leading dim otherwise is likelier a broadcasting mistake
-    copies = x.dim() == residual.dim() + 1 and x.shape[1:] == residual.shape
+    copies = _in_copies(x, residual)
     if copies and not (consume and 1 <= x.shape[0] <= MAX_COPIES):
         raise ValueError(f"x: shape {tuple(x.shape)} reads as {x.shape[0]} copies of an FFN sum over residual "
                          f"{tuple(residual.shape)}, which needs consume=True and 1..{MAX_COPIES} copies. Fix: pass "
@@ -128,7 +133,7 @@ def _check(x, residual, weight, bias, consume, pdl=False):
 
 def _fused(backend, x, residual, weight, bias, eps, rms, consume, pdl):
     D = x.shape[-1]
-    copies = x.shape[0] if x.dim() == residual.dim() + 1 else 1     # consume: x is contiguous (checked)
+    copies = x.shape[0] if _in_copies(x, residual) else 1     # consume: x is contiguous (checked)
     x2, r2 = x.reshape(-1, D), residual.reshape(-1, D)   # a view when consume (x is contiguous)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
