@@ -48,6 +48,27 @@ def launch(x, cache, idx, bias, acc, n_acc: int, cfg: dict, pdl: int):
     return acc
 
 
+def library_pair(xs, caches, idxs, bias, rs, w, b, copies: int):
+    """Through the library, per rotated input set i: ffn(i) adds the FFN (pdl='early') into sums accs[i] of
+    `copies` copies [copies, 1, D], norm(i) consumes them in add_layer_norm (pdl=True). Returns (accs, ffn, norm)."""
+    accs = [torch.zeros(copies, 1, D, device="cuda") for _ in range(ROTATE)]
+
+    def ffn(i):
+        return bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl="early")
+
+    def norm(i):
+        return add_layer_norm(accs[i], rs[i], w, b, consume=True, pdl=True)
+
+    return accs, ffn, norm
+
+
+def first_pair_error(ffn, norm, ref_out) -> float:
+    """Relative error of the first FFN + add+norm pair (input set 0) against ref_out (the one-sum pair)."""
+    ffn(0)
+    out, _ = norm(0)
+    return float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+
+
 def main() -> int:
     ctx = probe_setup(__doc__)
     dev, date, peak, sms, g = ctx.dev, ctx.date, ctx.peak, ctx.sms, ctx.g
@@ -86,17 +107,8 @@ def main() -> int:
         n, nbytes, idxs, one = probe_case(ctx, sp)
         ref_out, _ = add_layer_norm(one, rs[0], w, b, consume=True)
         for copies in (1, 2, 4):
-            accs = [torch.zeros(copies, 1, D, device="cuda") for _ in range(ROTATE)]
-
-            def ffn(i):
-                return bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i], pdl="early")
-
-            def norm(i):
-                return add_layer_norm(accs[i], rs[i], w, b, consume=True, pdl=True)
-
-            ffn(0)
-            out, _ = norm(0)
-            rel = float((out.float() - ref_out.float()).norm() / ref_out.float().norm())
+            accs, ffn, norm = library_pair(xs, caches, idxs, bias, rs, w, b, copies)
+            rel = first_pair_error(ffn, norm, ref_out)
             if rel > tol or any(a.any() for a in accs):
                 raise SystemExit(f"{copies} copies at {sp}%: pair differs by {rel:.2e} or left a sum non-zero")
             ffn_ms = graph_ms([lambda i=i: ffn(i) for i in range(ROTATE)])
@@ -110,9 +122,7 @@ def main() -> int:
                             "n_acc": copies, "ms": round(ffn_ms, 5), "norm_ms": round(norm_ms, 5),
                             "pair_ms": round(pair_ms, 5), "bytes": nbytes, "pct_of_copy_peak": round(pct, 1),
                             "peak_gbps": round(peak, 1)})
-    text = "\n".join(lines) + "\n"
-    write_outputs(ctx.out, "atomic_spread_probe", text, records)
-    print(text)
+    write_outputs(ctx.out, "atomic_spread_probe", lines, records)
     return 0
 
 

@@ -123,9 +123,7 @@ def main() -> int:
             records.append({"device": dev, "date": date, "sparsity": sp, "case": label, "ms": round(ms, 5),
                             "bytes": nbytes, "pct_of_copy_peak": round(pct, 1), "peak_gbps": round(peak, 1)})
         print("\n".join(lines[-len(timed):]), flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_outputs(ctx.out, "staged_probe", text, records)
+    write_outputs(ctx.out, "staged_probe", lines, records)
     return 0
 
 

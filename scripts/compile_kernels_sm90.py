@@ -7,7 +7,8 @@ the library launches, down to a cubin, and checks the PTX of the PDL variants: a
 (PDL 1: the sparse FFN's `pdl=True`, the norms) issues no global load before `griddepcontrol.wait`; one that
 requests its weights early (PDL 2: `pdl="early"`, the predictor's `pdl=True`) issues loads before it. Each
 is specialized as a launch from torch would be (`compile_one`), and its registers and stack are read from the
-cubin: more than MAX_SPILL_BYTES of stack per thread (a spilled tile) fails.
+cubin: more than MAX_SPILL_BYTES of stack per thread (a spilled tile) fails, and so does a store of fp32 zeros
+after an fp32 read in another thread layout with no barrier between (`check_zeroing`).
 
     python scripts/compile_kernels_sm90.py        # prints one line per specialization; exit 1 on a failure
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -100,6 +102,33 @@ def check_pdl_order(ptx: str, pdl: int) -> str | None:
     return None
 
 
+_ZERO_CONST = re.compile(r"(%[\w.]+) = arith\.constant dense<0\.0+e\+00> : tensor<[^>]*xf32, (#\w+)>")
+_F32_READ = re.compile(r"= tt\.(?:load|atomic_rmw) .*tensor<[^>]*x!tt\.ptr<f32>, (#\w+)>")
+_F32_STORE = re.compile(r"tt\.store %[\w.]+, (%[\w.]+)(?:, %[\w.]+)? : tensor<[^>]*x!tt\.ptr<f32>, (#\w+)>")
+
+
+def check_zeroing(ttgir: str) -> str | None:
+    """None, or what is wrong: a store of fp32 zeros after an fp32 read (load or atomic) in another thread
+    layout with no barrier between. Kernels that read a sum and leave it zeroed (add+norm's consume, the
+    drain) rely on each element being read before it is zeroed; the compiler may give the read and the zero
+    store different layouts (the read takes its consumer's 8 per thread, the constant store 4), so another
+    warp can zero an element before its reader loads it. Seen on the H200, 2026-12-02: add+norm consuming 2
+    copies with 16 warps lost part of the FFN's sum (benchmarks/copies_repro.py)."""
+    zeros = dict(_ZERO_CONST.findall(ttgir))
+    reads: list[str] = []
+    for line in ttgir.splitlines():
+        if "gpu.barrier" in line:
+            reads.clear()
+        elif (m := _F32_READ.search(line)) is not None:
+            reads.append(m.group(1))
+        elif (m := _F32_STORE.search(line)) is not None and m.group(1) in zeros:
+            other = sorted({lay for lay in reads if lay != m.group(2)})
+            if other:
+                return (f"zeros stored in layout {m.group(2)} after fp32 reads in {', '.join(other)} with no "
+                        f"barrier between: a warp may zero elements another has not read yet")
+    return None
+
+
 def stream_cases():
     f16 = {n: "*fp16" for n in ("x_ptr", "up_ptr", "gate_ptr", "down_ptr", "bias_ptr", "out_bias_ptr", "y_ptr")}
     types = dict(f16, idx_ptr="*i32", count_ptr="*i32", acc_ptr="*fp32", sem_ptr="*i32")
@@ -117,6 +146,9 @@ def stream_cases():
 
 
 def two_phase_cases():
+    for dtype in ("fp16", "bf16"):       # the several-token finish: reads the sums, writes y, zeroes the sums
+        yield (f"_drain_kernel {dtype}", sparse._drain_kernel, dict(BLOCK=sparse.DRAIN_BLOCK),
+               dict(acc_ptr="*fp32", y_ptr=f"*{dtype}"), 4, 0)
     for dtype, tf32, block_t in ((d, t, b) for d in ("fp16", "bf16") for t, b in ((False, 1), (False, 16), (True, 16))):
         types = dict(h_ptr="*fp32", down_ptr=f"*{dtype}", out_bias_ptr=f"*{dtype}", idx_ptr="*i32",
                      count_ptr="*i32", acc_ptr="*fp32", sem_ptr="*i32", y_ptr=f"*{dtype}")
@@ -149,10 +181,11 @@ def add_norm_cases():
         x = "*fp32" if consume else "*fp16"          # consume: x is the FFN's fp32 sum, read and zeroed
         types = dict(x_ptr=x, r_ptr="*fp16", w_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16", res_ptr="*fp16",
                      eps="fp32")
-        consts = dict(RMS=rms, HAS_W=True, HAS_B=not rms, CONSUME=consume, BLOCK=4096, PDL=pdl,
-                      COPIES=4 if consume else 1)    # consume: the FFN's sum in 4 copies
-        yield (f"_add_norm_kernel rms={rms} consume={consume} pdl={pdl}", add_norm._add_norm_kernel, consts, types,
-               8, int(pdl))
+        # consume: the FFN's sum in 1, 2 or 4 copies, with each of the tuner's warp counts (the zeroing check)
+        for copies, warps in ((1, 4), (1, 16), (2, 8), (2, 16), (4, 16)) if consume else ((1, 8),):
+            consts = dict(RMS=rms, HAS_W=True, HAS_B=not rms, CONSUME=consume, BLOCK=4096, PDL=pdl, COPIES=copies)
+            yield (f"_add_norm_kernel rms={rms} consume={consume} pdl={pdl} copies={copies} w{warps}",
+                   add_norm._add_norm_kernel, consts, types, warps, int(pdl))
 
 
 def main() -> int:
@@ -163,7 +196,7 @@ def main() -> int:
         used = ""
         try:
             compiled = compile_one(fn, consts, types, warps)
-            problem = check_pdl_order(compiled.asm["ptx"], pdl)
+            problem = check_pdl_order(compiled.asm["ptx"], pdl) or check_zeroing(compiled.asm["ttgir"])
             res = resources(compiled)
             if res is not None:
                 used = f", {res[0]} registers, {res[1]} B stack"

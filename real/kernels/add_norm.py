@@ -84,6 +84,10 @@ if triton is not None:
             x += tl.load(x_ptr + c * s_copy + row * s_x + d, mask=m, other=0.0)
         r = tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
         if CONSUME:  # x is the FFN's fp32 sum: leave it zeroed for the next accumulating launch
+            # every warp has read x before any zeroes it: the compiler gives the read its consumer's thread
+            # layout (8 per thread) and the zero store another (4), so without the barrier a warp could zero
+            # elements another had not read yet (seen on the H200 with 2 copies and 16 warps: ~2e-2 error)
+            tl.debug_barrier()
             for c in tl.static_range(COPIES):
                 tl.store(x_ptr + c * s_copy + row * s_x + d, tl.zeros([BLOCK], tl.float32), mask=m)
         s = (x + r).to(res_ptr.dtype.element_ty)

@@ -264,6 +264,7 @@ if triton is not None:
         m = d < D
         v = tl.load(acc_ptr + t * D + d, mask=m, other=0.0)
         tl.store(y_ptr + t * stride_yt + d, v.to(y_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()   # all reads before any zeroing: the two may map elements to threads differently
         tl.store(acc_ptr + t * D + d, tl.zeros([BLOCK], tl.float32), mask=m)
 
     @triton.jit(do_not_specialize=["n_active", "n_bucket", "T"])
@@ -703,8 +704,8 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     2026-12-02 18:04 UTC, benchmarks/atomic_spread_probe.txt) the pdl='early' FFN took 9.80 / 9.58 / 9.47 us
     with 1 / 2 / 4 copies at 90% (6.08 / 5.72 / 5.66 at 95%, 5.25 / 4.49 / 4.22 at 97%), but the consuming
     add+norm, one program per token, 1.98 / 2.45 / 3.23 us, so the pair was fastest with one copy except at
-    97% (7.32 / 6.88 / 7.58 us). One copy (x's shape) is the default to allocate; copies > 1 are
-    experimental (an unexplained mismatch once on the GPU: docs/kernels.md).
+    97% (7.32 / 6.88 / 7.58 us). One copy (x's shape) is the default to allocate. (A mismatch seen once
+    with 2 copies was a race in the consuming add+norm, fixed 2026-12-02: docs/kernels.md.)
     pdl: launch with programmatic dependent launch (CUDA, method 'fused', d_model <= 8192): the launch may
     start while the stream's previous kernel finishes, and its programs wait for that kernel (griddepcontrol)
     before reading anything, so it is safe after any kernel; it hides launch latency only. pdl='early'

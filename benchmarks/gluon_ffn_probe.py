@@ -1,0 +1,257 @@
+"""Probe: the batch-1 sparse FFN in Gluon, weight rows staged in shared memory by cp.async (sm_90).
+
+Each program keeps S bundle rows (up column | down row, 2*D fp16 = 16 KB each) in flight in a shared ring, so
+~100 KB of weights are requested while holding few registers: two programs of consecutive PDL launches can then
+share an SM. Order per program: launch_dependents; cp.async of the first S rows (idx, cache, bias are not
+written by the previous kernel); griddepcontrol.wait; load x; per row: wait its group, h = relu(x.u + b),
+part += h*d, refill the freed slot; relaxed atomic add of part into acc.
+
+    python benchmarks/gluon_ffn_probe.py     # compile_sm90(); on a CUDA machine also launch() vs reference()
+
+Barriers: Gluon runs Triton's membar pass, which (a) puts a bar.sync after every async_copy.wait_group, whatever
+the layouts (each thread here reads only bytes it copied, so wait_group alone would do); (b) sees the ring as one
+buffer, so it puts a bar.sync between two copy ops into it (hence one copy op per 16 KB row, and S - 1 barriers
+in the prologue); (c) the CTA-wide sum takes its usual two. In the loop: 3 bar.sync a row.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+D_MODEL = 4096
+
+
+@gluon.jit
+def _ffn_ring_kernel(x_ptr, cache_ptr, idx_ptr, bias_ptr, acc_ptr, n, D: gl.constexpr, S: gl.constexpr):
+    gdc_launch_dependents()               # the next PDL launch may start its prologue now
+    # one layout for x, u, d, part and the copies: each thread owns 8 contiguous halves (one 16-byte cp.async)
+    # per repeat, so it reads back from shared memory exactly the bytes it copied itself
+    # (num_warps is a launch option, read here with gl.num_warps(): a kernel argument of that name would swallow it)
+    lay: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])
+    smem_lay: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # unswizzled; leading dim = slot index
+    offs = gl.arange(0, D, layout=lay)
+    offs2 = gl.arange(0, 2 * D, layout=lay)  # a whole bundle row: one copy op per row (membar, above)
+
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    start = (pid * n) // G
+    share = ((pid + 1) * n) // G - start
+
+    ring = gl.allocate_shared_memory(gl.float16, [S, 2 * D], smem_lay)
+    # prologue: S commit groups (empty ones where the share is shorter), so row k is always group k
+    for j in gl.static_range(S):
+        if j < share:
+            row = gl.load(idx_ptr + start + j).to(gl.int64)
+            async_copy.async_copy_global_to_shared(ring.index(j), cache_ptr + row * (2 * D) + offs2)
+        async_copy.commit_group()
+    # scalars run ahead of the rows so no load waits on another inside the loop: b_next = bias of row k,
+    # r_next = id of row k + 1 (bias is not written by the previous kernel either)
+    b_next = gl.load(bias_ptr + gl.load(idx_ptr + start, mask=share > 0, other=0), mask=share > 0, other=0.0)
+    r_next = gl.load(idx_ptr + start + 1, mask=share > 1, other=0)
+
+    gdc_wait()                            # the previous kernel wrote x: nothing reads x before this
+    x = gl.load(x_ptr + offs).to(gl.float32)
+    part = gl.zeros([D], gl.float32, layout=lay)
+    for k in range(share):
+        s = k % S
+        b = b_next.to(gl.float32)
+        # issued now, used an iteration later (or after this row's work): their latency hides under it
+        b_next = gl.load(bias_ptr + r_next, mask=k + 1 < share, other=0.0)
+        r_next = gl.load(idx_ptr + start + k + 2, mask=k + 2 < share, other=0)
+        refill = k + S < share
+        nxt = gl.load(idx_ptr + start + k + S, mask=refill, other=0).to(gl.int64)
+        # S + k groups committed, row k is group k: at most S - 1 may still be in flight
+        async_copy.wait_group(S - 1)
+        slot = ring.index(s)
+        u = slot.slice(0, D).load(lay).to(gl.float32)
+        d = slot.slice(D, D).load(lay).to(gl.float32)
+        h = gl.maximum(gl.sum(x * u, axis=0) + b, 0.0)
+        part += h * d
+        if refill:                        # the slot just read takes row k + S
+            async_copy.async_copy_global_to_shared(slot, cache_ptr + nxt * (2 * D) + offs2)
+        async_copy.commit_group()         # one group per iteration, maybe empty: keeps the count above
+    async_copy.wait_group(0)              # no copy may outlive the program's shared memory
+    gl.atomic_add(acc_ptr + offs, part, mask=offs < D, sem="relaxed")  # (mask all-true: D is the tile)
+
+
+def _grid_size(n: int, device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 132
+    return max(1, min(sms, n))
+
+
+def launch(x, cache, idx, bias, acc, S=6, num_warps=8, pdl=True):
+    """acc[D] (fp32, zeroed by the caller) += sum over idx of relu(x.u_r + bias_r) * d_r."""
+    n = idx.numel()
+    if n == 0:
+        return acc
+    D = x.numel()
+    assert cache.shape[1] == 2 * D and cache.is_contiguous() and x.dtype == cache.dtype == torch.float16
+    _ffn_ring_kernel[(_grid_size(n, x.device),)](x, cache, idx, bias, acc, n, D=D, S=S, num_warps=num_warps,
+                                                 launch_pdl=pdl)
+    return acc
+
+
+def reference(x, cache, idx, bias):
+    D = x.numel()
+    rows = cache[idx.long()].double()
+    h = torch.relu(rows[:, :D] @ x.double() + bias[idx.long()].double())
+    return (h @ rows[:, D:]).float()
+
+
+# ---------------------------------------------------------------------------------------------- compile only
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _ptx_order(ptx: str) -> dict:
+    """Counts, in the PTX's text order, of x's global loads and of cp.async before and after griddepcontrol.wait.
+    Registers holding x's address are those derived from its parameter through any instruction (a flow-
+    insensitive closure: it can only over-count x's loads, never miss one)."""
+    insts = []
+    for line in ptx[ptx.index(".entry"):].splitlines():
+        for ins in line.split("//")[0].split(";"):               # drop comments, split statements
+            ins = re.sub(r"^\s*(\$\w+:)?\s*(@!?%\w+\s+)?", "", ins)  # drop label and predicate guard
+            if ins and not ins.startswith((".", "{", "}")):
+                insts.append(ins)
+    tainted = {re.search(r"ld\.param\.[bu]64\s+(%rd\d+),\s*\[\w+_param_0\]", ptx).group(1)}
+    changed = True
+    while changed:                                               # propagate source -> destination (first reg)
+        changed = False
+        for ins in insts:
+            regs = re.findall(r"%\w+", ins)
+            if len(regs) >= 2 and regs[0] not in tainted and any(r in tainted for r in regs[1:]):
+                tainted.add(regs[0])
+                changed = True
+    wait = next(i for i, ins in enumerate(insts) if ins.startswith("griddepcontrol.wait"))
+    is_x = [ins.startswith("ld.global") and re.search(r"\[\s*(%\w+)", ins).group(1) in tainted for ins in insts]
+    is_cp = [re.match(r"cp\.async\.c[ag]\.", ins) is not None for ins in insts]
+    return dict(x_before=sum(is_x[:wait]), x_after=sum(is_x[wait:]), cp_before=sum(is_cp[:wait]),
+                cp_after=sum(is_cp[wait:]))
+
+
+def compile_sm90(S: int = 6, num_warps: int = 8, D: int = D_MODEL):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _ffn_ring_kernel
+    types = dict(x_ptr="*fp16", cache_ptr="*fp16", idx_ptr="*i32", bias_ptr="*fp16", acc_ptr="*fp32", n="i32")
+    consts = dict(D=D, S=S)
+    sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
+    # pointers 16-byte aligned, as a launch from torch specializes them
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = k.asm["ptx"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        res = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    f = dict(m.groups() for m in re.finditer(r"(\w+):(\d+)", res))
+    regs, stack, smem = int(f.get("REG", -1)), int(f.get("STACK", -1)), k.metadata.shared
+    threads = 32 * num_warps
+    fits2 = 2 * regs * threads <= 65536 and 2 * (smem + 1024) <= 228 * 1024 and smem <= 227 * 1024
+    print(f"S={S} warps={num_warps}: {regs} registers/thread, {smem} B shared/program, {stack} B stack "
+          f"(spills: {'none' if stack == 0 else stack}); 2 programs/SM: {'yes' if fits2 else 'NO'} "
+          f"(regs {2 * regs * threads}/65536, smem 2x({smem}+1024 reserved)={2 * (smem + 1024)}/{228 * 1024})")
+
+    o = _ptx_order(ptx)
+    first = {key: ptx.find(key) for key in ("griddepcontrol.launch_dependents", "cp.async.cg", "griddepcontrol.wait")}
+    ok = (0 <= first["griddepcontrol.launch_dependents"] < first["cp.async.cg"] < first["griddepcontrol.wait"]
+          and o["cp_before"] == S * (2 * D) // (8 * 32 * num_warps) and o["x_before"] == 0
+          and o["x_after"] > 0)
+    print(f"PTX order: launch_dependents, then {o['cp_before']} cp.async (the prologue's), then griddepcontrol.wait, "
+          f"then {o['cp_after']} cp.async (refills); ld.global of x: {o['x_before']} before the wait, "
+          f"{o['x_after']} after -> {'OK' if ok else 'FAIL'}")
+    # the same order after ptxas: PREEXIT = launch_dependents, ACQBULK = griddepcontrol.wait, LDGSTS = cp.async;
+    # x's loads are the kernel's only 128-bit LDGs (16 halves a thread), idx and bias loads are 32/16-bit
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, re.M)
+    acq = ops.index("ACQBULK") if "ACQBULK" in ops else -1
+    n_cp = sum(op.startswith("LDGSTS") for op in ops[:acq])
+    x128 = sum(op.startswith("LDG.E.128") for op in ops[:acq]), sum(op.startswith("LDG.E.128") for op in ops[acq:])
+    sass_ok = 0 <= ops.index("PREEXIT") < acq and n_cp == o["cp_before"] and x128[0] == 0 and x128[1] > 0
+    print(f"SASS order: PREEXIT, {n_cp} LDGSTS, ACQBULK; 128-bit LDG (x) {x128[0]} before / {x128[1]} after "
+          f"-> {'OK' if sass_ok else 'FAIL'}")
+    ok = ok and sass_ok
+    counts = {key: ptx.count(key) for key in ("cp.async.cg.shared.global", "cp.async.commit_group",
+                                              "cp.async.wait_group", "bar.sync", "griddepcontrol.wait",
+                                              " red.global", " atom.global")}
+    vec = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^\[]*\[[^\]]+\],\s*\[[^\]]+\],\s*(\w+)", ptx))
+    print(f"PTX counts: {counts}; cp.async sizes (bytes): {sorted(vec)}")
+    return dict(regs=regs, smem=smem, stack=stack, fits2=fits2, order_ok=ok, ptx=ptx, kernel=k)
+
+
+def _check_cuda():
+    torch.manual_seed(0)
+    dev, D, n_rows = "cuda", D_MODEL, 16384
+    cache = (torch.randn(n_rows, 2 * D, device=dev) * 0.02).half()
+    bias = (torch.randn(n_rows, device=dev) * 0.1).half()
+    x = torch.randn(D, device=dev).half()
+
+    def check(name, acc, ref):
+        torch.cuda.synchronize()
+        err = ((acc - ref).norm() / ref.norm()).item()       # relative to the whole vector's norm
+        assert err < 2e-3, f"{name}: relative error {err:.2e}"
+        print(f"{name}: relative error {err:.1e} OK")
+
+    # OPT-6.7B at 90% / 95% sparsity of 16384, then shares shorter than S (n=300: 2-3 rows a program)
+    for n in (1638, 819, 300):
+        idx = torch.randperm(n_rows, device=dev)[:n].sort().values.int()
+        ref = reference(x, cache, idx, bias)
+        for pdl in (True, False):
+            acc = torch.zeros(D, device=dev, dtype=torch.float32)
+            check(f"n={n} pdl={pdl}", launch(x, cache, idx, bias, acc, pdl=pdl), ref)
+    # empty shares: more programs than rows (launch() never does this)
+    idx = idx[:5].contiguous()
+    acc = torch.zeros(D, device=dev, dtype=torch.float32)
+    _ffn_ring_kernel[(16,)](x, cache, idx, bias, acc, 5, D=D, S=6, num_warps=8)
+    check("n=5 on 16 programs", acc, reference(x, cache, idx, bias))
+
+
+def _time_cuda():
+    """CUDA-graph replay of 16 rotated launches (as bench_kernels.py times), against the library's pdl='early'."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_kernels import ROTATE, graph_ms, peak_copy_gbps
+    from kernel_floor import active_sets, opt_inputs, touched_bytes
+    from real.kernels.sparse_ffn import bundled_sparse_ffn
+    g = torch.Generator(device="cuda").manual_seed(0)
+    caches, bias, xs = opt_inputs(g)
+    peak = peak_copy_gbps()
+    for n in (1638, 819):
+        idxs = active_sets(g, n)
+        nbytes = touched_bytes(n)
+        accs = [torch.zeros(1, D_MODEL, device="cuda") for _ in range(ROTATE)]
+        lib = graph_ms([lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i],
+                                                       pdl="early") for i in range(ROTATE)])
+        print(f"n={n}: library pdl='early' {lib * 1e3:.2f} us ({100 * nbytes / lib / 1e6 / peak:.1f}% of {peak:.0f})")
+        for S, w in ((4, 8), (6, 8), (7, 8), (6, 4), (6, 16)):
+            acc = torch.zeros(D_MODEL, device="cuda")
+            launch(xs[0][0], caches[0], idxs[0], bias, acc, S=S, num_warps=w)
+            ref = reference(xs[0][0], caches[0], idxs[0], bias)
+            err = float((acc - ref).norm() / ref.norm())
+            flat = [a.view(-1) for a in accs]
+            for pdl in (True, False):
+                ms = graph_ms([lambda i=i: launch(xs[i][0], caches[i % 4], idxs[i], bias, flat[i], S=S, num_warps=w,
+                                                  pdl=pdl) for i in range(ROTATE)])
+                print(f"n={n}: gluon ring S={S} w{w} pdl={pdl}: {ms * 1e3:.2f} us "
+                      f"({100 * nbytes / ms / 1e6 / peak:.1f}%), rel err {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    out = compile_sm90()
+    if torch.cuda.is_available():
+        _check_cuda()
+        _time_cuda()
+    sys.exit(0 if out["order_ok"] and out["stack"] == 0 else 1)
