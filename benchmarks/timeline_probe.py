@@ -10,11 +10,18 @@ takes.
 
     python benchmarks/timeline_probe.py --out DIR [--sparsities 90,95]
 
+'one block' cases give each program a share that fits one block (cdiv(n, BLOCK_R) programs, shares differing by
+one row): it is requested whole before the wait and computed in one step after it; with light blocks two or
+three programs fit an SM, so the next launch's programs can start beside this one's.
+
 Instrumented launches are timed beside the uninstrumented library launch. The arrival of the first block is
 stamped only in the 'arrival stamped' cases: the stamp needs a reduction over that block's tiles (its own
 cost, a few hundred ns, is in that column). 'row shares' gives programs shares that differ by at most one row
-instead of one block. %globaltimer ticks in 256 ns steps on the H200 (the figures are multiples of it). Writes DIR/timeline_probe.txt and
-DIR/results/timeline_probe.json."""
+instead of one block. 'partials stored' and 'one float stored' end the library's config as the streaming read
+ends: each program stores its partial y in a row of its own (their sum is y, checked) or one float (no y: an
+upper bound, not a usable kernel), instead of adding into the sum with atomics. %globaltimer ticks in 256 ns
+steps on the H200 (the figures are multiples of it). Writes DIR/timeline_probe.txt and
+DIR/results/timeline_probe.json (flat records: per case, one with the medians and one per launch)."""
 
 from __future__ import annotations
 
@@ -38,6 +45,10 @@ from kernel_floor import D, probe_case, probe_setup, read_share, write_outputs  
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 
 N_STAMPS = 8   # per program: smid, then up to 7 stamps (unused ones stay 0)
+# (BLOCK_R, warps) tried with the whole share in one block (sm_90, uncapped: 8x8 179 registers, 8x16 101,
+# 4x8 106 and 4x4 168, so two or three of those programs fit an SM, 2x4 114)
+ONE_BLOCK_CONFIGS = ((8, 8), (8, 16), (4, 8), (4, 4), (2, 4))
+ONE_BLOCK_MAX_PER_SM = 3
 
 
 @triton.jit
@@ -81,9 +92,14 @@ def _contrib(xv, u, dn, b, m):
 @triton.jit
 def _early_ffn_traced(x_ptr, cache_ptr, bias_ptr, idx_ptr, n, acc_ptr, trace_ptr, launch,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, STAMP_ARRIVAL: tl.constexpr,
-                      ROW_SHARES: tl.constexpr = False):
+                      ROW_SHARES: tl.constexpr = False, ONE_BLOCK: tl.constexpr = False, END: tl.constexpr = 0):
     """The library's _stream_kernel with PDL=2, FINISH=False, one token, an index and a bias, stamped.
-    ROW_SHARES: programs' shares differ by at most one row (the library's: by at most one block of rows)."""
+    ROW_SHARES: programs' shares differ by at most one row (the library's: by at most one block of rows).
+    ONE_BLOCK (with ROW_SHARES, every share <= BLOCK_R): the whole share is one block, requested before the
+    wait and computed in one step after it (no second block, no loop).
+    END: how a program hands over its share of y. 0: atomics into acc (the library's); 1: a plain store into
+    row pid of acc [G, D] (partials; their sum is y); 2: one float per program (the sum of its share: no y,
+    timing only, the streaming read's ending)."""
     pid = tl.program_id(0)
     t0 = _stamp(pid)
     gdc_launch_dependents()
@@ -101,7 +117,8 @@ def _early_ffn_traced(x_ptr, cache_ptr, bias_ptr, idx_ptr, n, acc_ptr, trace_ptr
     rows_n, m_n = _ids(idx_ptr, start + BLOCK_R, end, BLOCK_R)
     rows_f, m_f = _ids(idx_ptr, start + 2 * BLOCK_R, end, BLOCK_R)
     u, dn, b = _tiles(cache_ptr, bias_ptr, rows, m, d, D)
-    u_n, dn_n, b_n = _tiles(cache_ptr, bias_ptr, rows_n, m_n, d, D)
+    if not ONE_BLOCK:
+        u_n, dn_n, b_n = _tiles(cache_ptr, bias_ptr, rows_n, m_n, d, D)
     gdc_wait()
     t1 = _stamp(pid)
     t2 = tl.zeros([], tl.int64)    # not stamped: left 0 (no value)
@@ -110,17 +127,23 @@ def _early_ffn_traced(x_ptr, cache_ptr, bias_ptr, idx_ptr, n, acc_ptr, trace_ptr
     x0 = tl.load(x_ptr + d).to(tl.float32)
     part = _contrib(x0, u, dn, b, m)
     t3 = _stamp(_bits(tl.sum(part, axis=0)))
-    u, dn, b, m = u_n, dn_n, b_n, m_n
-    rows_n, m_n = rows_f, m_f
-    for r0 in range(start + BLOCK_R, end, BLOCK_R):
-        rows_f, m_f = _ids(idx_ptr, r0 + 2 * BLOCK_R, end, BLOCK_R)
-        u_n, dn_n, b_n = _tiles(cache_ptr, bias_ptr, rows_n, m_n, d, D)
-        part += _contrib(x0, u, dn, b, m)
+    if not ONE_BLOCK:
         u, dn, b, m = u_n, dn_n, b_n, m_n
         rows_n, m_n = rows_f, m_f
+        for r0 in range(start + BLOCK_R, end, BLOCK_R):
+            rows_f, m_f = _ids(idx_ptr, r0 + 2 * BLOCK_R, end, BLOCK_R)
+            u_n, dn_n, b_n = _tiles(cache_ptr, bias_ptr, rows_n, m_n, d, D)
+            part += _contrib(x0, u, dn, b, m)
+            u, dn, b, m = u_n, dn_n, b_n, m_n
+            rows_n, m_n = rows_f, m_f
     t4 = _stamp(_bits(tl.sum(part, axis=0)))
-    if start < end:
-        tl.atomic_add(acc_ptr + d, part, sem="relaxed")
+    if END == 0:
+        if start < end:
+            tl.atomic_add(acc_ptr + d, part, sem="relaxed")
+    elif END == 1:
+        tl.store(acc_ptr + pid * D + d, part)
+    else:
+        tl.store(acc_ptr + pid, tl.sum(part, axis=0))
     t5 = _stamp(pid)
     base = trace_ptr + (launch * G + pid) * 8
     tl.store(base, _smid(pid).to(tl.int64))
@@ -166,8 +189,10 @@ def summarize(trace: torch.Tensor) -> dict:
     warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)   # columns a kernel does not stamp
     for k in range(1, t.shape[0]):
         prev, cur = s[k - 1], s[k]
-        # same SM: did this launch's program start before the previous launch's program there ended?
-        prev_end = {int(sm): e for sm, e in zip(t[k - 1, :, 0], prev[:, 5])}
+        # same SM: did this launch's program start before the previous launch's last program there ended?
+        prev_end: dict = {}
+        for sm, e in zip(t[k - 1, :, 0], prev[:, 5]):
+            prev_end[int(sm)] = max(prev_end.get(int(sm), -math.inf), e)
         shared = [st < prev_end[int(sm)] for sm, st in zip(t[k, :, 0], cur[:, 0]) if int(sm) in prev_end]
         rows.append({
             "launch": k,
@@ -227,20 +252,36 @@ def main() -> int:
                 cases.append((f"FFN early {block_r}x{warps}{', row shares' if rows else ''}"
                               f"{', arrival stamped' if arrival else ''}", "ffn",
                               dict(BLOCK_R=block_r, num_warps=warps, STAMP_ARRIVAL=arrival, ROW_SHARES=rows)))
+        # the library's config ending as the streaming read does: plain stores of partials, or one float each
+        for end, label in ((1, "partials stored"), (2, "one float stored")):
+            cases.append((f"FFN early {lib_cfg['BLOCK_R']}x{lib_cfg['num_warps']}, {label}", "ffn",
+                          dict(BLOCK_R=lib_cfg["BLOCK_R"], num_warps=lib_cfg["num_warps"], STAMP_ARRIVAL=False,
+                               END=end)))
+        # the whole share in one block: cdiv(n, BLOCK_R) programs, up to ONE_BLOCK_MAX_PER_SM a SM
+        for block_r, warps in ONE_BLOCK_CONFIGS:
+            if triton.cdiv(n, block_r) <= ONE_BLOCK_MAX_PER_SM * sms:
+                cases.append((f"FFN early {block_r}x{warps}, one block, {triton.cdiv(n, block_r)} programs", "ffn",
+                              dict(BLOCK_R=block_r, num_warps=warps, STAMP_ARRIVAL=False, ROW_SHARES=True,
+                                   ONE_BLOCK=True)))
         cases.append(("streaming read, reads before wait", "read", {}))
         for name, kind, meta in cases:
-            trace = torch.zeros(ROTATE, sms, N_STAMPS, dtype=torch.int64, device="cuda")
             if kind == "ffn":
-                grid = (min(triton.cdiv(n, meta["BLOCK_R"]), sms),)
-                trace = trace[:, :grid[0]].contiguous()
-                acc = torch.zeros(D, device="cuda")
+                blocks = triton.cdiv(n, meta["BLOCK_R"])
+                grid = (blocks if meta.get("ONE_BLOCK") else min(blocks, sms),)
+                trace = torch.zeros(ROTATE, grid[0], N_STAMPS, dtype=torch.int64, device="cuda")
+                end = meta.get("END", 0)
+                # END 1 and 2 write G rows / G floats per launch instead of adding into a [1, D] sum
+                outs = accs if end == 0 else [torch.zeros(grid[0], D, device="cuda") for _ in range(ROTATE)]
+                acc = torch.zeros_like(outs[0])
                 _early_ffn_traced[grid](ctx.xs[0], ctx.caches[0], ctx.bias, idxs[0], n, acc, trace, 0, D=D,
                                         launch_pdl=True, **meta)
-                rel = float((acc - ref[0]).norm() / ref[0].norm())
-                if rel > 2e-3:
-                    raise SystemExit(f"{name} at {sp}%: relative error {rel:.2e} against the library")
+                if end < 2:
+                    got = acc.sum(0)
+                    rel = float((got - ref[0].view(-1)).norm() / ref[0].norm())
+                    if rel > 2e-3:
+                        raise SystemExit(f"{name} at {sp}%: relative error {rel:.2e} against the library")
                 calls = [lambda i=i: _early_ffn_traced[grid](ctx.xs[i], ctx.caches[i % 4], ctx.bias, idxs[i], n,
-                                                             accs[i], trace, i, D=D, launch_pdl=True, **meta)
+                                                             outs[i], trace, i, D=D, launch_pdl=True, **meta)
                          for i in range(ROTATE)]
             else:
                 half = nbytes // 2       # fp16 elements of nbytes; 4 sets per cache, one cache per i % 4
@@ -248,7 +289,7 @@ def main() -> int:
                 out = torch.empty(sms, device="cuda")
                 per = triton.cdiv(triton.cdiv(srcs[0].numel(), sms), 4096) * 4096
                 grid = (triton.cdiv(srcs[0].numel(), per),)
-                trace = trace[:, :grid[0]].contiguous()
+                trace = torch.zeros(ROTATE, grid[0], N_STAMPS, dtype=torch.int64, device="cuda")
                 calls = [lambda i=i: _read_traced[grid](srcs[i], out, srcs[i].numel(), per, trace, i, BLOCK=4096,
                                                         num_warps=8, launch_pdl=True) for i in range(ROTATE)]
             ms = graph_ms(calls)     # its last replay leaves its stamps in trace

@@ -812,19 +812,29 @@ def _accumulate_config(key, mode: str, tune) -> dict:
 EARLY_CONFIG_MAX_SHARE = 16   # rows per program up to which early_config was measured to beat the tuned pick
 
 
+EARLY_TAIL_MAX = 1.25   # 4-row blocks beyond 8 rows a program while the longest share is <= this x the mean
+
+
 def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     """Block sizes for pdl='early' launches with an index, fixed: the autotuner times one launch alone, with
     nothing before it to overlap, so it cannot rank them. A program requests its first two blocks before the
-    wait; where its share of rows fits those (<= 8 rows) 4-row blocks take it all, else 2-row blocks with 16
-    warps. From the H200 sweep at OPT-6.7B's shapes (2026-12-02 15:05 UTC, benchmarks/kernel_floor_h200_run9.log):
-    90% (12.4 rows per program) 2 rows x 16 warps 9.99 us, 4 x 8 10.52, the plain-tuned pick 10.73; 95% (6.2
-    rows) 4 x 8 6.10 us, 2 x 16 7.12, the plain-tuned pick 7.57. Used up to EARLY_CONFIG_MAX_SHARE rows per
-    program: beyond, and without an index, the tuned configs were as fast or faster (OPT 0%: 62.2 vs 77.9 us;
-    all rows at 90%: 9.9-10.5 vs 11.6 us)."""
+    wait. Where its share of rows fits those (<= 8 rows), 4-row blocks take it all. Beyond, shares are whole
+    blocks, so 4-row blocks can leave some programs a whole block more than the rest: 4-row blocks while the
+    longest share is at most EARLY_TAIL_MAX x the mean, else 2-row blocks with 16 warps (gated rows, 1.5x as
+    wide: 1-row). Measured on the H200 (2026-12-03, 12-16 configs each at OPT-6.7B's and Llama-2-7B's shapes):
+    fitted to 13 cases at 86-99% (benchmarks/early_config_sweep_fit{1,2}.txt; the fastest config in 11, within
+    5% in the others); at 10 sparsities it was not fitted to, within 1.1% of the fastest in 7 and 4.5% at most
+    (benchmarks/early_config_sweep.txt). Used up to EARLY_CONFIG_MAX_SHARE rows per program: beyond, and
+    without an index, the tuned configs were as fast or faster (OPT 0%: 62.2 vs 77.9 us; all rows at 90%:
+    9.9-10.5 vs 11.6 us)."""
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
-    block_r = 4 if share <= 8 and _tiles_fit(k, 4, block_d, 16) else 2 if _tiles_fit(k, 2, block_d, 16) else 1
+    longest_4 = -(-(-(-n_rows // 4)) // sms) * 4          # rows of the longest share with 4-row blocks
+    if _tiles_fit(k, 4, block_d, 16) and (share <= 8 or longest_4 * sms <= EARLY_TAIL_MAX * n_rows):
+        block_r = 4
+    else:
+        block_r = 2 if not gated and _tiles_fit(k, 2, block_d, 16) else 1
     warps = 8 if block_r == 4 and _tiles_fit(k, 4, block_d, 8) else 16
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
             "num_stages": 1}
