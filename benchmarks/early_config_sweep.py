@@ -90,9 +90,10 @@ def sweep_model(model: str, sparsities, peak: float, sms: int, stamp: dict, line
                          f"x{ms / lib_ms:5.2f} the library{mark}")
             records.append({**stamp, "model": model, "batch": 1, "sparsity": sp, "rows": n, "bytes": nbytes,
                             "config": "library" if cfg is None else label(cfg),
-                            "block_r": None if cfg is None else cfg["BLOCK_R"],
-                            "num_warps": None if cfg is None else cfg["num_warps"],
-                            "progs_per_sm": None if cfg is None else cfg["PROGS_PER_SM"],
+                            # the library's own pick where it takes early_config (None: the tuned config)
+                            **{key: (cfg or lib or {}).get(name) for key, name in
+                               (("block_r", "BLOCK_R"), ("num_warps", "num_warps"),
+                                ("progs_per_sm", "PROGS_PER_SM"))},
                             "ms": round(ms, 5), "library_ms": round(lib_ms, 5), "peak_gbps": round(peak, 1),
                             "touched_gbps": round(nbytes / ms / 1e6, 1)})
         print("\n".join(lines[-len(rows) - 1:]), flush=True)

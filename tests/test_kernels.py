@@ -564,15 +564,22 @@ def test_early_config_keeps_two_blocks_in_registers(d_model, gated):
     """pdl='early' holds two blocks per program before the wait: 4-row blocks when a program's share fits them,
     never more weight halves per thread than the register budget that prunes the autotuner's configs."""
     k = 3 if gated else 2
-    for n_rows in (0, 100, 819, 1056, 1638, 16384):
+    for n_rows in (0, 100, 819, 1056, 1638, 16384, *range(1057, 2113, 37)):
         cfg = sparse_ffn_module.early_config(n_rows, 132, d_model, gated)
         assert cfg["BLOCK_D"] >= d_model and cfg["PROGS_PER_SM"] == 1 and cfg["N_ACC"] == 1
         halves = 2 * k * cfg["BLOCK_R"] * cfg["BLOCK_D"]
         assert halves <= sparse_ffn_module.TILE_HALVES_PER_THREAD * 32 * cfg["num_warps"], (n_rows, cfg)
         if n_rows > 8 * 132 and cfg["BLOCK_R"] == 4:     # whole-block shares: the longest within the bound
-            longest = -(-(-(-n_rows // 4)) // 132) * 4
-            assert longest * 132 <= sparse_ffn_module.EARLY_TAIL_MAX * n_rows, (n_rows, cfg)
+            assert _longest_share(n_rows, 4, 132) <= sparse_ffn_module.EARLY_TAIL_MAX * n_rows / 132, (n_rows, cfg)
     assert sparse_ffn_module.early_config(819, 132, 4096, False)["BLOCK_R"] == 4
+
+
+def _longest_share(n_rows: int, block_r: int, sms: int) -> int:
+    """Rows of the longest program share, counted as the persistent kernel assigns them: min(blocks, sms)
+    programs, program p taking blocks [p * blocks // G, (p + 1) * blocks // G)."""
+    blocks = -(-n_rows // block_r)
+    G = max(1, min(blocks, sms))
+    return max(min((p + 1) * blocks // G * block_r, n_rows) - p * blocks // G * block_r for p in range(G))
 
 
 @pytest.mark.parametrize("n_rows,gated,block_r", [(819, False, 4), (1311, False, 4), (1638, False, 2),
@@ -583,6 +590,12 @@ def test_early_config_picks_the_measured_best(n_rows, gated, block_r):
     (benchmarks/early_config_sweep.txt): 4-row blocks unless they leave some programs a block more than the
     rest, then 2-row (gated 1-row)."""
     assert sparse_ffn_module.early_config(n_rows, 132, 4096, gated)["BLOCK_R"] == block_r
+
+
+def test_early_config_keeps_the_earlier_rule_for_wide_gated_rows():
+    """1-row gated blocks were measured at d_model 4096 only; where 4-row gated tiles do not fit (d_model 8192)
+    the earlier rule's 2-row blocks stay."""
+    assert sparse_ffn_module.early_config(1500, 132, 8192, True)["BLOCK_R"] == 2
 
 
 @pytest.mark.parametrize("block_r,progs", [(1, 1), (2, 1), (4, 1), (2, 2)])

@@ -831,10 +831,13 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
     longest_4 = -(-(-(-n_rows // 4)) // sms) * 4          # rows of the longest share with 4-row blocks
-    if _tiles_fit(k, 4, block_d, 16) and (share <= 8 or longest_4 * sms <= EARLY_TAIL_MAX * n_rows):
+    fits_4 = _tiles_fit(k, 4, block_d, 16)
+    if fits_4 and (share <= 8 or longest_4 * sms <= EARLY_TAIL_MAX * n_rows):
         block_r = 4
+    elif fits_4 and gated:
+        block_r = 1                  # measured at d_model 4096; wider gated rows keep the rule before it
     else:
-        block_r = 2 if not gated and _tiles_fit(k, 2, block_d, 16) else 1
+        block_r = 2 if _tiles_fit(k, 2, block_d, 16) else 1
     warps = 8 if block_r == 4 and _tiles_fit(k, 4, block_d, 8) else 16
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
             "num_stages": 1}
