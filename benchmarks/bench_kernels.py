@@ -93,6 +93,16 @@ def rel_err(y, ref) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300))
 
 
+def ffn_bytes(n: int, d_model: int, k: int, has_bias: bool, tokens: int = 1, index: bool = True,
+              accumulate: bool = False) -> int:
+    """HBM bytes the sparse FFN must read or write: n active rows (k fp16 vectors of d_model each), their int32
+    index and fp16 bias, x, and y (fp16); accumulating, the fp32 sum read and written instead of y. The fp32
+    atomics of a finishing launch are L2-resident and not counted."""
+    rows = n * (k * d_model * 2 + (4 if index else 0) + (2 if has_bias else 0))
+    out = 2 * tokens * d_model * 4 if accumulate else tokens * d_model * 2
+    return rows + tokens * d_model * 2 + out
+
+
 def tolerance(dtype, k: int) -> float:
     # As in tests/test_kernels.py: output and hidden-value rounding (eps each, random signs) plus fp32
     # accumulation over k terms growing like sqrt(k).
@@ -334,7 +344,7 @@ def diagnose_fixed_cost(log):
             gt64, up64, dn64 = split_bundles(caches[0].double(), D, gated)
             ref = sparse_ffn_reference(xs[0].double(), up64, dn64, idxs[0], gate=gt64,
                                        bias=None if bias is None else bias.double())
-            touched = n * k * D * 2 + n * 4 + (n * 2 if has_bias else 0) + 2 * D * 2
+            touched = ffn_bytes(n, D, k, has_bias)
             for c in kept:
                 cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                 calls = [(lambda i=i: bundled_sparse_ffn(xs[i], caches[i % CACHE_COPIES], idxs[i], gated=gated,
@@ -441,11 +451,11 @@ def bench_sparse_ffn(model, peak, stamp, log, records, quick):
                     other_ms = graph_ms([ours_call(i) for i in range(ROTATE)])
                 finally:
                     sparse_ffn_mod.DOWN_PRODUCT = default
-            touched = n * k * D * 2 + (0 if sp == 0 else n * 4) + (n * 2 if has_bias else 0) + 2 * T * D * 2
+            touched = ffn_bytes(n, D, k, has_bias, T, index=sp != 0)
             gbps = touched / ours_ms / 1e6
             fused = fused_form(model, xs, caches, idxs, gated, bias, ref, log, OPTIONS["acc_copies"])
             # the accumulating launch reads the same rows and x, and reads + writes the fp32 sum instead of y
-            acc_touched = touched - T * D * 2 + 2 * T * D * 4
+            acc_touched = ffn_bytes(n, D, k, has_bias, T, index=sp != 0, accumulate=True)
             records.append(dict(device=stamp["device"], date=stamp["date"], op="sparse_ffn", model=model, batch=T,
                                 sparsity=sp, ours_ms=ours_ms, gather_ms=gather_ms, dense_ms=dense_ms,
                                 touched_gbps=gbps, peak_gbps=peak, two_phase_ms=two_ms, per_block_ms=v1_ms,

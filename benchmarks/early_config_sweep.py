@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from bench_kernels import (CACHE_COPIES, DTYPE, MODELS, ROTATE, graph_ms, peak_copy_gbps, rel_err,  # noqa: E402
-                           sparse_ffn_mod, tolerance)
+from bench_kernels import (CACHE_COPIES, DTYPE, MODELS, ROTATE, ffn_bytes, graph_ms, peak_copy_gbps,  # noqa: E402
+                           rel_err, sparse_ffn_mod, tolerance)
 from kernel_floor import write_outputs  # noqa: E402
 from real.kernels.sparse_ffn import bundled_sparse_ffn, sparse_ffn_reference, split_bundles  # noqa: E402
 
@@ -60,8 +60,7 @@ def sweep_model(model: str, sparsities, peak: float, sms: int, stamp: dict, line
                 for _ in range(ROTATE)]
         ref = sparse_ffn_reference(xs[0].double(), up64, dn64, idxs[0], gate=gt64,
                                    bias=None if bias is None else bias.double())
-        # as bench_kernels.py counts an accumulating launch: rows, index, bias, x, and the fp32 sum read + written
-        nbytes = n * (k * D * 2 + 4 + (2 if has_bias else 0)) + D * 2 + 2 * D * 4
+        nbytes = ffn_bytes(n, D, k, has_bias, accumulate=True)
         accs = [torch.zeros(1, D, device="cuda") for _ in range(ROTATE)]
         early = n <= sparse_ffn_mod.EARLY_CONFIG_MAX_SHARE * sms     # else the library takes the tuned config
         lib = sparse_ffn_mod.early_config(n, sms, D, gated) if early else None

@@ -43,7 +43,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
-from bench_kernels import COPY_WAYS, ROTATE, LateWriter, _copy_kernel, graph_ms, peak_copy_gbps, sparse_ffn_mod  # noqa: E402
+from bench_kernels import (COPY_WAYS, ROTATE, LateWriter, _copy_kernel, ffn_bytes, graph_ms,  # noqa: E402
+                           peak_copy_gbps, sparse_ffn_mod)
 from real.kernels.sparse_ffn import bundled_sparse_ffn  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 
@@ -231,8 +232,8 @@ def check_pdl(x, cache, idx, bias, sp, sms, modes=(True,), label="indexed") -> s
 
 
 def touched_bytes(n: int, index: bool = True) -> int:
-    """As bench_kernels.py counts the sparse FFN's bytes: rows (up + down), int32 index, fp16 bias, x, y."""
-    return n * (2 * D * 2 + (4 if index else 0) + 2) + 2 * D * 2
+    """The sparse FFN's bytes at OPT-6.7B's shapes, as bench_kernels.py counts them (rows, index, bias, x, y)."""
+    return ffn_bytes(n, D, 2, True, index=index)
 
 
 def check_accumulate(x, cache, idx, bias, sp) -> str:

@@ -20,8 +20,8 @@ cost, a few hundred ns, is in that column). 'row shares' gives programs shares t
 instead of one block. 'partials stored' and 'one float stored' end the library's config as the streaming read
 ends: each program stores its partial y in a row of its own (their sum is y, checked) or one float (no y: an
 upper bound, not a usable kernel), instead of adding into the sum with atomics. Their % of peak counts the
-same bytes as the library's (rows, index, bias, x, y): not the 2.1 MB of partials, nor the later sum of them. %globaltimer ticks in 256 ns
-steps on the H200 (the figures are multiples of it). Writes DIR/timeline_probe.txt and
+same bytes as the library's (rows, index, bias, x, y): not the 2.1 MB of partials, nor the later sum of them.
+%globaltimer ticks in 256 ns steps on the H200 (the figures are multiples of it). Writes DIR/timeline_probe.txt and
 DIR/results/timeline_probe.json (flat records: per case, one with the medians and one per launch)."""
 
 from __future__ import annotations

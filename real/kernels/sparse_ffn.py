@@ -810,8 +810,6 @@ def _accumulate_config(key, mode: str, tune) -> dict:
 
 
 EARLY_CONFIG_MAX_SHARE = 16   # rows per program up to which early_config was measured to beat the tuned pick
-
-
 EARLY_TAIL_MAX = 1.25   # 4-row blocks beyond 8 rows a program while the longest share is <= this x the mean
 
 
@@ -830,7 +828,8 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
-    longest_4 = -(-(-(-n_rows // 4)) // sms) * 4          # rows of the longest share with 4-row blocks
+    blocks_4 = -(-n_rows // 4)
+    longest_4 = -(-blocks_4 // sms) * 4            # rows of the longest share with 4-row blocks
     fits_4 = _tiles_fit(k, 4, block_d, 16)
     if fits_4 and (share <= 8 or longest_4 * sms <= EARLY_TAIL_MAX * n_rows):
         block_r = 4
