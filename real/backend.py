@@ -85,7 +85,7 @@ def run_trace(setup, plans: list[list[LayerPlan]], opts: RealOptions, progress: 
     device = resolve_device(opts.device)
     flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed, progress=progress)
     body = SyntheticBody(spec, device, max_tokens=len(plans), seed=setup.seed,
-                         predictor_rank=predictor_rank(spec, policy))
+                         predictor_rank=predictor_rank(spec, policy), kernel=opts.kernel)
     ffn = FlashFFN(flash, ffn_cache_neurons(spec, policy), strategy=policy.mem_strategy, device=device,
                    threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel, loader=opts.loader)
     bar = tqdm(total=len(plans), desc="real tokens", leave=False, disable=not progress)

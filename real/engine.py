@@ -40,6 +40,9 @@ import torch.nn.functional as F
 
 from real.flash_dir import FlashDir
 from real.flash_reader import aligned_buffer, open_reader
+from real.kernels._launch import triton
+from real.kernels.add_norm import add_layer_norm
+from real.kernels.predictor import predict_active
 from real.kernels.sparse_ffn import sparse_ffn, sparse_ffn_reference
 from real.neuron_cache import NeuronCache
 from sim.layout import ALIGN
@@ -531,12 +534,25 @@ class SyntheticBody:
     host time per layer on the H100 machine, against ~0.13 ms for a replay. A graph has fixed
     shapes, so the graphed attention runs over all ``max_tokens`` key slots with the unwritten ones
     masked (same result; the extra keys cost ~1 MB of reads per layer at 64 tokens, against 134 MB
-    of weights); the position is a device tensor, written once per token."""
+    of weights); the position is a device tensor, written once per token.
+
+    ``kernel="auto"`` runs the project's kernels where they compile (CUDA, fp16/bf16, Triton installed): the
+    attention's residual add and the FFN norm as one fused add + LayerNorm, and the predictor as
+    ``predict_active`` (device index list, no host sync), both with programmatic dependent launch on Hopper;
+    ``"torch"`` (and the CPU) keeps plain torch: addmm + layer_norm, (x A) B > 0.
+    ``benchmarks/bench_body.py`` times one against the other."""
 
     def __init__(self, spec, device: torch.device, max_tokens: int, predictor_rank: int = 0, seed: int = 0,
-                 graphs: bool = True):
+                 graphs: bool = True, kernel: str = "auto"):
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"kernel: unknown value {kernel!r}. Fix: use 'auto' (the Triton kernels on CUDA) "
+                             "or 'torch'")
         self.spec, self.device = spec, device
         self.graphs = graphs and torch.device(device).type == "cuda"
+        # the project's kernels (fused add + LayerNorm, the device predictor) where they compile: CUDA, fp16/bf16
+        self.fused = kernel == "auto" and torch.device(device).type == "cuda" and spec.dtype != "float32" \
+            and triton is not None
+        self._pdl = self.fused and torch.cuda.get_device_capability(device) >= (9, 0)
         self._graph: dict = {}
         self._pos = torch.zeros(1, dtype=torch.int64, device=device)
         self._pos_value = -1
@@ -564,6 +580,15 @@ class SyntheticBody:
         return self.emb[token % self.spec.vocab].unsqueeze(0)
 
     def attention(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """h + attention(h) @ wo: the eager reference (key slots sliced to ``pos``)."""
+        return torch.addmm(h, self._mix(l, h, pos), self.wo[l])          # h + o @ wo in one launch
+
+    def attention_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``attention`` with fixed shapes (for a CUDA graph): ``pos`` is an int64 [1] device tensor;
+        all key slots are attended to, those after ``pos`` masked out."""
+        return torch.addmm(h, self._mix_static(l, h, pos), self.wo[l])
+
+    def _mix(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
         s, d = self.spec, self.spec.d_model
         a = F.layer_norm(h, (d,))
         qkv = a @ self.wqkv[l]
@@ -573,12 +598,9 @@ class SyntheticBody:
         if s.kv_heads != s.n_heads:
             rep = s.n_heads // s.kv_heads
             k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        o = F.scaled_dot_product_attention(q, k, v).reshape(1, d)
-        return torch.addmm(h, o, self.wo[l])          # h + o @ wo in one launch
+        return F.scaled_dot_product_attention(q, k, v).reshape(1, d)
 
-    def attention_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``attention`` with fixed shapes (for a CUDA graph): ``pos`` is an int64 [1] device tensor;
-        all key slots are attended to, those after ``pos`` masked out."""
+    def _mix_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         s, d = self.spec, self.spec.d_model
         a = F.layer_norm(h, (d,))
         qkv = a @ self.wqkv[l]
@@ -589,8 +611,17 @@ class SyntheticBody:
             rep = s.n_heads // s.kv_heads
             k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         mask = (self._slots <= pos).view(1, 1, -1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(1, d)
-        return torch.addmm(h, o, self.wo[l])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(1, d)
+
+    def _attend_and_norm(self, l: int, h: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + o @ wo, the FFN input): with the project's kernels one fused add + LayerNorm launch (the sum
+        rounded to the dtype, then normalised in fp32, as torch's addmm then layer_norm do), else addmm +
+        layer_norm."""
+        if self.fused:
+            x, h = add_layer_norm(o @ self.wo[l], h, pdl=self._pdl)
+            return h, x
+        h = torch.addmm(h, o, self.wo[l])
+        return h, self.ffn_input(l, h)
 
     def front(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention, FFN input norm and (``sparse``) the predictor of layer ``l``: (h after attention,
@@ -604,15 +635,13 @@ class SyntheticBody:
                 warnings.warn(f"CUDA graph of the attention failed ({type(e).__name__}: {e}); running it eagerly",
                               RuntimeWarning, stacklevel=2)
                 self.graphs = False
-        h = self.attention(l, h, pos)
-        x = self.ffn_input(l, h)
+        h, x = self._attend_and_norm(l, h, self._mix(l, h, pos))
         if sparse:
             self.predictor(l, x)
         return h, x
 
     def _front_static(self, l: int, h: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.attention_static(l, h, self._pos)
-        x = self.ffn_input(l, h)
+        h, x = self._attend_and_norm(l, h, self._mix_static(l, h, self._pos))
         return h, x, (self.predictor(l, x) if sparse else None)
 
     def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool):
@@ -639,10 +668,15 @@ class SyntheticBody:
     def ffn_input(self, l: int, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, (self.spec.d_model,))
 
-    def predictor(self, l: int, x: torch.Tensor) -> torch.Tensor | None:
+    def predictor(self, l: int, x: torch.Tensor):
+        """The layer's predicted active set: with the project's kernels the device index list and count of
+        ``predict_active`` (no host sync, so it can be graphed; PDL on Hopper lets it stream A while the norm
+        finishes), else the torch mask (x A) B > 0. The values mean nothing; the work is a real predictor's."""
         if self.pred is None:
             return None
         a, b = self.pred[l]
+        if self.fused:
+            return predict_active(x, a, b, 0.0, pdl=self._pdl)
         return (x @ a) @ b > 0
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

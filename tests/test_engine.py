@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from real.engine import FlashFFN, OPTFlashModel, SyntheticBody, TraceEngine, plans_checked  # noqa: E402
+from real.kernels import active_list  # noqa: E402
 from real.flash_cache import build_opt, flash_dir_for  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import PolicyEngine  # noqa: E402
@@ -307,6 +308,66 @@ def test_fixed_shape_attention_equals_the_sliced_one():
     assert torch.equal(static.kv_cache, eager.kv_cache)
     h_e, x_e = eager.front(0, h, 5, True)    # eager on the CPU
     assert torch.allclose(h_e, eager.attention(0, h, 5)) and torch.allclose(x_e, eager.ffn_input(0, h_e))
+
+
+def _front_both(plain, fused, l, h, pos):
+    """One layer's front on each body, and the predictor of both on the same FFN input (the plain one's)."""
+    h_p, x_p = plain.front(l, h, pos, True)
+    h_f, x_f = fused.front(l, h, pos, True)
+    mask = plain.predictor(l, x_p).any(0)
+    idx, count = fused.predictor(l, x_p)
+    return h_p, x_p, h_f, x_f, mask, active_list(idx, count)
+
+
+def test_body_with_the_kernels_equals_the_torch_body():
+    """kernel='auto' swaps addmm + layer_norm for the fused add + LayerNorm and (x A) B > 0 for
+    predict_active. On the CPU their torch references stand in for the kernels: this checks the wiring
+    (which output is h and which the FFN input, the index list against the mask)."""
+    plain = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=4, predictor_rank=16, seed=3, kernel="torch")
+    fused = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=4, predictor_rank=16, seed=3)
+    assert not fused.fused                     # the CPU keeps plain torch unless told otherwise
+    fused.fused = True
+    h = torch.randn(1, SPEC.d_model, generator=torch.Generator().manual_seed(0))
+    for pos in range(3):
+        for l in range(SPEC.n_layers):
+            h_p, x_p, h_f, x_f, mask, active = _front_both(plain, fused, l, h, pos)
+            # addmm rounds h + o @ wo once, mm then add twice: one float32 rounding of h's size apart
+            assert (h_f - h_p).abs().max().item() <= 4 * EPS * float(h_p.abs().max())
+            assert (x_f - x_p).abs().max().item() <= 64 * EPS * float(x_p.abs().max())
+            assert 0 < active.numel() < SPEC.d_ff
+            assert torch.equal(active, torch.nonzero(mask).reshape(-1))
+        h = h_f
+    with pytest.raises(ValueError, match="kernel"):
+        SyntheticBody(SPEC, torch.device("cpu"), max_tokens=4, kernel="triton")
+
+
+@CUDA
+def test_body_kernels_on_the_gpu_match_float64():
+    """On a GPU (fp16) the body's Triton add + LayerNorm and predictor, graphed, against the torch body
+    (h, FFN input to fp16 rounding) and the predictor's set against float64 scores: a neuron may land on
+    the other side of the threshold only within fp16 rounding of its score."""
+    spec = ModelSpec.from_dict({**GATE_SPEC.to_dict(), "name": "opt-tiny-fp16", "dtype": "float16"})
+    dev = torch.device("cuda")
+    plain = SyntheticBody(spec, dev, max_tokens=4, predictor_rank=32, seed=3, kernel="torch")
+    fused = SyntheticBody(spec, dev, max_tokens=4, predictor_rank=32, seed=3)
+    assert fused.fused and fused.graphs
+    eps16 = torch.finfo(torch.float16).eps
+    h = (torch.randn(1, spec.d_model, device=dev, generator=torch.Generator(dev).manual_seed(0)) * 0.5).half()
+    for pos in range(3):
+        for l in range(spec.n_layers):
+            h_p, x_p, h_f, x_f, _, active = _front_both(plain, fused, l, h, pos)
+            assert (h_f.float() - h_p.float()).abs().max().item() <= 2 * eps16 * float(h_p.abs().max())
+            assert (x_f.float() - x_p.float()).abs().max().item() <= 8 * eps16 * float(x_p.abs().max())
+            a, b = (t.double() for t in fused.pred[l])
+            x64 = x_p.double()
+            score = ((x64 @ a) @ b)[0]
+            bound = 8 * eps16 * ((x64.abs() @ a.abs()) @ b.abs())[0]
+            got = torch.zeros(spec.d_ff, dtype=torch.bool, device=dev)
+            got[active] = True
+            wrong = got != (score > 0)
+            assert 0 < active.numel() < spec.d_ff
+            assert bool((score[wrong].abs() <= bound[wrong]).all()), f"{int(wrong.sum())} neurons off"
+        h = h_f.clone()
 
 
 def test_clock_reuses_each_gpu_event_once(monkeypatch):
