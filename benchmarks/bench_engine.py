@@ -188,8 +188,8 @@ def graph_check(body: SyntheticBody) -> str:
     spec = body.spec
     h = (torch.randn(1, spec.d_model, device=body.device) * 0.5).to(body.emb.dtype)
     pos = 3
-    want_h = body.attention(0, h, pos)
-    want_x = body.ffn_input(0, want_h)
+    want_h, want_x, _ = body.front_eager(0, h, pos, True)       # the same ops, eager
+    want_h, want_x = want_h.clone(), want_x.clone()
     got_h, got_x = body.front(0, h, pos, True)
     if not body.graphs:
         return "attention eager (CUDA graph capture failed)"
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 -- fall back to torch rather than lose the run
             notes.append(f"Triton sparse FFN failed ({type(e).__name__}: {e}); using torch")
             args.kernel = "torch"
-    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
+    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0, kernel=args.kernel)
     if device.type == "cuda":
         notes.append(graph_check(body))
     notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads unless a step "

@@ -70,9 +70,7 @@ def attention_micro(body: SyntheticBody, pos: int, reps: int = 50) -> dict[str, 
     h = torch.randn(1, body.spec.d_model, device=body.device).to(body.emb.dtype)
 
     def step():
-        a = body.attention(0, h, pos)
-        x = body.ffn_input(0, a)
-        return body.predictor(0, x)
+        return body.front_eager(0, h, pos, True)
 
     host_us_, synced_us = host_us(step, reps, keep_busy=False)
     out = {"launch_us": host_us_, "launch+sync_us": synced_us}
@@ -128,7 +126,7 @@ def main() -> int:
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; flash written in {secs:.0f} s"]
     if device.type == "cuda":
         lines.append(f"# kernel warm-up {warm_kernels(spec, device, 'auto'):.1f} s")
-    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0)
+    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0, kernel="auto")
     probes: dict = {}
     rows = []
     for rnd in range(2):

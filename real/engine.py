@@ -556,6 +556,7 @@ class SyntheticBody:
         self._graph: dict = {}
         self._pos = torch.zeros(1, dtype=torch.int64, device=device)
         self._pos_value = -1
+        self.predicted = None          # the last front's predictor output (tests, benchmarks)
         self._slots = torch.arange(max_tokens, device=device)
         dt = DTYPES[spec.dtype]
         g = torch.Generator(device=device).manual_seed(seed)
@@ -570,6 +571,24 @@ class SyntheticBody:
         self.pred = [(rnd(d, predictor_rank), rnd(predictor_rank, spec.d_ff)) for _ in range(spec.n_layers)] \
             if predictor_rank else None
         self.kv = kv
+        if self.fused:
+            self._try_kernels()
+
+    def _try_kernels(self) -> None:
+        """Compile (and tune) the body's kernels once now; if either cannot run here (an older Triton, an
+        unsupported GPU), warn and keep plain torch rather than fail mid-run."""
+        try:
+            x = torch.zeros(1, self.spec.d_model, dtype=self.emb.dtype, device=self.device)
+            add_layer_norm(x, x, pdl=self._pdl)
+            if self.pred is not None:
+                predict_active(x, *self.pred[0], 0.0, pdl=self._pdl)
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001 -- torch is correct, only slower
+            import warnings
+            warnings.warn(f"the body's Triton kernels failed ({type(e).__name__}: {e}); using torch (addmm + "
+                          "layer_norm, (x A) B > 0)", RuntimeWarning, stacklevel=3)
+            self.fused = self._pdl = False
 
     @property
     def nbytes(self) -> int:
@@ -614,9 +633,9 @@ class SyntheticBody:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(1, d)
 
     def _attend_and_norm(self, l: int, h: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + o @ wo, the FFN input): with the project's kernels one fused add + LayerNorm launch (the sum
-        rounded to the dtype, then normalised in fp32, as torch's addmm then layer_norm do), else addmm +
-        layer_norm."""
+        """(h + o @ wo, the FFN input): with the project's kernels o @ wo, then one fused add + LayerNorm
+        launch (the sum rounded to the dtype, normalised in fp32); h may differ from addmm's by that one extra
+        rounding of o @ wo. Else addmm + layer_norm."""
         if self.fused:
             x, h = add_layer_norm(o @ self.wo[l], h, pdl=self._pdl)
             return h, x
@@ -626,7 +645,8 @@ class SyntheticBody:
     def front(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention, FFN input norm and (``sparse``) the predictor of layer ``l``: (h after attention,
         FFN input). On a GPU the returned tensors are the layer's graph outputs, valid until its next
-        replay (the next token), which the device stream orders after every use of them."""
+        replay (the next token), which the device stream orders after every use of them. The predictor's
+        output (see ``predictor``; None when not ``sparse``) is left in ``self.predicted``, as valid."""
         if self.graphs:
             try:
                 return self._front_graphed(l, h, pos, sparse)
@@ -635,10 +655,14 @@ class SyntheticBody:
                 warnings.warn(f"CUDA graph of the attention failed ({type(e).__name__}: {e}); running it eagerly",
                               RuntimeWarning, stacklevel=2)
                 self.graphs = False
-        h, x = self._attend_and_norm(l, h, self._mix(l, h, pos))
-        if sparse:
-            self.predictor(l, x)
+        h, x, self.predicted = self.front_eager(l, h, pos, sparse)
         return h, x
+
+    def front_eager(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple:
+        """``front`` without a graph, the same ops (key slots sliced to ``pos``): (h, FFN input, the
+        predictor's output or None)."""
+        h, x = self._attend_and_norm(l, h, self._mix(l, h, pos))
+        return h, x, (self.predictor(l, x) if sparse else None)
 
     def _front_static(self, l: int, h: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         h, x = self._attend_and_norm(l, h, self._mix_static(l, h, self._pos))
@@ -663,15 +687,17 @@ class SyntheticBody:
         graph, h_in, outs = g
         h_in.copy_(h)
         graph.replay()
+        self.predicted = outs[2]
         return outs[0], outs[1]
 
     def ffn_input(self, l: int, h: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(h, (self.spec.d_model,))
 
     def predictor(self, l: int, x: torch.Tensor):
-        """The layer's predicted active set: with the project's kernels the device index list and count of
-        ``predict_active`` (no host sync, so it can be graphed; PDL on Hopper lets it stream A while the norm
-        finishes), else the torch mask (x A) B > 0. The values mean nothing; the work is a real predictor's."""
+        """The layer's predicted active set, in the form each path makes it: with the project's kernels the
+        tuple (idx, count) of ``predict_active`` (unsorted device index list, no host sync, so it can be
+        graphed; PDL on Hopper lets it stream A while the norm finishes), else the torch bool mask
+        (x A) B > 0 [tokens, d_ff]. The values mean nothing; the work is a real predictor's."""
         if self.pred is None:
             return None
         a, b = self.pred[l]
