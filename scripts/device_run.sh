@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (no network): install the carried wheels (.whl/, git-ignored) next to the
 # machine's own torch/triton, then run one stage; everything it writes goes to $OUT (default ./device-out).
 #
-#   scripts/device_run.sh check    GPU tests of the loader/engine paths, the kernel floor, the engine profile
+#   scripts/device_run.sh check    GPU tests of the loader/engine paths, the body's kernels, the kernel floor, the engine profile
 #   scripts/device_run.sh engine   the full-model engine benchmark (STEPS below, --repeat 2)
 #   scripts/device_run.sh kernels  the kernel benchmark (issue 5's tables)
 set -uo pipefail   # a failing step must not stop the others
@@ -15,8 +15,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 date -u
 case $stage in
   check)
-    python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_engine.py -k "cuda or gated or device_wait" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_engine.py -k "cuda or gated or device_wait or body" \
       2>&1 | tail -15
+    python3 benchmarks/bench_body.py --out "$OUT" 2>&1 | tail -25
     python3 benchmarks/bench_kernels.py --sections check --out "$OUT/kcheck" 2>&1 | grep -E "FAIL|rror|correctness" | tail -8
     python3 benchmarks/kernel_floor.py --out "$OUT" 2>&1 | tail -25
     python3 benchmarks/profile_engine.py --out "$OUT/engine_profile.txt" 2>&1 | tail -40
