@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from bench_kernels import graph_ms  # noqa: E402
 from kernel_floor import write_outputs  # noqa: E402
 from real.engine import SyntheticBody  # noqa: E402
-from real.kernels import active_list  # noqa: E402
+from real.kernels.predictor import misclassified  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 
 RANK, TOKENS, ROUNDS = 128, 16, 5
@@ -60,16 +60,10 @@ def check(plain: SyntheticBody, fused: SyntheticBody, pos: int) -> dict:
                               / (eps * h_p.float().abs().max().item()))
         worst["x_eps"] = max(worst["x_eps"], (x_f.float() - x_p.float()).abs().max().item()
                               / (eps * x_p.float().abs().max().item()))
-        got = torch.zeros(spec.d_ff, dtype=torch.bool, device=plain.device)
-        got[active_list(idx, count)] = True
-        a, b = (t.double() for t in fused.pred[l])
-        score = ((x_f.double() @ a) @ b)[0]
-        # fp16 inputs (exact in float64), products added in fp32: (d_model + rank) fp32 roundings at most
-        bound = (spec.d_model + RANK) * torch.finfo(torch.float32).eps * ((x_f.double().abs() @ a.abs()) @ b.abs())[0]
-        off = got != (score > 0)
-        worst["neurons_off"] += int(off.sum())
-        worst["neurons_off_beyond_rounding"] += int((off & (score.abs() > bound)).sum())
-        worst["active"] += int(got.sum())
+        off, beyond = misclassified(x_f, *fused.pred[l], idx, count)
+        worst["neurons_off"] += off
+        worst["neurons_off_beyond_rounding"] += beyond
+        worst["active"] += int(count.item())
     return worst
 
 

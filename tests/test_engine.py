@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 from real.engine import FlashFFN, OPTFlashModel, SyntheticBody, TraceEngine, plans_checked  # noqa: E402
 from real.kernels import active_list  # noqa: E402
+from real.kernels.predictor import misclassified  # noqa: E402
 from real.flash_cache import build_opt, flash_dir_for  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import PolicyEngine  # noqa: E402
@@ -335,6 +336,7 @@ def test_body_with_the_kernels_equals_the_torch_body():
             mask = plain.predictor(l, x_f).any(0)        # the same float32 ops as the reference's
             assert 0 < active.numel() < SPEC.d_ff
             assert torch.equal(active, torch.nonzero(mask).reshape(-1))
+            assert misclassified(x_f, *fused.pred[l], *fused.predicted)[1] == 0
         h = h_f
     with pytest.raises(ValueError, match="kernel"):
         SyntheticBody(SPEC, torch.device("cpu"), max_tokens=4, kernel="triton")
@@ -380,16 +382,9 @@ def test_body_kernels_on_the_gpu_match_float64():
             h_p, x_p, h_f, x_f, active = _front_both(plain, fused, l, h, pos)
             assert (h_f.float() - h_p.float()).abs().max().item() <= 2 * eps16 * float(h_p.abs().max())
             assert (x_f.float() - x_p.float()).abs().max().item() <= 4 * eps16 * float(x_p.abs().max())
-            a, b = (t.double() for t in fused.pred[l])
-            x64 = x_f.double()
-            score = ((x64 @ a) @ b)[0]
-            eps32 = torch.finfo(torch.float32).eps
-            bound = (spec.d_model + a.shape[1]) * eps32 * ((x64.abs() @ a.abs()) @ b.abs())[0]
-            got = torch.zeros(spec.d_ff, dtype=torch.bool, device=dev)
-            got[active] = True
-            wrong = got != (score > 0)
+            off, beyond = misclassified(x_f, *fused.pred[l], *fused.predicted)
             assert 0 < active.numel() < spec.d_ff
-            assert bool((score[wrong].abs() <= bound[wrong]).all()), f"{int(wrong.sum())} neurons off"
+            assert beyond == 0, f"{off} neurons off, {beyond} beyond rounding"
         h = h_f.clone()
 
 

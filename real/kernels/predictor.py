@@ -40,6 +40,21 @@ def predict_active_reference(x, A, B, threshold: float = 0.0, bias=None):
     return idx, torch.tensor([found.numel()], dtype=torch.int32, device=x.device)
 
 
+
+def misclassified(x, A, B, idx, count, threshold: float = 0.0) -> tuple[int, int]:
+    """A one-token predicted set (idx[:count]) against float64 scores of the same x, A, B: (neurons on the
+    other side of the threshold, those of them beyond the kernels' rounding). The fp16/bf16 inputs are exact
+    in float64 and the one-token kernels add their products in fp32, so a score may be off by at most
+    (d_model + rank) fp32 roundings of (|x| |A|) |B|. For tests and benchmarks (reads count on the host)."""
+    x64, a, b = x.reshape(1, -1).double(), A.double(), B.double()
+    score = ((x64 @ a) @ b)[0]
+    bound = (A.shape[0] + A.shape[1]) * torch.finfo(torch.float32).eps * ((x64.abs() @ a.abs()) @ b.abs())[0]
+    got = torch.zeros(B.shape[1], dtype=torch.bool, device=x.device)
+    got[idx[: int(count.reshape(-1)[0])].long()] = True
+    off = got != (score > threshold)
+    return int(off.sum()), int((off & ((score - threshold).abs() > bound)).sum())
+
+
 if triton is not None:
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
