@@ -605,31 +605,27 @@ class SyntheticBody:
     def attention_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``attention`` with fixed shapes (for a CUDA graph): ``pos`` is an int64 [1] device tensor;
         all key slots are attended to, those after ``pos`` masked out."""
-        return torch.addmm(h, self._mix_static(l, h, pos), self.wo[l])
+        return torch.addmm(h, self._mix(l, h, pos), self.wo[l])
 
-    def _mix(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+    def _mix(self, l: int, h: torch.Tensor, pos) -> torch.Tensor:
+        """Attention's mixed heads (before wo), writing this token's key and value into slot ``pos``. An int
+        ``pos`` attends to the written slots only (eager); an int64 [1] device tensor keeps every shape fixed
+        for a CUDA graph: all slots are attended to, those after ``pos`` masked out."""
         s, d = self.spec, self.spec.d_model
-        a = F.layer_norm(h, (d,))
-        qkv = a @ self.wqkv[l]
+        qkv = F.layer_norm(h, (d,)) @ self.wqkv[l]
         q = qkv[:, :d].view(s.n_heads, 1, s.head_dim)
-        self.kv_cache[l, :, :, pos] = qkv[0, d:].view(2, s.kv_heads, s.head_dim)
-        k, v = self.kv_cache[l, 0, :, : pos + 1], self.kv_cache[l, 1, :, : pos + 1]
+        kv_new = qkv[0, d:].view(2, s.kv_heads, 1, s.head_dim)
+        if isinstance(pos, torch.Tensor):
+            self.kv_cache[l].index_copy_(2, pos, kv_new)
+            k, v = self.kv_cache[l, 0], self.kv_cache[l, 1]
+            mask = (self._slots <= pos).view(1, 1, -1)
+        else:
+            self.kv_cache[l, :, :, pos : pos + 1] = kv_new
+            k, v = self.kv_cache[l, 0, :, : pos + 1], self.kv_cache[l, 1, :, : pos + 1]
+            mask = None
         if s.kv_heads != s.n_heads:
             rep = s.n_heads // s.kv_heads
             k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        return F.scaled_dot_product_attention(q, k, v).reshape(1, d)
-
-    def _mix_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        s, d = self.spec, self.spec.d_model
-        a = F.layer_norm(h, (d,))
-        qkv = a @ self.wqkv[l]
-        q = qkv[:, :d].view(s.n_heads, 1, s.head_dim)
-        self.kv_cache[l].index_copy_(2, pos, qkv[0, d:].view(2, s.kv_heads, 1, s.head_dim))
-        k, v = self.kv_cache[l, 0], self.kv_cache[l, 1]
-        if s.kv_heads != s.n_heads:
-            rep = s.n_heads // s.kv_heads
-            k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-        mask = (self._slots <= pos).view(1, 1, -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(1, d)
 
     def _attend_and_norm(self, l: int, h: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -665,7 +661,7 @@ class SyntheticBody:
         return h, x, (self.predictor(l, x) if sparse else None)
 
     def _front_static(self, l: int, h: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        h, x = self._attend_and_norm(l, h, self._mix_static(l, h, self._pos))
+        h, x = self._attend_and_norm(l, h, self._mix(l, h, self._pos))
         return h, x, (self.predictor(l, x) if sparse else None)
 
     def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool):

@@ -293,20 +293,24 @@ def test_trace_engine_reports_parts(tmp_path):
         assert c.compute_s + c.mem_s <= c.latency_s
 
 
-def test_fixed_shape_attention_equals_the_sliced_one():
+@pytest.mark.parametrize("kv_heads", [0, 2], ids=["mha", "gqa"])
+def test_fixed_shape_attention_equals_the_sliced_one(kv_heads):
     """The CUDA-graph path attends over every key slot with the later ones masked: same output and
-    the same KV cache as attending over the written slots only (checked here on the CPU)."""
-    eager = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
-    static = SyntheticBody(SPEC, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
+    the same KV cache as attending over the written slots only (checked here on the CPU), with and without
+    grouped-query attention (2 key/value heads for 4 query heads)."""
+    spec = ModelSpec.from_dict({**SPEC.to_dict(), "n_kv_heads": kv_heads})
+    eager = SyntheticBody(spec, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
+    static = SyntheticBody(spec, torch.device("cpu"), max_tokens=6, predictor_rank=16, seed=3)
     g = torch.Generator().manual_seed(0)
     for pos in range(6):
-        h = torch.randn(1, SPEC.d_model, generator=g)
-        for l in range(SPEC.n_layers):
+        h = torch.randn(1, spec.d_model, generator=g)
+        for l in range(spec.n_layers):
             want = eager.attention(l, h, pos)
             got = static.attention_static(l, h, torch.tensor([pos]))
             tol = 16 * EPS * float(want.abs().max())
             assert (got - want).abs().max().item() <= tol
     assert torch.equal(static.kv_cache, eager.kv_cache)
+    assert eager.kv_cache.shape[2] == spec.kv_heads
     h_e, x_e = eager.front(0, h, 5, True)    # eager on the CPU
     assert torch.allclose(h_e, eager.attention(0, h, 5)) and torch.allclose(x_e, eager.ffn_input(0, h_e))
 
