@@ -6,7 +6,10 @@ share an SM. Order per program: launch_dependents; cp.async of the first S rows 
 written by the previous kernel); griddepcontrol.wait; load x; per row: wait its group, h = relu(x.u + b),
 part += h*d, refill the freed slot; relaxed atomic add of part into acc.
 
-    python benchmarks/gluon_ffn_probe.py     # compile_sm90(); on a CUDA machine also launch() vs reference()
+    python benchmarks/gluon_ffn_probe.py [--variants | --timeline]
+        compile_sm90() of every config; on a CUDA machine also launch() vs reference() for each, then the
+        timings against the library's pdl='early' launch (default), the group kernel without its wait and/or
+        its math (--variants), or its programs' %globaltimer stamps read by timeline_probe.summarize (--timeline)
 
 Barriers: Gluon runs Triton's membar pass, which (a) puts a bar.sync after every async_copy.wait_group, whatever
 the layouts (each thread here reads only bytes it copied, so wait_group alone would do); (b) sees the ring as one
@@ -16,7 +19,17 @@ in the prologue); (c) the CTA-wide sum takes its usual two. In the loop: 3 bar.s
 The group kernel (2026-12-03, second try) takes G rows a step from NB buffers of G rows: one commit group, one wait
 and one CTA-wide sum of G dots per step, so 3 bar.sync per G rows (the sum's barrier already follows the step's
 shared reads, so membar adds none before the refill). Its tile keeps the G rows in every thread and the warps
-along the columns, so the down sum over G is in-thread.
+along the columns, so the down sum over G is in-thread. The share's row ids and biases sit in shared tables
+filled before the wait, so the loop has no global load.
+
+Measured (H200, 2026-12-03; logs gluon_group_probe_h200.log, gluon_variants_h200.log, gluon_timeline_h200.log,
+gluon_tables_h200.log, gluon_tables_timeline_h200.log): all correct, none faster than the library. At OPT 90%
+the best group config took 12.0 us against the library's 10.1. Without the wait (legal only where no kernel writes
+x, as in this bench) the same kernel took 7.7 us = 82% of the copy peak, and without the math only 0.1 us less:
+the cost is the PDL wait. The timeline shows why: the launches do share SMs (the next ones start ~10-24 us ahead
+and prefetch), but each wait releases 3.8-5.1 us after the previous launch's last program issued its atomics,
+against 1.8-2.3 us for the library's launch, which runs one launch at a time. The queued prefetches of the
+launches ahead appear to delay the completion that the wait needs.
 """
 
 from __future__ import annotations
@@ -91,10 +104,19 @@ def _ffn_ring_kernel(x_ptr, cache_ptr, idx_ptr, bias_ptr, acc_ptr, n, D: gl.cons
 
 
 @gluon.jit
-def _ffn_group_kernel(x_ptr, cache_ptr, idx_ptr, bias_ptr, acc_ptr, n, D: gl.constexpr, G: gl.constexpr,
-                      NB: gl.constexpr):
+def _ffn_group_kernel(x_ptr, cache_ptr, idx_ptr, bias_ptr, acc_ptr, n, trace_ptr, launch_no, D: gl.constexpr,
+                      G: gl.constexpr, NB: gl.constexpr, MAXG: gl.constexpr, SKIP_WAIT: gl.constexpr = False,
+                      SKIP_MATH: gl.constexpr = False, TRACE: gl.constexpr = False):
     """The ring kernel with G rows a step: NB buffers of G bundle rows; one cp.async group, one wait and one CTA-wide
-    sum (of G dot products at once) per G rows, where _ffn_ring_kernel pays its three barriers per row."""
+    sum (of G dot products at once) per G rows, where _ffn_ring_kernel pays its three barriers per row. The
+    share's row ids and biases are read once, before the wait, into shared tables of MAXG groups (>= the share's
+    groups + NB): no global load is left in the loop, whose steps would otherwise each wait on one.
+    Diagnostics only (wrong in general): SKIP_WAIT reads x without waiting for the previous kernel (right here,
+    where no kernel writes x); SKIP_MATH waits for each group's copies but reads nothing of them (y = 0).
+    TRACE stamps %globaltimer into trace_ptr[launch_no, program] as timeline_probe.summarize reads it (smid,
+    start, wait released, -, x read, loop end, atomics issued)."""
+    if TRACE:
+        t0 = _gstamp(gl.program_id(0))
     gdc_launch_dependents()
     # warps along the columns: a [G, *] tile's rows are in every thread, so the down sum over G is in-thread and
     # the G dots share one cross-warp reduction; each thread owns 8 contiguous halves per repeat, and reads back
@@ -113,41 +135,78 @@ def _ffn_group_kernel(x_ptr, cache_ptr, idx_ptr, bias_ptr, acc_ptr, n, D: gl.con
     share = ((pid + 1) * n) // P - start
     steps = (share + G - 1) // G
 
+    # the share's ids and biases, [MAXG, G] tables in shared memory (idx and bias are not written by the
+    # previous kernel, so these may precede the wait); stored whole, then read a group at a time through a view
+    # of the same (unswizzled, row-major) bytes whose layout lets .index(k) give a [G] row
+    tbl_lay: gl.constexpr = gl.BlockedLayout([1, G], [32, 1], [gl.num_warps(), 1], [1, 0])
+    tj = gl.arange(0, MAXG, layout=gl.SliceLayout(1, tbl_lay))[:, None] * G + \
+        gl.arange(0, G, layout=gl.SliceLayout(0, tbl_lay))[None, :]
+    tm = tj < share
+    ids = gl.load(idx_ptr + start + tj, mask=tm, other=0)
+    whole: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    rowwise: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    ids_w = gl.allocate_shared_memory(gl.int32, [MAXG, G], whole)
+    bias_w = gl.allocate_shared_memory(gl.float32, [MAXG, G], whole)
+    ids_w.store(ids)
+    bias_w.store(gl.load(bias_ptr + ids, mask=tm, other=0.0).to(gl.float32))
+    ids_s = ids_w._reinterpret(gl.int32, [MAXG, G], rowwise)
+    bias_s = bias_w._reinterpret(gl.float32, [MAXG, G], rowwise)
+
     ring = gl.allocate_shared_memory(gl.float16, [NB, G, 2 * D], smem_lay)
     for j in gl.static_range(NB):        # group j -> buffer j; masked rows copy zeros (src-size 0), read nothing
         m = j * G + r < share
-        rows = gl.load(idx_ptr + start + j * G + r, mask=m, other=0).to(gl.int64)
+        rows = ids_s.index(j).load(rows_lay).to(gl.int64)
         async_copy.async_copy_global_to_shared(ring.index(j), cache_ptr + rows[:, None] * (2 * D) + offs2[None, :],
                                                mask=m[:, None] & (offs2[None, :] < 2 * D))
         async_copy.commit_group()
-    # the bias of step k and the ids of step k + 1 run one step ahead (idx and bias are not written by the
-    # previous kernel, so these too may precede the wait)
-    m0 = r < share
-    b_next = gl.load(bias_ptr + gl.load(idx_ptr + start + r, mask=m0, other=0), mask=m0, other=0.0)
-    m1 = G + r < share
-    r_next = gl.load(idx_ptr + start + G + r, mask=m1, other=0)
 
-    gdc_wait()                            # the previous kernel wrote x: nothing reads x before this
+    if not SKIP_WAIT:
+        gdc_wait()                        # the previous kernel wrote x: nothing reads x before this
+    if TRACE:
+        t1 = _gstamp(pid)
     x = gl.load(x_ptr + offs).to(gl.float32)
+    if TRACE:
+        t3 = _gstamp(gl.sum(x, axis=0).to(gl.int32, bitcast=True))
     part = gl.zeros([D], gl.float32, layout=cols_lay)
     for k in range(steps):
-        b = b_next.to(gl.float32)
-        mn = (k + 1) * G + r < share
-        b_next = gl.load(bias_ptr + r_next, mask=mn, other=0.0)
-        r_next = gl.load(idx_ptr + start + (k + 2) * G + r, mask=(k + 2) * G + r < share, other=0)
+        b = bias_s.index(k).load(rows_lay)
         mr = (k + NB) * G + r < share
-        refill = gl.load(idx_ptr + start + (k + NB) * G + r, mask=mr, other=0).to(gl.int64)
+        refill = ids_s.index(k + NB).load(rows_lay).to(gl.int64)
         async_copy.wait_group(NB - 1)     # NB + k groups committed, step k's is group k
         buf = ring.index(k % NB)
-        u = buf.slice(0, D, dim=1).load(lay).to(gl.float32)
-        d = buf.slice(D, D, dim=1).load(lay).to(gl.float32)
-        h = gl.maximum(gl.sum(u * x[None, :], axis=1) + b, 0.0)
-        part += gl.sum(h[:, None] * d, axis=0)
+        if not SKIP_MATH:
+            u = buf.slice(0, D, dim=1).load(lay).to(gl.float32)
+            d = buf.slice(D, D, dim=1).load(lay).to(gl.float32)
+            h = gl.maximum(gl.sum(u * x[None, :], axis=1) + b, 0.0)
+            part += gl.sum(h[:, None] * d, axis=0)
         async_copy.async_copy_global_to_shared(buf, cache_ptr + refill[:, None] * (2 * D) + offs2[None, :],
                                                mask=mr[:, None] & (offs2[None, :] < 2 * D))
         async_copy.commit_group()
     async_copy.wait_group(0)              # no copy may outlive the program's shared memory
+    if TRACE:
+        t4 = _gstamp(gl.sum(part, axis=0).to(gl.int32, bitcast=True))
     gl.atomic_add(acc_ptr + offs, part, mask=offs < D, sem="relaxed")
+    if TRACE:
+        t5 = _gstamp(pid)
+        base = trace_ptr + (launch_no * P + pid) * 8
+        gl.store(base, _gsmid(pid).to(gl.int64))
+        gl.store(base + 1, t0)
+        gl.store(base + 2, t1)
+        gl.store(base + 4, t3)
+        gl.store(base + 5, t4)
+        gl.store(base + 6, t5)
+
+
+@gluon.jit
+def _gstamp(dep):
+    """%globaltimer (ns), read after the int32 scalar `dep` is computed (timeline_probe's stamp, in Gluon)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=gl.int64, is_pure=False,
+                                     pack=1)
+
+
+@gluon.jit
+def _gsmid(dep):
+    return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dep], dtype=gl.int32, is_pure=False, pack=1)
 
 
 def _grid_size(n: int, device) -> int:
@@ -155,7 +214,13 @@ def _grid_size(n: int, device) -> int:
     return max(1, min(sms, n))
 
 
-def launch(x, cache, idx, bias, acc, S=6, num_warps=8, pdl=True, G=None):
+def _table_groups(n: int, programs: int, G: int, S: int) -> int:
+    """Groups of G in the group kernel's id/bias tables: a longest share's groups + S (the refills the loop
+    reads past the end), rounded up to a power of two."""
+    return triton.next_power_of_2(triton.cdiv(triton.cdiv(n, programs), G) + S)
+
+
+def launch(x, cache, idx, bias, acc, S=6, num_warps=8, pdl=True, G=None, **diag):
     """acc[D] (fp32, zeroed by the caller) += sum over idx of relu(x.u_r + bias_r) * d_r. G=None: the ring kernel,
     S rows deep; else the group kernel, S groups of G rows deep."""
     n = idx.numel()
@@ -167,7 +232,10 @@ def launch(x, cache, idx, bias, acc, S=6, num_warps=8, pdl=True, G=None):
     if G is None:
         _ffn_ring_kernel[grid](x, cache, idx, bias, acc, n, D=D, S=S, num_warps=num_warps, launch_pdl=pdl)
     else:
-        _ffn_group_kernel[grid](x, cache, idx, bias, acc, n, D=D, G=G, NB=S, num_warps=num_warps, launch_pdl=pdl)
+        trace, launch_no = diag.pop("trace", (acc, 0))   # (int64 [launches, programs, 8], this launch's row)
+        _ffn_group_kernel[grid](x, cache, idx, bias, acc, n, trace, launch_no, D=D, G=G, NB=S,
+                                MAXG=_table_groups(n, grid[0], G, S), num_warps=num_warps, launch_pdl=pdl,
+                                TRACE=trace is not acc, **diag)
     return acc
 
 
@@ -208,16 +276,18 @@ def _ptx_order(ptx: str) -> dict:
                 cp_after=sum(is_cp[wait:]))
 
 
-def compile_sm90(S: int = 6, num_warps: int = 8, D: int = D_MODEL, G=None):
+def compile_sm90(S: int = 6, num_warps: int = 8, D: int = D_MODEL, G=None, trace: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _ffn_ring_kernel if G is None else _ffn_group_kernel
-    types = dict(x_ptr="*fp16", cache_ptr="*fp16", idx_ptr="*i32", bias_ptr="*fp16", acc_ptr="*fp32", n="i32")
-    consts = dict(D=D, S=S) if G is None else dict(D=D, G=G, NB=S)
+    types = dict(x_ptr="*fp16", cache_ptr="*fp16", idx_ptr="*i32", bias_ptr="*fp16", acc_ptr="*fp32", n="i32",
+                 trace_ptr="*i64", launch_no="i32")
+    consts = dict(D=D, S=S) if G is None else dict(D=D, G=G, NB=S, MAXG=_table_groups(1638, 132, G, S),
+                                                   SKIP_WAIT=False, SKIP_MATH=False, TRACE=trace)
     sig = {a: "constexpr" if a in consts else types[a] for a in fn.arg_names}
     # pointers 16-byte aligned, as a launch from torch specializes them
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if sig[a].startswith("*")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     ptx = k.asm["ptx"]
@@ -302,7 +372,8 @@ def _check_cuda():
         if G is None:
             _ffn_ring_kernel[(16,)](x, cache, idx, bias, acc, 5, D=D, S=S, num_warps=w)
         else:
-            _ffn_group_kernel[(16,)](x, cache, idx, bias, acc, 5, D=D, G=G, NB=S, num_warps=w)
+            _ffn_group_kernel[(16,)](x, cache, idx, bias, acc, 5, acc, 0, D=D, G=G, NB=S,
+                                     MAXG=_table_groups(5, 16, G, S), num_warps=w)
         check(f"n=5 on 16 programs {_name(G, S, w)}", acc, ref)
     return failed
 
@@ -337,6 +408,66 @@ def _time_cuda():
                       f"({100 * nbytes / ms / 1e6 / peak:.1f}%), rel err {err:.1e}", flush=True)
 
 
+def _time_variants():
+    """Where the group kernel's time goes: each config as is, without the wait (x is static here, so still
+    right), without the math (copies only), and without either; the library's pdl='early' launch beside."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_kernels import ROTATE, graph_ms, peak_copy_gbps
+    from kernel_floor import active_sets, opt_inputs, touched_bytes
+    from real.kernels.sparse_ffn import bundled_sparse_ffn
+    g = torch.Generator(device="cuda").manual_seed(1)
+    caches, bias, xs = opt_inputs(g)
+    peak = peak_copy_gbps()
+    kinds = {"as is": {}, "no wait": dict(SKIP_WAIT=True), "no math": dict(SKIP_MATH=True),
+             "no wait, no math": dict(SKIP_WAIT=True, SKIP_MATH=True)}
+    for n in (1638, 819, 492):
+        idxs = active_sets(g, n)
+        nbytes = touched_bytes(n)
+        accs = [torch.zeros(1, D_MODEL, device="cuda") for _ in range(ROTATE)]
+        flat = [a.view(-1) for a in accs]
+        lib = graph_ms([lambda i=i: bundled_sparse_ffn(xs[i], caches[i % 4], idxs[i], bias=bias, accumulate=accs[i],
+                                                       pdl="early") for i in range(ROTATE)])
+        print(f"variants n={n}: library pdl='early' {lib * 1e3:.2f} us ({100 * nbytes / lib / 1e6 / peak:.1f}%)")
+        for G, S, w in ((2, 2, 8), (2, 3, 16), (1, 6, 8)):
+            for kind, diag in kinds.items():
+                acc = torch.zeros(D_MODEL, device="cuda")
+                launch(xs[0][0], caches[0], idxs[0], bias, acc, S=S, num_warps=w, G=G, **diag)
+                ref = reference(xs[0][0], caches[0], idxs[0], bias)
+                err = float((acc - ref).norm() / ref.norm())
+                ms = graph_ms([lambda i=i: launch(xs[i][0], caches[i % 4], idxs[i], bias, flat[i], S=S, num_warps=w,
+                                                  G=G, **diag) for i in range(ROTATE)])
+                print(f"variants n={n}: {_name(G, S, w)} {kind:<17} {ms * 1e3:6.2f} us "
+                      f"({100 * nbytes / ms / 1e6 / peak:.1f}%), rel err {err:.1e}", flush=True)
+
+
+def _timeline():
+    """The group kernel's programs stamped (timeline_probe.py's columns and summary): do consecutive launches
+    share an SM, when does each wait release after the previous launch's end, how long is the work after it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_kernels import ROTATE, graph_ms, peak_copy_gbps
+    from kernel_floor import active_sets, opt_inputs, touched_bytes
+    from timeline_probe import FIELDS, summarize
+    g = torch.Generator(device="cuda").manual_seed(2)
+    caches, bias, xs = opt_inputs(g)
+    peak = peak_copy_gbps()
+    for n in (1638, 819):
+        idxs = active_sets(g, n)
+        nbytes = touched_bytes(n)
+        flat = [torch.zeros(D_MODEL, device="cuda") for _ in range(ROTATE)]
+        for G, S, w, diag in ((2, 2, 8, {}), (2, 3, 16, {}), (2, 2, 8, dict(SKIP_WAIT=True)),
+                              (2, 3, 16, dict(SKIP_WAIT=True))):
+            P = _grid_size(n, "cuda")
+            trace = torch.zeros(ROTATE, P, 8, dtype=torch.int64, device="cuda")
+            ms = graph_ms([lambda i=i: launch(xs[i][0], caches[i % 4], idxs[i], bias, flat[i], S=S, num_warps=w, G=G,
+                                              trace=(trace, i), **diag) for i in range(ROTATE)])
+            summ = summarize(trace)
+            name = f"{_name(G, S, w)}{' no wait' if diag else ''}"
+            print(f"timeline n={n}: {name:<24} {ms * 1e3:6.2f} us {100 * nbytes / ms / 1e6 / peak:5.1f}%  " +
+                  "  ".join(f"{label} {summ[key]:.2f}" for key, label in FIELDS), flush=True)
+
+
 if __name__ == "__main__":
     outs = [compile_sm90(S=S, num_warps=w, G=G) for G, S, w in CONFIGS]
     ok = all(o["order_ok"] and o["stack"] == 0 for o in outs)
@@ -344,5 +475,10 @@ if __name__ == "__main__":
         failed = _check_cuda()
         ok = ok and not failed
         if not failed:
-            _time_cuda()
+            if "--timeline" in sys.argv:
+                _timeline()
+            elif "--variants" in sys.argv:
+                _time_variants()
+            else:
+                _time_cuda()
     sys.exit(0 if ok else 1)
