@@ -74,7 +74,7 @@ def graphed_us(body: SyntheticBody, sparse: bool) -> dict:
     o = (torch.randn(1, spec.d_model, device=body.device) * 0.5).to(body.emb.dtype)
     x = body.ffn_input(0, h)
     layers = range(spec.n_layers)
-    out = {"front": graph_ms([lambda l=l: body._front_static(l, h, sparse) for l in layers]) * 1e3,
+    out = {"front": graph_ms([lambda l=l: body.front_eager(l, h, body._pos, sparse) for l in layers]) * 1e3,
            "add_norm": graph_ms([lambda l=l: body._attend_and_norm(l, h, o) for l in layers]) * 1e3}
     if sparse:
         out["predictor"] = graph_ms([lambda l=l: body.predictor(l, x) for l in layers]) * 1e3

@@ -598,14 +598,10 @@ class SyntheticBody:
     def embed(self, token: int) -> torch.Tensor:
         return self.emb[token % self.spec.vocab].unsqueeze(0)
 
-    def attention(self, l: int, h: torch.Tensor, pos: int) -> torch.Tensor:
-        """h + attention(h) @ wo: the eager reference (key slots sliced to ``pos``)."""
+    def attention(self, l: int, h: torch.Tensor, pos) -> torch.Tensor:
+        """h + attention(h) @ wo in plain torch, the reference: ``pos`` as in ``_mix`` (an int slices the key
+        slots; an int64 [1] device tensor keeps the shapes fixed, as the CUDA graph runs it)."""
         return torch.addmm(h, self._mix(l, h, pos), self.wo[l])          # h + o @ wo in one launch
-
-    def attention_static(self, l: int, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``attention`` with fixed shapes (for a CUDA graph): ``pos`` is an int64 [1] device tensor;
-        all key slots are attended to, those after ``pos`` masked out."""
-        return torch.addmm(h, self._mix(l, h, pos), self.wo[l])
 
     def _mix(self, l: int, h: torch.Tensor, pos) -> torch.Tensor:
         """Attention's mixed heads (before wo), writing this token's key and value into slot ``pos``. An int
@@ -654,14 +650,10 @@ class SyntheticBody:
         h, x, self.predicted = self.front_eager(l, h, pos, sparse)
         return h, x
 
-    def front_eager(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple:
-        """``front`` without a graph, the same ops (key slots sliced to ``pos``): (h, FFN input, the
-        predictor's output or None)."""
+    def front_eager(self, l: int, h: torch.Tensor, pos, sparse: bool) -> tuple:
+        """``front`` without a graph, the same ops: (h, FFN input, the predictor's output or None). ``pos`` as
+        in ``_mix``; the graph captures this with ``self._pos``, the device tensor."""
         h, x = self._attend_and_norm(l, h, self._mix(l, h, pos))
-        return h, x, (self.predictor(l, x) if sparse else None)
-
-    def _front_static(self, l: int, h: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        h, x = self._attend_and_norm(l, h, self._mix(l, h, self._pos))
         return h, x, (self.predictor(l, x) if sparse else None)
 
     def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool):
@@ -674,11 +666,11 @@ class SyntheticBody:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):        # warm-up off the capture (writes slot pos; replayed below)
-                self._front_static(l, h_in, sparse)
+                self.front_eager(l, h_in, self._pos, sparse)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outs = self._front_static(l, h_in, sparse)
+                outs = self.front_eager(l, h_in, self._pos, sparse)
             g = self._graph[(l, sparse)] = (graph, h_in, outs)
         graph, h_in, outs = g
         h_in.copy_(h)

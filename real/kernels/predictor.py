@@ -40,7 +40,6 @@ def predict_active_reference(x, A, B, threshold: float = 0.0, bias=None):
     return idx, torch.tensor([found.numel()], dtype=torch.int32, device=x.device)
 
 
-
 def misclassified(x, A, B, idx, count, threshold: float = 0.0) -> tuple[int, int]:
     """A one-token predicted set (idx[:count]) against float64 scores of the same x, A, B: (neurons on the
     other side of the threshold, those of them beyond the kernels' rounding). The fp16/bf16 inputs are exact
