@@ -62,8 +62,7 @@ def sweep_model(model: str, sparsities, peak: float, sms: int, stamp: dict, line
                                    bias=None if bias is None else bias.double())
         nbytes = ffn_bytes(n, D, k, has_bias, accumulate=True)
         accs = [torch.zeros(1, D, device="cuda") for _ in range(ROTATE)]
-        early = n <= sparse_ffn_mod.EARLY_CONFIG_MAX_SHARE * sms     # else the library takes the tuned config
-        lib = sparse_ffn_mod.early_config(n, sms, D, gated) if early else None
+        lib = sparse_ffn_mod.early_pick(n, sms, D, gated, indexed=True)   # None: the library takes the tuned config
         lines.append(f"\n## {model} {sp}%: {n} rows, {nbytes / 1e6:.1f} MB; the library's pick: "
                      f"{label(lib) if lib else 'tuned (share > EARLY_CONFIG_MAX_SHARE)'}")
         rows = []

@@ -286,7 +286,9 @@ def main() -> int:
     for sp in ctx.sparsities:
         n = round(FF * (1 - sp / 100))
         nbytes = touched_bytes(n)
-        half = nbytes // 4                       # fp16 elements in half the bytes
+        # fp16 elements in half the bytes, rounded down to 64 (< 256 bytes fewer): with a length that is no
+        # multiple of 16, Triton's masked copy cannot use vector accesses (H200, 95%: 15.7 us before, 5.3 after)
+        half = nbytes // 4 // 64 * 64
         srcs = [torch.randn(half, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]
         dsts = [torch.empty_like(s) for s in srcs]
         reads = [torch.randn(nbytes // 2, device="cuda", generator=g).to(DTYPE) for _ in range(ROTATE)]

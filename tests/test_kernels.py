@@ -636,3 +636,15 @@ def test_down_product_is_validated(monkeypatch):
     monkeypatch.setattr(sparse_ffn_module, "DOWN_PRODUCT", "TF32")
     with pytest.raises(ValueError, match="DOWN_PRODUCT: unknown 'TF32'"):
         bundled_sparse_ffn(x, cache, idx, method="two_phase")
+
+
+@pytest.mark.parametrize("n_rows,indexed,fixed", [(819, True, True), (819, False, True), (1056, False, True),
+                                                  (1057, False, False), (1638, True, True),
+                                                  (1638, False, False), (2112, True, True), (2113, True, False)])
+def test_early_pick_fixes_configs_only_where_measured(n_rows, indexed, fixed):
+    """pdl='early' takes early_config up to 16 rows a program with an index and 8 without (where the two early
+    blocks hold the whole share); beyond, the tuner picks (None)."""
+    cfg = sparse_ffn_module.early_pick(n_rows, 132, 4096, False, indexed)
+    assert (cfg is not None) == fixed
+    if fixed:
+        assert cfg == sparse_ffn_module.early_config(n_rows, 132, 4096, False)

@@ -810,6 +810,7 @@ def _accumulate_config(key, mode: str, tune) -> dict:
 
 
 EARLY_CONFIG_MAX_SHARE = 16   # rows per program up to which early_config was measured to beat the tuned pick
+EARLY_ALL_ROWS_MAX_SHARE = 8  # the same without an index: only where the two early blocks hold the whole share
 EARLY_TAIL_MAX = 1.25   # 4-row blocks beyond 8 rows a program while the longest share is <= this x the mean
 
 
@@ -824,7 +825,7 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     5% in the others); at 10 sparsities it was not fitted to, within 1.1% of the fastest in 7 and 4.5% at most
     (benchmarks/early_config_sweep.txt). Used up to EARLY_CONFIG_MAX_SHARE rows per program: beyond, and
     without an index, the tuned configs were as fast or faster (OPT 0%: 62.2 vs 77.9 us; all rows at 90%:
-    9.9-10.5 vs 11.6 us)."""
+    9.9-10.5 vs 11.6 us); `early_pick` says where it applies."""
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
@@ -840,6 +841,17 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     warps = 8 if block_r == 4 and _tiles_fit(k, 4, block_d, 8) else 16
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "N_ACC": 1, "PROGS_PER_SM": 1, "num_warps": warps,
             "num_stages": 1}
+
+
+def early_pick(n_rows: int, sms: int, d_model: int, gated: bool, indexed: bool) -> dict | None:
+    """early_config where it was measured to beat the tuned pick, else None (tune). With an index: up to
+    EARLY_CONFIG_MAX_SHARE rows a program. Without one (all resident rows): only while a share fits the two
+    blocks requested before the wait (EARLY_ALL_ROWS_MAX_SHARE rows). There the tuner, timing one launch alone,
+    picked 6.3 us at OPT-6.7B 95% in one process and 8.0 in another, where 4-row blocks took 6.3-6.4 in both
+    (H200, benchmarks/kernel_floor_h200_1202_1511.txt, kernel_floor_h200_1203_1129.txt); at 90% (13 rows a
+    program) the fixed configs did no better than the tuner, and plain pdl=True beat every early config."""
+    bound = EARLY_CONFIG_MAX_SHARE if indexed else EARLY_ALL_ROWS_MAX_SHARE
+    return early_config(n_rows, sms, d_model, gated) if n_rows <= bound * sms else None
 
 
 def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count, method, config, y=None,
@@ -868,10 +880,8 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
         # launched plainly (no PDL) even when pdl is set: stream order puts it after the accumulating launch
         _drain_kernel[(T, triton.cdiv(D, DRAIN_BLOCK))](sums, y, y.stride(0), D, BLOCK=DRAIN_BLOCK)
         return y
-    if pdl == "early" and config is None and backend == "triton" and idx is not None:
-        sms = _sm_count(x.device)
-        if n_cap <= EARLY_CONFIG_MAX_SHARE * sms:
-            config = early_config(n_cap, sms, D, gate is not None)
+    if pdl == "early" and config is None and backend == "triton":
+        config = early_pick(n_cap, _sm_count(x.device), D, gate is not None, idx is not None)
     if acc_into is not None and method == "fused":
         if config is None and backend == "triton" and not tune_acc:
             key = (str(x.device), D, T, next_pow2(n_cap), idx is None,
