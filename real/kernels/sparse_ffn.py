@@ -823,9 +823,9 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     wide: 1-row). Measured on the H200 (2026-12-03, 12-16 configs each at OPT-6.7B's and Llama-2-7B's shapes):
     fitted to 13 cases at 86-99% (benchmarks/early_config_sweep_fit{1,2}.txt; the fastest config in 11, within
     5% in the others); at 10 sparsities it was not fitted to, within 1.1% of the fastest in 7 and 4.5% at most
-    (benchmarks/early_config_sweep.txt). Used up to EARLY_CONFIG_MAX_SHARE rows per program: beyond, and
-    without an index, the tuned configs were as fast or faster (OPT 0%: 62.2 vs 77.9 us; all rows at 90%:
-    9.9-10.5 vs 11.6 us); `early_pick` says where it applies."""
+    (benchmarks/early_config_sweep.txt). `early_pick` says where it applies: beyond EARLY_CONFIG_MAX_SHARE rows
+    per program, and without an index beyond EARLY_ALL_ROWS_MAX_SHARE, the tuned configs were as fast or faster
+    (OPT 0%: 62.2 vs 77.9 us; all rows at 90%: 9.9-10.5 vs 11.6 us)."""
     share = -(-n_rows // sms)
     block_d = next_pow2(d_model)
     k = 3 if gated else 2
