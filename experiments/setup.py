@@ -16,10 +16,11 @@ from sim.hardware import HardwareProfile
 from sim.model_spec import ModelSpec
 from sim.plan import ffn_cache_neurons
 from sim.policy import Policy
+from sim.software import SoftwareProfile
 from sim.trace import SyntheticTraceConfig, Trace, generate_trace
 
 BACKENDS = ("sim", "real", "both")
-TOP_LEVEL = {"model", "hardware", "policy", "trace", "backend", "tokens", "warmup", "seed", "timeline",
+TOP_LEVEL = {"model", "hardware", "software", "policy", "trace", "backend", "tokens", "warmup", "seed", "timeline",
              "progress", "experiment", "hydra", "study", "figure"}
 
 
@@ -65,6 +66,8 @@ def build_run(cfg: DictConfig) -> RunSetup:
             f"python -m experiments.figures --experiment {cfg.get('study') or 'NAME'} --out DIR")
     spec = ModelSpec.from_dict(_section(cfg, "model"))
     hardware = HardwareProfile.from_dict(_section(cfg, "hardware"))
+    if cfg.get("software") is not None:
+        hardware = SoftwareProfile.from_dict(_section(cfg, "software")).apply(hardware)
     policy = Policy.from_dict(_section(cfg, "policy"))
     trace_cfg = _section(cfg, "trace")
     require(trace_cfg.get("kind") in ("synthetic", "file"), "trace.kind",

@@ -346,10 +346,31 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
         compute_gbps=round(mc["compute_gbps"], 2), compute_tflops=round(mc["compute_tflops"], 3),
         h2d_gbps=round(mc["h2d_gbps"], 2), memory_gib=round(mc["memory_gib"], 2),
         op_overhead_us=round(mc["op_overhead_us"], 3), io_overhead_us=round(io_over, 2),
-        row_op_us=round(rows, 4), overlap=True, source=source)
+        row_op_us=round(rows, 4), overlap=True, source=source,
+        sources=measured_sources(f"python -m real.calibrate{' --quick' if quick else ''} on {host} ({mc['device']}), "
+                                 f"{date}", direct))
     raw = {"direct": direct, "write_gbps": write_gbps, "seconds": time.perf_counter() - t_start,
            "h2d_pageable_gbps": mc.get("h2d_pageable_gbps", 0.0), "device": mc["device"], "date": date}
     return profile, raw
+
+
+def measured_sources(run: str, direct: bool) -> dict[str, str]:
+    """One source line per constant: which probe of this run measured it."""
+    how = {
+        "read_gbps": f"random reads ({'O_DIRECT' if direct else 'BUFFERED'}) over read size x reads in flight",
+        "read_latency_us": "one 4 KiB O_DIRECT read alone, median",
+        "seq_gbps": "sequential large O_DIRECT reads",
+        "mem_gbps": "a large device-memory copy (bytes read + written)",
+        "compute_gbps": "weight bytes a decode matvec (torch.mv) streams per second",
+        "compute_tflops": "a large matrix product",
+        "h2d_gbps": "pinned host-to-device copy of 256 MiB (0 on a CPU)",
+        "memory_gib": "free memory where the neuron cache lives",
+        "op_overhead_us": "2000 tiny ops back to back, per op",
+        "io_overhead_us": "fixed cost of one batch of reads (submit, wait, wake-up)",
+        "row_op_us": "the memory manager's bookkeeping per neuron (sim.plan.LayerCacheState)",
+        "overlap": "the engine overlaps reads with compute (a design property, not measured)",
+    }
+    return {k: f"measured by {run}: {v}" if k != "overlap" else v for k, v in how.items()}
 
 
 def save_profile(profile: HardwareProfile, out: str | Path, raw: dict) -> Path:

@@ -6,7 +6,7 @@ space, so "how fast is a 24 KiB read at depth 12" always has an answer that is m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ class HardwareProfile:
     row_op_us: float = 0.05           # bookkeeping per neuron the memory manager touches
     overlap: bool = True              # I/O runs while compute over resident neurons proceeds
     source: str = ""                  # where the numbers come from (paper, DESIGN.md, calibrate run)
+    # per constant (field name -> a spec sheet / public benchmark, a real.calibrate run with device and date,
+    # or a fit with the data it was fitted to); the flash table's three fields may share the key "read_gbps"
+    sources: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(len(self.read_kib) >= 1 and list(self.read_kib) == sorted(self.read_kib), "hardware.read_kib",
@@ -56,10 +59,26 @@ class HardwareProfile:
             v = getattr(self, f)
             require(isinstance(v, (int, float)) and v > 0, f"hardware.{f}", f"must be > 0, got {v!r}",
                     f"set hardware.{f} to a measured value")
+        require(isinstance(self.sources, dict) and all(isinstance(v, str) and v.strip() for v in self.sources.values()),
+                "hardware.sources", "must map constant names to non-empty source texts",
+                "e.g. sources: {mem_gbps: 'Apple M1 Max spec sheet: 400 GB/s'}")
+        stray = sorted(set(self.sources) - set(CONSTANTS))
+        require(not stray, f"hardware.sources.{stray[0] if stray else ''}", "is not a constant of the profile",
+                f"use only {list(CONSTANTS)}")
         for f in ("h2d_gbps", "op_overhead_us", "io_overhead_us", "row_op_us"):
             v = getattr(self, f)
             require(isinstance(v, (int, float)) and v >= 0, f"hardware.{f}", f"must be >= 0, got {v!r}",
                     f"set hardware.{f} to a measured value (0 disables it)")
+
+    def missing_sources(self) -> list[str]:
+        """Constants without a source line (the flash table's fields count as one, ``read_gbps``)."""
+        return [c for c in CONSTANTS if c not in ("read_kib", "depths") and c not in self.sources]
+
+    def with_software(self, sw: "SoftwareProfile") -> "HardwareProfile":
+        """This machine's hardware constants with the engine's software constants (per-op overheads,
+        efficiencies: sim.software) in place of its own: how a profile fitted on one machine's engine runs
+        carries to another machine that only has a quick calibration."""
+        return sw.apply(self)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -136,3 +155,9 @@ class HardwareProfile:
     def best_read_gbps(self, size_bytes: float) -> float:
         """Best throughput over the measured depths at this size (the probe's figure)."""
         return float(np.max(self.read_throughput_gbps(np.full(len(self.depths), size_bytes), self.depths)))
+
+
+# every timing constant of a profile (what ``sources`` must cover); name/source/sources are not constants
+CONSTANTS = tuple(f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "sources"))
+
+from sim.software import SoftwareProfile  # noqa: E402  (sim.software imports nothing of this module at load)

@@ -27,6 +27,8 @@ def test_quick_calibration_writes_a_valid_profile(tmp_path, monkeypatch):
     assert prof.read_latency_us > 0 and prof.seq_gbps > 0 and prof.mem_gbps > 0 and prof.compute_gbps > 0
     assert prof.row_op_us > 0 and prof.op_overhead_us > 0 and prof.memory_gib > 0
     assert "real.calibrate --quick" in prof.source and "O_DIRECT" in prof.source.upper()
+    assert prof.missing_sources() == []                             # every constant says which probe measured it
+    assert "real.calibrate --quick" in prof.sources["mem_gbps"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert not (tmp_path / "disk" / cal.TEST_FILE).exists()        # the test file is removed
     # the simulator can use it, and it loads as a preset of the hardware group (hardware=tiny-test)
