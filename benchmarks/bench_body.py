@@ -17,7 +17,7 @@ builds both bodies with the same random weights (fp16, batch 1) and, per model:
    all layers for 16 tokens (wall time per layer, median of 5 rounds after one untimed, the variants
    alternating).
 
-Writes DIR/body.txt and DIR/results/body.json (flat records)."""
+Writes DIR/results/body.txt and DIR/results/body.json."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from bench_kernels import graph_ms  # noqa: E402
-from kernel_floor import write_outputs  # noqa: E402
+from _results import write_outputs  # noqa: E402
 from real.engine import SyntheticBody  # noqa: E402
 from real.kernels.predictor import misclassified  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402

@@ -19,7 +19,7 @@ Rules (each keeps the current token's active neurons resident and at most ``capa
 
 No torch, no GPU: the ceiling on "speedup vs naive" it prints takes the naive latency and the read
 rate at 16 KiB (the policy's bytes over its own I/O bound) from one run in benchmarks/results/engine.json.
-Writes benchmarks/cache_bound.txt, benchmarks/cache_bound.png and benchmarks/results/cache_bound.json."""
+Writes benchmarks/results/cache_bound.txt, cache_bound.png and cache_bound.json."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import PolicyEngine, ffn_cache_neurons  # noqa: E402
@@ -203,11 +204,10 @@ def main(argv=None) -> int:
         lines.append(f"{r['tokens']:>6} {r['rule']:>10} {r['new_neurons_per_token']:>11.1f} {r['mb_per_token']:>8.1f} "
                      f"{r['mb_per_token'] / base[r['tokens']]:>9.3f} {r.get('io_bound_ms', float('nan')):>11.1f} "
                      f"{r.get('ceiling_vs_naive', float('nan')):>9.2f}")
-    out = Path(args.out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    out = Path(args.out_dir) / "results"
+    write_results(out / "cache_bound.json", records)
     atomic_write_text(out / "cache_bound.txt", "\n".join(lines) + "\n")
     plot(records, ref, out, f"{spec.name}, {args.policy}, budget {policy.memory_budget} ({capacity} neurons/layer cached)")
-    atomic_write_text(out / "results" / "cache_bound.json", json.dumps(records, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -12,19 +12,18 @@ a quarter of the FFN fits the neuron cache). Each step adds one change to the on
 
 Per run: per-token latency and its parts (io/mem/compute, as real.engine defines them), bytes and
 reads per token, the simulator's prediction for the very same plans (hardware h100-calibrated-fit, the
-profile fitted to this machine's engine: benchmarks/resim_engine.txt compares the profiles) and its
+profile fitted to this machine's engine: benchmarks/results/resim_engine.txt compares the profiles) and its
 error, and the I/O lower bound = sum over read sizes of (bytes per token at that size / probe
 throughput at that size and depth), the probe being O_DIRECT reads through the engine's own loader
 at that size and depth, measured just before and just after the step's tokens (the bound is the mean of the two bounds:
 this virtual disk drifts by tens of percent between minutes). Warm-up tokens (the window / cache
 filling) are executed and excluded. Unbundled policies run fewer tokens (they are slow); all use
-all 32 layers. Writes engine.txt and results/engine.json under --out-dir."""
+all 32 layers. Writes results/engine.txt, results/engine.json and results/engine.png under --out-dir."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -40,8 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from engine_steps import STEPS  # noqa: E402
-from resim_engine import at_probe, drift_factor  # noqa: E402
+from _results import write_results  # noqa: E402
+from resim_engine import STEPS, at_probe, drift_factor  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import COPY_CHUNKS, GATE_READS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
 from real.flash_cache import flash_dir_for  # noqa: E402
@@ -211,9 +210,8 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
     for r in records:
         naive = naive_of.get(r["repeat"], first)
         r["speedup_vs_naive"] = round(naive / r["latency_ms"], 2) if naive else None
-    out = Path(args.out_dir)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results" / "engine.json", json.dumps(records, indent=1))
+    out = Path(args.out_dir) / "results"
+    write_results(out / "engine.json", records)
     head = ["policy", "repeat", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
             "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
             "sim_error_pct", "sim_at_probe_error_pct"]
@@ -251,7 +249,7 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
                 return f"{np.median(v):.3g} [{min(v):.3g}..{max(v):.3g}]" if v else "-"
             lines.append(f"  {label}: n={len(rs)}, latency_ms {med('latency_ms')}, speedup_vs_naive "
                          f"{med('speedup_vs_naive')}, latency_over_bound {med('latency_over_bound')}")
-    (out / "engine.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "engine.txt", "\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
         try:

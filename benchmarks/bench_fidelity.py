@@ -8,15 +8,15 @@ quick calibration alone, engine runs on that other kind predicted and then measu
     python -m real.calibrate /root/flash --quick --name h200-quick
     python benchmarks/bench_fidelity.py run --hardware h200-quick --software engine-h100 --flash-dir /root/flash
     # 3. anywhere: the summary (also written by ``run``)
-    python benchmarks/bench_fidelity.py report benchmarks/fidelity/points.json
+    python benchmarks/bench_fidelity.py report benchmarks/validation/fidelity/points.json
 
 ``run`` executes the points below (two model geometries; policies, windows, chunk sizes, sparsities and
 memory budgets), each through the engine of bench_engine.py (O_DIRECT loader, neuron cache, kernels), with
 an O_DIRECT probe through the same loader just before and just after its tokens: the disk's speed moves by
 tens of percent within the hour. Each point is predicted twice: with the profile as calibrated (hardware from
 the quick calibration + software fitted elsewhere), and with that profile's flash scaled to the point's own
-probes. Writes fidelity.md, results/fidelity.json (one summary record per fit/predict pair) and
-fidelity/points.json (every point) under --out-dir."""
+probes. Writes results/fidelity.md, results/fidelity.json (one summary record per fit/predict pair) and
+validation/fidelity/points.json (every point) under --out-dir."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
+from _results import load_records, write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -142,7 +143,7 @@ def cmd_fit(args) -> int:
     from resim_engine import EnginePoint
 
     base = load_hardware(args.hardware)
-    recs = [rec for p in args.results for rec in json.loads(Path(p).read_text()) if rec.get("probe_gbps")]
+    recs = [rec for p in args.results for rec in load_records(p) if rec.get("probe_gbps")]
     if not recs:
         raise SystemExit("no record with probe_gbps in RESULTS. Fix: give bench_engine.py results files")
     points = [FidelityPoint(rec) if "point" in rec else EnginePoint(rec, float(rec["latency_ms"]), rec["policy"])
@@ -282,11 +283,9 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
     if not records:
         return
     add_predictions(records, hw)
-    (out / "fidelity").mkdir(parents=True, exist_ok=True)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "fidelity" / "points.json", json.dumps(records, indent=1) + "\n")
+    atomic_write_text(out / "validation" / "fidelity" / "points.json", json.dumps(records, indent=1) + "\n")
     s = summary(records, hw)
-    atomic_write_text(out / "results" / "fidelity.json", json.dumps([s], indent=1) + "\n")
+    write_results(out / "results" / "fidelity.json", [s])
     lines = [f"# Cross-machine fidelity: measured on {s['predict_device']} ({s['date']}), software constants fitted "
              f"on {s['fit_device']}",
              "", f"Predicted with `{hw.name}`: hardware `{s['hardware']}` (a quick calibration of the measured machine) + "
@@ -304,7 +303,7 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
                      f"{r['drift_factor']} | {r['bytes_per_token'] / 1e6:.1f} | {pr} |")
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
-    atomic_write_text(out / "fidelity.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results" / "fidelity.md", "\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
 

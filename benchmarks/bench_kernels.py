@@ -1,7 +1,8 @@
 """GPU benchmark of real/kernels: sparse FFN, low-rank predictor, fused add+norm (issue 5).
 
 Run on the GPU machine:  python3 benchmarks/bench_kernels.py [--out DIR] [--quick]
-Writes DIR/kernels.txt (table), DIR/results/kernels.json (records), DIR/kernels.png (time vs sparsity).
+Writes DIR/results/kernels.txt (table), DIR/results/kernels.json (records), DIR/results/kernels.png (time vs
+sparsity) and the run's log, DIR/logs/kernels.log.
 
 Method (the same for every contender): 16 calls, each on its own input set (x, active rows; caches alternate
 among 4 copies, small weights among 16 copies) so that no call finds its data in the 50 MB L2, are captured back
@@ -19,7 +20,6 @@ import argparse
 import datetime as dt
 import importlib
 import itertools
-import json
 import math
 import os
 import statistics
@@ -34,7 +34,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents  # noqa: E402
 
-from sim.atomic import atomic_write_text  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import load_records, write_results  # noqa: E402
 from real.kernels import (add_layer_norm, add_rms_norm, bundled_sparse_ffn, predict_active,  # noqa: E402
                           predict_active_reference, active_list, sparse_ffn_reference, split_bundles)
 # the package exports functions named like its modules; import_module returns the modules themselves
@@ -894,21 +895,19 @@ def render(results_jsons, out):
     (op, model, batch, sparsity) the later file's record wins."""
     merged: dict = {}
     for path in results_jsons:
-        with open(path) as f:
-            for r in json.load(f):
-                merged[(r["op"], r["model"], r["batch"], r.get("sparsity"))] = r
+        for r in load_records(path):      # as written: a record's unmeasured keys absent, not None
+            merged[(r["op"], r["model"], r["batch"], r.get("sparsity"))] = r
     records = list(merged.values())
-    os.makedirs(os.path.join(out, "results"), exist_ok=True)
-    atomic_write_text(os.path.join(out, "results", "kernels.json"), json.dumps(records, indent=1))
+    write_results(os.path.join(out, "results", "kernels.json"), records)
     first = records[0]
     stamp = {"device": first["device"], "date": first["date"]}
     checks = must_show(records, print)
     bad = [f"{r['model']} b{r['batch']} {r['sparsity']}%" for r in records if r.get("correct") is False]
     if bad:
         FAILURES.append("fused output failed its float64 check at " + ", ".join(bad) + " (timings not valid)")
-    write_table(os.path.join(out, "kernels.txt"), records, stamp, first["peak_gbps"], checks,
+    write_table(os.path.join(out, "results", "kernels.txt"), records, stamp, first["peak_gbps"], checks,
                 source=", ".join(os.path.basename(p) for p in results_jsons))
-    plot(os.path.join(out, "kernels.png"), records, first["peak_gbps"])
+    plot(os.path.join(out, "results", "kernels.png"), records, first["peak_gbps"])
 
 
 def guarded(fn, log):
@@ -951,8 +950,8 @@ def main():
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU (the kernels' CPU paths are tested by tests/test_kernels.py)")
-    os.makedirs(os.path.join(args.out, "results"), exist_ok=True)
-    log_f = open(os.path.join(args.out, "bench_kernels.log"), "w")
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    log_f = open(os.path.join(args.out, "logs", "kernels.log"), "w")
 
     def log(msg):
         print(msg, flush=True)
@@ -978,18 +977,18 @@ def main():
     if "ffn" in sections:
         for model in args.models.split(","):
             guarded(bench_sparse_ffn, log)(model, peak, stamp, log, records, args.quick)
-            atomic_write_text(os.path.join(args.out, "results", "kernels.json"), json.dumps(records, indent=1))
+            write_results(os.path.join(args.out, "results", "kernels.json"), records)
     dense = {r["batch"]: r["dense_ms"] for r in records
              if r["op"] == "sparse_ffn" and r["model"] == "opt-6.7b" and r["sparsity"] == 0}
     if "predictor" in sections:
         guarded(bench_predictor, log)(peak, stamp, log, records, dense)
     if "add_norm" in sections:
         guarded(bench_add_norm, log)(peak, stamp, log, records)
-    atomic_write_text(os.path.join(args.out, "results", "kernels.json"), json.dumps(records, indent=1))
+    write_results(os.path.join(args.out, "results", "kernels.json"), records)
     log("issue 5 acceptance:")
     checks = must_show(records, log)
-    write_table(os.path.join(args.out, "kernels.txt"), records, stamp, peak, checks)
-    guarded(plot, log)(os.path.join(args.out, "kernels.png"), records, peak)
+    write_table(os.path.join(args.out, "results", "kernels.txt"), records, stamp, peak, checks)
+    guarded(plot, log)(os.path.join(args.out, "results", "kernels.png"), records, peak)
     log("correctness failures: " + (", ".join(FAILURES) if FAILURES else "none"))
     log("done")
 

@@ -10,20 +10,19 @@ records) and reads in flight, times:
   engine's ``FlashLayout.reads_for``), rows landing in GPU memory, synchronized at the end;
 * probe: the very same reads as bare ``os.preadv`` calls on O_DIRECT descriptors, ``depth``
   threads, one aligned buffer each, no staging, no mapping, no GPU;
-* c_probe: ``benchmarks/oprobe.c`` (pthreads + pread, no Python) at the same size and depth over
+* c_probe: ``benchmarks/probes/oprobe.c`` (pthreads + pread, no Python) at the same size and depth over
   the same files, where a C compiler is present;
 * kvikio: ``kvikio.CuFile.pread`` into GPU memory from ``depth`` threads, where kvikio imports.
 
 Page cache dropped before every measurement (and every read is O_DIRECT anyway). Each cell runs
 ``--pairs`` loader/probe pairs of segments, alternating which goes first, with fresh random offsets
 for every segment (no read is served twice from any cache), so both see the same disk weather.
-Writes loader.txt and results/loader.json under --out-dir."""
+Writes results/loader.txt and results/loader.json under --out-dir."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.convert import convert_model, write_random_flash  # noqa: E402
 from real.flash_dir import FlashDir, FlashDirError  # noqa: E402
@@ -208,7 +208,7 @@ def compile_probe() -> str | None:
     if cc is None:
         return None
     exe = os.path.join(tempfile.gettempdir(), "flashlab-oprobe")
-    r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(ROOT / "benchmarks" / "oprobe.c")],
+    r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, str(ROOT / "benchmarks" / "probes" / "oprobe.c")],
                        capture_output=True, text=True)
     return exe if r.returncode == 0 else None
 
@@ -248,7 +248,7 @@ def main() -> int:
     notes.append(f"flash dir: {len(paths)} files x {d.layout.file_bytes() / MIB:.0f} MiB in {args.dir}, "
                  f"record {d.layout.record_bytes // KIB} KiB; page cache dropped: {drop_caches()}")
     exe = compile_probe()
-    notes.append("c_probe: " + ("benchmarks/oprobe.c, gcc -O2, one segment per cell" if exe
+    notes.append("c_probe: " + ("benchmarks/probes/oprobe.c, gcc -O2, one segment per cell" if exe
                                 else "no C compiler: skipped"))
     kvikio, kv_note = None, "not measured (--no-kvikio)"
     dev_buf = None
@@ -288,7 +288,7 @@ def main() -> int:
         nbytes = sum(r.total_bytes for _, r, _ in batches)
         return nbytes, nbytes / gbps_fn(batches) / 1e9
 
-    def write_results(final: bool) -> None:
+    def write_tables(final: bool) -> None:
 
         def agg(v):
             return sum(b for b, _ in v) / sum(t for _, t in v) / 1e9 if v else None
@@ -326,10 +326,9 @@ def main() -> int:
                          f"{min(pair_ratios):.2f}..{max(pair_ratios):.2f}")
         worst = min(records, key=lambda r: r["ratio"])
         lines += ["", f"worst loader/probe ratio: {worst['ratio']:.2f} at {worst['read_kib']} KiB, depth {worst['depth']}"]
-        out = Path(args.out_dir)
-        (out / "results").mkdir(parents=True, exist_ok=True)
-        (out / "loader.txt").write_text("\n".join(lines) + "\n")
-        atomic_write_text(out / "results" / "loader.json", json.dumps(records, indent=1) + "\n")
+        out = Path(args.out_dir) / "results"
+        write_results(out / "loader.json", records)
+        atomic_write_text(out / "loader.txt", "\n".join(lines) + "\n")
         if final:
             print("\n".join(lines))
 
@@ -368,10 +367,10 @@ def main() -> int:
                     kvikio = None
             print(f"{size // KIB:5d} KiB q={q:3d}: " + ", ".join(
                 f"{k} {sum(b for b, _ in v) / sum(t for _, t in v) / 1e9:.3f}" for k, v in m.items() if v), flush=True)
-            write_results(False)   # partial results survive a time limit
+            write_tables(False)   # partial results survive a time limit
     for l in [*loaders.values(), *py_loaders.values()]:
         l.close()
-    write_results(True)
+    write_tables(True)
     return 0
 
 

@@ -2,19 +2,19 @@
 
     python benchmarks/bench_sim_speed.py
 
-Writes benchmarks/sim_speed.txt, benchmarks/sim_speed.png and benchmarks/results/sim_speed.json
+Writes benchmarks/results/sim_speed.txt, sim_speed.png and sim_speed.json
 (records {device, date, model, policy, tokens, layers, wall_s})."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from sim.atomic import atomic_write_text  # noqa: E402
+from _results import write_results
+from sim.atomic import atomic_write_text
 from sim.hardware import HardwareProfile
 from sim.model_spec import ModelSpec
 from sim.plan import PolicyEngine
@@ -54,8 +54,7 @@ def main() -> None:
                         "tokens": tokens, "layers": layers, "wall_s": round(wall, 3)})
         print(f"{policy_name:20s} tokens={tokens:4d} layers={layers:3d}  {wall:6.2f} s", flush=True)
 
-    (HERE / "results").mkdir(exist_ok=True)
-    atomic_write_text(HERE / "results" / "sim_speed.json", json.dumps(records, indent=1))
+    write_results(HERE / "results" / "sim_speed.json", records)
     head = next(r for r in records if r["policy"] == "windowing_bundling" and r["tokens"] == 100 and r["layers"] == 32)
     lines = [f"Simulator speed ({records[0]['device']}, {date}); best of 3; plan + simulate, trace excluded",
              "", f"{'policy':20s} {'tokens':>6s} {'layers':>6s} {'wall_s':>7s} {'ms/token-layer':>15s}"]
@@ -63,7 +62,7 @@ def main() -> None:
         lines.append(f"{r['policy']:20s} {r['tokens']:6d} {r['layers']:6d} {r['wall_s']:7.2f} "
                      f"{1e3 * r['wall_s'] / (r['tokens'] * r['layers']):15.3f}")
     lines += ["", f"HEADLINE: 100 tokens of OPT-6.7B (32 layers), windowing_bundling: {head['wall_s']:.2f} s (target <= 5 s)"]
-    (HERE / "sim_speed.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(HERE / "results" / "sim_speed.txt", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
     import matplotlib
@@ -77,7 +76,7 @@ def main() -> None:
         ax.set_title(f"windowing_bundling, {fixed[0]}={fixed[1]}", fontsize=9)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(HERE / "sim_speed.png", dpi=120)
+    fig.savefig(HERE / "results" / "sim_speed.png", dpi=120)
 
 
 if __name__ == "__main__":

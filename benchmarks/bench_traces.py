@@ -4,8 +4,8 @@ Loads models/small-relu-opt (training it first with real.train_small if the dire
 records traces on the standard library's training text (for the predictor) and held-out text,
 trains the low-rank predictor, scores it on the held-out trace, measures the perplexity of the
 model whose FFNs compute only the predicted neurons, calibrates the synthetic generator to the
-held-out trace and checks the OPT-6.7B paper preset. Writes benchmarks/traces.txt,
-benchmarks/traces.png, benchmarks/results/traces.json, conf/trace/small-relu-opt.yaml, the
+held-out trace and checks the OPT-6.7B paper preset. Writes benchmarks/results/traces.txt,
+traces.png and traces.json, conf/trace/small-relu-opt.yaml, the
 predictor (models/small-relu-opt/predictor-r<R>.safetensors) and the traces under cache/traces/.
 
     python benchmarks/bench_traces.py [--ranks 16 32 64] [--main-rank 32] [--train-tokens 32768]"""
@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.corpus import stdlib_bytes  # noqa: E402
 from real.predictor import (language_model_scores, prediction_metrics, predicted_ffn,  # noqa: E402
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ptrace = generate_trace(ModelSpec.preset("opt-6.7b"), SyntheticTraceConfig.from_dict(pp))
     paper = {"sparsity": float(ptrace.sparsity().mean()), "curve": ptrace.new_neurons_curve(WINDOWS).tolist()}
 
-    plot(ROOT / "benchmarks" / "traces.png", summary, fit, sweep, paper,
+    plot(ROOT / "benchmarks" / "results" / "traces.png", summary, fit, sweep, paper,
          (main_metrics["reads_vs_oracle"], main_metrics["recall"]))
     date = dt.date.today().isoformat()
     dev = device_name()
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     paper_rec = {"device": dev, "date": date, "model": "opt-6.7b-paper (synthetic preset)",
                  "mean_sparsity": paper["sparsity"], "new_fraction_window5": paper["curve"][4], "kind": "paper_preset"}
     out = ROOT / "benchmarks" / "results" / "traces.json"
-    atomic_write_text(out, json.dumps([record] + extra + [paper_rec], indent=1))
+    write_results(out, [record] + extra + [paper_rec])
 
     L = held.n_layers
     lines = [f"# Traces and predictors: small-relu-opt ({L} layers, d_model {model.config.hidden_size}, "
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
               "window k:        " + " ".join(f"{k:7d}" for k in WINDOWS),
               "new (%)         " + " ".join(f"{100 * v:7.3f}" for v in paper["curve"]), "",
               f"total {time.time() - t0:.0f} s"]
-    (ROOT / "benchmarks" / "traces.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".txt"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

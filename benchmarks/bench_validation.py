@@ -5,13 +5,14 @@ simulator's free timing constants on half of the points and the error on the oth
     python benchmarks/bench_validation.py --model opt-6.7b --hardware h100-vda --cache-dir /root/flash
 
 Writes (under --out, default benchmarks/):
-  validation.md                      the human-readable table (per point, and the summary)
+  results/validation.md              the human-readable table (per point, and the summary)
   results/validation.json            [{device, date, model, n_fit, n_heldout, median_abs_err_pct,
                                        max_abs_err_pct, ...}] (held-out error after calibration)
   validation/results.csv             the sweep's rows; validation/<n>/ each run's result.json and
                                        .hydra/config.yaml (enough to re-simulate: calibrate_sim)
   validation/<hardware>-fit.yaml     the fitted profile; validation/calibration.json its report
   validation/validation_heldout.png/.pdf   held-out predicted vs measured, before / after
+(validation/engine_runs/ holds the measured bench_engine runs resim_engine re-simulates; kept.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments.calibrate_sim import fit, format_report, load_points, pairs_table  # noqa: E402
@@ -47,10 +49,14 @@ def device_name() -> str:
 
 
 def keep_run_files(sweep: Path, dest: Path) -> None:
-    """The sweep's table and, per run, what re-simulating needs (no logs, no flash data)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    """The sweep's table and, per run, what re-simulating needs (no logs, no flash data). Replaces the previous
+    sweep's run directories (pNN/ and the like) and results.csv only: ``dest`` also keeps resim_engine's
+    measured engine runs (engine_runs/) and fits."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in [*dest.glob("*/result.json"), *dest.glob("*/.hydra")]:
+        if old.parent.name != "engine_runs":
+            shutil.rmtree(old.parent, ignore_errors=True)
+    (dest / "results.csv").unlink(missing_ok=True)
     write_csv(collect(sweep), dest / "results.csv")     # also when the sweep was cut short
     for res in sweep.glob("*/result.json"):
         run = dest / res.parent.name
@@ -153,8 +159,7 @@ def main(argv=None) -> int:
               "max_abs_err_pct_before": round(report["heldout_before"]["max_abs_err_pct"], 3),
               "base_hardware": args.hardware, "tokens": tokens, "warmup": warmup, "seed": args.seed,
               "sweep_s": round(t_sweep, 1), "fit_s": round(t_fit, 1)}
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results" / "validation.json", json.dumps([record], indent=1) + "\n")
+    write_results(out / "results" / "validation.json", [record])
 
     lines = [f"# Simulator validation: {args.model} on {device} ({date})", "",
              f"{len(points)} backend=both points (conf/experiment/validation.yaml), {tokens} tokens each "
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
                      f"{m * (1 + cal.after_pct[i] / 100):.2f} | {cal.before_pct[i]:+.1f} | {cal.after_pct[i]:+.1f} |")
     lines.append(f"\nsweep {t_sweep:.0f} s{' (not run here: --skip-sweep)' if args.skip_sweep else ''}, "
                  f"fit {t_fit:.0f} s ({report['evaluations']} profile evaluations)")
-    (out / "validation.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results" / "validation.md", "\n".join(lines) + "\n")
     print("\n".join(lines[-len(cal.heldout_idx) - 12:]))
     return 0
 

@@ -1,6 +1,6 @@
 """Plot a bench_engine run: per step, ms per token and speed-up over naive, every round a dot.
 
-    python benchmarks/plot_engine.py [benchmarks/results/engine.json] [--out benchmarks/engine.png]
+    python benchmarks/plot_engine.py [benchmarks/results/engine.json] [--out benchmarks/results/engine.png]
 
 Left: ms per token of each step (dots: rounds; bar: median), its I/O lower bound (open circles) and the
 latency that 20x the median naive would need (dashed). Right: each round's speed-up over the same round's
@@ -64,7 +64,7 @@ def plot_engine(records: list[dict], out: Path, title: str = "") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="?", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
-    ap.add_argument("--out", default=None, help="png path (default: benchmarks/<results stem>.png)")
+    ap.add_argument("--out", default=None, help="png path (default: beside the results file, <results stem>.png)")
     args = ap.parse_args(argv)
     path = Path(args.results)
     try:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                          "benchmarks/results/engine*.json")
     if not records or not all("policy" in r and "latency_ms" in r for r in records):
         raise SystemExit(f"{path}: no bench_engine records (policy, latency_ms). Fix: give a bench_engine.py results file")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / f"{path.stem}.png"
+    out = Path(args.out) if args.out else path.with_suffix(".png")
     print(plot_engine(records, out))
     return 0
 

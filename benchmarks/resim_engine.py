@@ -8,12 +8,17 @@ For every record of a ``bench_engine.py`` results file this rebuilds the very pl
 latency with each profile. No GPU, no torch: the question "which profile predicts that machine?" can be
 asked of any measured run, and of a profile made later (e.g. a re-fit). Records from before
 ``trace_tokens`` was stored assume bench_engine's default token counts (a 69-token trace, seed 0, no calibration tokens).
-Prints the table and writes resim_engine.txt and results/resim_engine.json under --out-dir.
+Prints the table and writes results/resim_engine.txt and results/resim_engine.json under --out-dir.
 
     python benchmarks/resim_engine.py RESULTS... --fit conf/hardware/h100-engine-fit.yaml
 
 instead fits the simulator's timing constants (not the disk: each step is timed at its own probes) to the
-records, with whole steps held out, as experiments.calibrate_sim fits backend=both runs."""
+records, with whole steps held out, as experiments.calibrate_sim fits backend=both runs.
+
+The steps bench_engine.py runs (STEPS) are defined here, torch-free, so that this side rebuilds a measured
+step's policy from its label; overrides that are not policy fields (ENGINE_ONLY) are the engine's and
+loader's switches, which bench_engine pops before building the policy. The earlier runs the current figures
+were computed over are in benchmarks/validation/engine_runs/."""
 
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from engine_steps import ENGINE_ONLY, STEPS  # noqa: E402
+from _results import load_records, regroup, write_results  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -40,6 +45,58 @@ from sim.presets import load_preset  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
+ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert")
+
+STEPS = [  # (label, policy preset, overrides, token group)
+    ("naive", "naive", {}, "naive"),
+    ("predictor", "predictor", {}, "unbundled"),
+    ("windowing", "windowing", {}, "unbundled"),
+    ("windowing_bundling", "windowing_bundling", {}, "main"),
+    ("wb+depth64", "windowing_bundling", {"reads_in_flight": 64}, "main"),
+    ("wb+depth128", "windowing_bundling", {"reads_in_flight": 128}, "main"),
+    ("wb+lru", "windowing_bundling", {"eviction": "lru"}, "main"),
+    ("wb+lru+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lru"}, "main"),
+    ("wb+lfu", "windowing_bundling", {"eviction": "lfu"}, "main"),
+    ("wb+lfu+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu"}, "main"),
+    ("wb+lfu+depth128", "windowing_bundling", {"reads_in_flight": 128, "eviction": "lfu"}, "main"),
+    # the cache filled at the first (warm-up) token with the hottest neurons of an activation profile (the trace's
+    # calibration tokens, which are not measured), then kept by how often neurons fire, window or not
+    ("wb+freq+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                    "warm_start": True}, "main"),
+    # each layer's cache insert queued after the next layer's reads are submitted (real.engine FlashFFN defer_insert)
+    ("wb+freq+warm+depth64+deferinsert", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                                "warm_start": True, "defer_insert": True}, "main"),
+    ("wb+lfu+warm+depth64", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "warm_start": True},
+     "main"),
+    # kernels launched through Triton's autotuner on every call (before 2026-11-23 15:40 UTC) instead of
+    # directly with the config it chose for that shape
+    ("wb+lfu+depth64+autotuner", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                        "direct_dispatch": False}, "main"),
+    # a layer's reads as three loader jobs, the host waiting for each and then queueing its copy to the
+    # device, instead of one job copied at the end (real.engine.COPY_CHUNKS; measured before gating existed)
+    ("wb+lfu+depth64+3copies", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3,
+                                                      "gate_reads": False}, "main"),
+    # three loader jobs, each job's copy queued on the device behind a wait on its own flag (gated), so all
+    # but the last chunk's copy overlap the reads. (validation/engine_runs/engine-chunks*.json, 17:24-17:33 UTC,
+    # also ran a layer's cache insert deferred to while the next layer's reads flew, the default there;
+    # "+insertnow" steps inserted at once, as the engine does since: no consistent difference, so the deferral
+    # was removed)
+    ("wb+lfu+depth64+3chunks", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu", "copy_chunks": 3},
+     "main"),
+    # the host waits for a layer's reads, then queues the copy of the new rows and the FFN over them (before
+    # 2026-11-23 16:40 UTC) instead of queueing both before the reads end, behind a device-side wait on a flag
+    # the reader threads set (real.engine.GATE_READS; labelled "+gated" in that run, engine-gated.txt in git history)
+    ("wb+lfu+depth64+hostwait", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                       "gate_reads": False}, "main"),
+    ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
+    # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
+    # run had Python as the default and labelled the native steps "+native" instead
+    ("wb+pythreads", "windowing_bundling", {"read_threads": "python"}, "main"),
+    ("wb+lfu+pythreads", "windowing_bundling", {"eviction": "lfu", "read_threads": "python"}, "main"),
+    ("wb+lfu+depth64+pythreads", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
+                                                        "read_threads": "python"}, "main"),
+]
+
 RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction",
             "warm_start")  # policy fields
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
@@ -48,7 +105,9 @@ DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10
 def drift_factor(hw: HardwareProfile, rec: dict) -> float | None:
     """How much faster the disk read during this step than ``hw`` says: the step's own O_DIRECT probes (the
     mean of the one before and the one after its tokens, at each of its read sizes, at its depth) over the
-    profile's table at the same size and depth; the geometric mean over sizes. None without probes."""
+    profile's table at the same size and depth; the geometric mean over sizes. None without probes. ``rec``
+    as written (flat: ``probe_gbps.16KiB``) or as ``load_records`` gives it (nested)."""
+    rec = regroup(rec)
     before, after = rec.get("probe_gbps") or {}, rec.get("probe_after_gbps") or {}
     ratios = []
     for key, gbps in before.items():
@@ -98,6 +157,7 @@ class _AtProbe:
     """One record's plans, re-timed on any profile scaled to the record's own disk probes."""
 
     def __init__(self, rec: dict):
+        rec = regroup(rec)
         if not rec.get("probe_gbps"):
             raise SystemExit(f"{rec.get('policy')!r} (repeat {rec.get('repeat', 0)}): the record has no probe_gbps, so "
                              "its disk rate is unknown. Fix: leave such records out (bench_engine runs record probes)")
@@ -136,7 +196,7 @@ def fit_at_probe(paths: list[str], base: HardwareProfile, out: Path, jobs: int, 
     from experiments.calibrate_sim import fit, format_report
 
     points = [EnginePoint(rec, float(rec["latency_ms"]), rec["policy"])
-              for p in paths for rec in json.loads(Path(p).read_text()) if rec.get("probe_gbps")]
+              for p in paths for rec in load_records(p) if rec.get("probe_gbps")]
     cal = fit(points, base, params=FIT_PARAMS, overlap="keep", seed=seed, name=out.stem, jobs=jobs,
               max_evals=120, groups=[p.label for p in points])
     files = ", ".join(Path(p).name for p in paths)
@@ -189,7 +249,7 @@ def main(argv=None) -> int:
     lines += [head]
     errors: dict[str, list[float]] = {h: [] for h in columns}
     for path in args.results:
-        for rec in json.loads(Path(path).read_text()):
+        for rec in load_records(path):
             factor = drift_factor(base, rec) if base else None
             pred = predict(rec, {**profiles, **({f"{base.name}@probe": at_probe(base, factor)} if factor else {})},
                            traces)
@@ -216,9 +276,9 @@ def main(argv=None) -> int:
             lines.append(f"{h}: |error| median {np.median(a):.1f}%, max {a.max():.1f}% over {a.size} measured runs")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir) / "results"
+    write_results(out / "resim_engine.json", records)
     atomic_write_text(out / "resim_engine.txt", text)
-    atomic_write_text(out / "results" / "resim_engine.json", json.dumps(records, indent=1) + "\n")
     return 0
 
 
