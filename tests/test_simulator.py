@@ -90,10 +90,12 @@ def test_breakdown_and_counts_are_consistent(trace):
 
 
 def test_windowing_bundling_beats_naive_on_paper_cpu_setting():
-    """The quick-start claim, on fewer tokens: within the paper's 4-5x CPU headline."""
+    """The quick-start claim, on fewer tokens: at least the paper's 4x CPU headline. The m1-max profile comes from
+    public specifications now (issue 26), not tuned to the paper's figures, so the ratio itself is an outcome:
+    experiments.paper_comparison reports it beside the paper's."""
     spec = ModelSpec.from_dict({**ModelSpec.preset("opt-6.7b").to_dict(), "dtype": "float32"})
     trace = generate_trace(spec, SyntheticTraceConfig(tokens=25, reuse=0.05, rate_skew=0.5))
     hw = HardwareProfile.preset("m1-max")
     naive = simulate(spec, hw, Policy.preset("naive"), trace).summary(5)["latency_ms"]
     best = simulate(spec, hw, Policy.preset("windowing_bundling"), trace).summary(5)["latency_ms"]
-    assert 4.0 <= naive / best <= 5.0
+    assert naive / best >= 4.0
