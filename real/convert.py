@@ -113,31 +113,29 @@ def spec_from_config(config: dict[str, Any], dtype: str, name: str, where: str =
 class TensorSource:
     """Name -> torch tensor, from safetensors files (lazily, memory-mapped) or a state dict."""
 
-    def __init__(self, names: list[str], get: Callable[[str], Any], where: str):
+    def __init__(self, names: list[str], get: Callable[[str], Any], where: str,
+                 meta: Callable[[str], tuple[tuple[int, ...], str]] | None = None):
         self.names, self.get, self.where = names, get, where
+        self._meta = meta
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype name) without reading the tensor where the source knows them (a checkpoint's headers)."""
+        if self._meta is not None:
+            return self._meta(name)
+        t = self.get(name)
+        return tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
     @staticmethod
     def from_checkpoint(src: str | Path) -> tuple["TensorSource", dict[str, Any]]:
-        from safetensors import safe_open
+        """A checkpoint directory's weights: the shards its ``model.safetensors.index.json`` lists, else
+        ``model.safetensors``, else every ``*.safetensors`` (``real.hf_checkpoint.weight_files``). Tensors are
+        read one at a time when asked for; shapes and dtypes come from the headers."""
+        from real.hf_checkpoint import Checkpoint
 
-        src = Path(src)
-        cfg_path = src / "config.json"
-        if not cfg_path.exists():
-            raise ConfigError(str(cfg_path), "is missing: the architecture cannot be known",
-                              "pass a Hugging Face checkpoint directory that contains config.json")
-        config = json.loads(cfg_path.read_text())
-        files = sorted(src.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            why = "holds no *.safetensors file" + (f" (only pickle files {pickles[:3]})" if pickles else "")
-            raise ConfigError(str(src), why, "pickle checkpoints are never loaded; get or export the "
-                              "checkpoint as safetensors (e.g. model.save_pretrained(dir, safe_serialization=True))")
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where_is: dict[str, Any] = {}
-        for h in handles:
-            for k in h.keys():
-                where_is[k] = h
-        return TensorSource(sorted(where_is), lambda k: where_is[k].get_tensor(k), str(src)), config
+        ckpt = Checkpoint.open(src, model_mode=False)
+        src = ckpt.root
+        shapes = {n: (i.shape, i.dtype) for n, i in ckpt.tensors.items()}
+        return TensorSource(ckpt.names, ckpt.tensor, str(src), shapes.__getitem__), ckpt.config
 
     @staticmethod
     def from_state_dict(state: dict[str, Any], where: str = "<in-memory model>") -> "TensorSource":
@@ -169,7 +167,7 @@ def _find_ffn(source: TensorSource, arch: Arch, spec: ModelSpec) -> list[dict[st
                               f"(expected a name ending in layers.{l}.{dict((a, b) for a, b, _ in arch.ffn)[miss[0]]})",
                               "check that the checkpoint matches config.json (num_hidden_layers, model_type)")
         for mat, _, transposed in arch.ffn:
-            shape = tuple(source.get(entry[mat]).shape)
+            shape = tuple(source.meta(entry[mat])[0])
             expect = (spec.d_model, spec.d_ff) if transposed else (spec.d_ff, spec.d_model)
             if shape != expect:
                 raise ConfigError(f"{source.where}: {entry[mat]}", f"shape {shape} is not {expect} "
@@ -228,6 +226,22 @@ def _tensor_entry(name: str, t: Any) -> TensorEntry:
                        lambda: [t.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)])
 
 
+def _lazy_entry(source: TensorSource, name: str, tdtype: Any) -> TensorEntry:
+    """``_tensor_entry`` of a source tensor that is read only while it is written (floating point cast to
+    ``tdtype``), so a large model's resident part never sits in memory whole."""
+    import torch
+
+    shape, dt = source.meta(name)
+    floating = getattr(torch, dt).is_floating_point
+    probe = torch.empty(0, dtype=tdtype if floating else getattr(torch, dt))
+
+    def produce():
+        t = source.get(name)
+        yield from _tensor_entry(name, t.to(tdtype) if floating else t).produce()
+
+    return TensorEntry(name, _tensor_entry(name, probe).st_dtype, tuple(shape), produce)
+
+
 def _begin(dst: Path) -> None:
     """Make DST and drop any old manifest first: from here on the directory is 'incomplete'."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -270,7 +284,7 @@ def convert_source(source: TensorSource, config: dict[str, Any], dst: str | Path
     if first is None:
         raise ConfigError(source.where, f"no tensor named *{arch.ffn[0][1]} for model_type "
                           f"{config.get('model_type')!r}", "check that config.json belongs to these weights")
-    src_dtype = str(source.get(first).dtype).removeprefix("torch.")
+    src_dtype = source.meta(first)[1]
     dtype = dtype or src_dtype
     if dtype not in TORCH_TO_DTYPE:
         raise ConfigError("--dtype", f"FFN weights are {dtype}, which the flash layout does not store",
@@ -294,10 +308,7 @@ def convert_source(source: TensorSource, config: dict[str, Any], dst: str | Path
         bar.update(1)
     resident_names = [n for n in source.names if n not in ffn_weights
                       and not (spec.tied_embeddings and n == "lm_head.weight")]
-    entries = []
-    for n in resident_names:
-        t = source.get(n)
-        entries.append(_tensor_entry(n, t.to(tdtype) if t.is_floating_point() else t))
+    entries = [_lazy_entry(source, n, tdtype) for n in resident_names]   # read when written: one at a time
     nbytes, digest = write_safetensors(dst / RESIDENT, entries, {"format": "pt"})
     files.append({"name": RESIDENT, "bytes": nbytes, "sha256": digest, "role": "resident"})
     bar.update(1)

@@ -13,10 +13,12 @@ One layer of one token, the same steps and overlap the simulator times (sim/simu
 
 Two drivers share ``FlashFFN``:
 
-- ``OPTFlashModel`` (mode ``model``): a Hugging Face ``OPTForCausalLM`` whose FFN sites are replaced,
-  so its attention/norm/embedding code is HF's own. The active set is the oracle's (the exact ReLU
-  mask, from an in-memory copy of the up projection that only the oracle uses) or a trained
-  ``real.predictor.LowRankPredictor``; plans are made layer by layer with ``PolicyEngine.plan_layer``.
+- ``HFFlashModel`` (mode ``model``; ``OPTFlashModel`` is the same class): a Hugging Face ``OPTForCausalLM``
+  or ReLU ``LlamaForCausalLM`` of any size whose FFN sites are replaced, so its attention/norm/embedding
+  code is HF's own; from a checkpoint directory only the non-FFN weights are loaded
+  (``real.hf_checkpoint``). The active set is the oracle's (the exact ReLU mask, from a private copy of
+  the up or gate projection that only the oracle uses), a trained ``real.predictor.LowRankPredictor``, or
+  given sets (a trace's, for timing); plans are made layer by layer with ``PolicyEngine.plan_layer``.
 - ``TraceEngine`` (mode ``trace``): any preset geometry; the plans come from a trace (the ones the
   simulator timed); attention, norms, embeddings, head and predictor are ``SyntheticBody`` random
   weights of the real sizes, so a 7B-class token costs what it would with a checkpoint.
@@ -738,53 +740,147 @@ class TraceEngine:
 
 # ---- Hugging Face model mode ------------------------------------------------------------------------
 class _FFNSite(torch.nn.Module):
-    """Stands in for an OPT layer's ``fc1``; its ``activation_fn`` and ``fc2`` become identities."""
+    """Stands in for a layer's FFN: OPT's ``fc1`` (its ``activation_fn`` and ``fc2`` are identities; input
+    [n, d_model]) or a Llama-style layer's ``mlp`` (input [batch, seq, d_model])."""
 
-    def __init__(self, owner: "OPTFlashModel", layer: int):
+    def __init__(self, owner: "HFFlashModel", layer: int):
         super().__init__()
         self.owner, self.layer = [owner], layer     # a list, so the owner is not a registered submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.owner[0].ffn_site(self.layer, x)
+        shape = x.shape
+        return self.owner[0].ffn_site(self.layer, x.reshape(-1, shape[-1])).view(shape)
 
 
-class OPTFlashModel:
-    """An ``OPTForCausalLM`` with every FFN served from ``flash`` through live plans.
+MODEL_TYPES = ("opt", "llama")
 
-    ``predictor``: None for the oracle (exact ReLU mask), or an object with
-    ``predict(layer, x: np.ndarray [n, d]) -> bool [n, d_ff]`` (``real.predictor.LowRankPredictor``).
+
+def cache_kwargs(model, past) -> dict:
+    """The KV cache argument of ``model.forward``: ``cache`` from transformers 5.2x on (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return {"cache": past} if "cache" in params else {"past_key_values": past}
+
+
+def returned_cache(out):
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+class HFFlashModel:
+    """A Hugging Face causal LM (``OPTForCausalLM``, or ``LlamaForCausalLM`` with a ReLU gate) with every FFN
+    served from ``flash`` through live plans; attention, norms, embeddings and the KV cache are HF's own code
+    and weights on ``device``.
+
+    ``model``: either a whole HF model (built in memory: its FFN weights are taken out here) or the stripped
+    one of ``real.hf_checkpoint.resident_model`` (any size: only the non-FFN weights were ever loaded), whose
+    ``parts`` give per layer the FFN biases and the oracle's projection. ``HFFlashModel.from_checkpoint``
+    does the latter from a checkpoint directory.
+
+    The active set of each layer, one of:
+
+    - the oracle (default): the exact ReLU mask of the live FFN input, from a private copy of the up
+      projection (gated: the gate) that only the oracle uses, so the output equals the dense model's;
+    - ``predictor``: an object with ``predict(layer, x: np.ndarray [n, d]) -> bool [n, d_ff]``
+      (``real.predictor.LowRankPredictor``);
+    - ``active_sets`` (bool [tokens, layers, d_ff], e.g. a calibrated synthetic trace's): for timing a
+      checkpoint whose own activations are not realistic (random init); the FFN then computes those
+      neurons, not the model's. ``timing_rank`` > 0 runs a random rank-r predictor per layer on the device
+      and moves its mask to the host, so each token pays what a real predictor costs.
+
     ``calibration_counts``: int [layers, d_ff] activations per neuron on calibration prompts (a recorded
     trace's ``activation_counts()``), for ``policy.warm_start``."""
 
     def __init__(self, model, flash: FlashDir, policy: Policy, *, device: torch.device | str = "cpu",
                  threads: int = 32, direct: bool = True, predictor=None, kernel: str = "auto",
-                 loader: str = "auto", check_cache: bool = False, calibration_counts: np.ndarray | None = None):
-        if getattr(model.config, "model_type", None) != "opt":
-            raise ValueError(f"model: OPTFlashModel serves OPT models, got {model.config.model_type!r}")
+                 loader: str = "auto", check_cache: bool = False, calibration_counts: np.ndarray | None = None,
+                 parts: list[dict] | None = None, active_sets: np.ndarray | None = None, timing_rank: int = 0,
+                 seed: int = 0):
+        from real.hf_checkpoint import decoder_layers, strip_ffn
+
+        mt = getattr(model.config, "model_type", None)
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"model: model mode serves {MODEL_TYPES} models, got {mt!r}")
         spec = flash.spec
-        layers = model.model.decoder.layers
-        if len(layers) != spec.n_layers or layers[0].fc1.weight.shape != (spec.d_ff, spec.d_model):
+        self.gated = mt == "llama"
+        layers = decoder_layers(model)
+        d_ff = getattr(model.config, "ffn_dim", None) or getattr(model.config, "intermediate_size", None)
+        if len(layers) != spec.n_layers or model.config.hidden_size != spec.d_model or d_ff != spec.d_ff \
+                or (spec.ffn_matrices == 3) != self.gated:
             raise ValueError(f"{flash.root}: flash directory geometry {spec.n_layers}x{spec.d_ff}x{spec.d_model} "
-                             "does not match the model; convert this model (real.convert.convert_model)")
+                             f"({spec.ffn_matrices} FFN matrices) does not match the model; convert this model "
+                             "(python -m real.convert CHECKPOINT DIR, or real.convert.convert_model)")
+        self.policy, self.predictor, self.check_cache = policy, predictor, check_cache
+        self.active_sets = None if active_sets is None else np.asarray(active_sets, dtype=bool)
+        if self.active_sets is not None and self.active_sets.shape[1:] != (spec.n_layers, spec.d_ff):
+            raise ValueError(f"active_sets: shape {self.active_sets.shape} is not [tokens, {spec.n_layers}, "
+                             f"{spec.d_ff}]")
+        need_oracle = policy.sparse and predictor is None and self.active_sets is None
+        if parts is None:                               # a whole model: take its FFN out
+            parts = [self._take_parts(layer, need_oracle) for layer in layers]
+            strip_ffn(model)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.policy, self.predictor, self.check_cache = policy, predictor, check_cache
+        wdtype = next(self.model.parameters()).dtype
+        if wdtype != DTYPES[spec.dtype]:
+            raise ValueError(f"{flash.root}: the flash directory holds {spec.dtype} FFN weights but the model is "
+                             f"{wdtype}; load the model in {spec.dtype} or convert with --dtype")
+        for l, layer in enumerate(decoder_layers(self.model)):
+            if self.gated:
+                layer.mlp = _FFNSite(self, l)
+            else:
+                layer.fc1 = _FFNSite(self, l)           # activation_fn and fc2 are identities (strip_ffn)
+        dev = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        self.oracle = [(dev(p.get("oracle_w")), dev(p.get("oracle_b"))) for p in parts] if need_oracle else None
+        if need_oracle and any(w is None for w, _ in self.oracle):
+            raise ValueError("parts: the oracle needs each layer's oracle_w (resident_model(..., oracle=True))")
+        b1 = [p.get("up_bias") for p in parts]
+        b2 = [p.get("down_bias") for p in parts]
         self.engine = PolicyEngine(spec, policy, calibration_counts)
-        self.oracle = []
-        b1, b2 = [], []
-        for l, layer in enumerate(layers):
-            w1, bias1 = layer.fc1.weight.detach(), layer.fc1.bias.detach()
-            self.oracle.append((w1.clone(), bias1.clone()))  # the oracle's private copy; the FFN never uses it
-            b1.append(bias1.clone())
-            b2.append(layer.fc2.bias.detach().clone())
-            layer.fc1 = _FFNSite(self, l)
-            layer.activation_fn = torch.nn.Identity()
-            layer.fc2 = torch.nn.Identity()                   # FFN weights now live on flash only
         self.ffn = FlashFFN(flash, self.engine.capacity, strategy=policy.mem_strategy, device=self.device,
-                            threads=threads, direct=direct, up_bias=b1, down_bias=b2, kernel=kernel, loader=loader)
+                            threads=threads, direct=direct, kernel=kernel, loader=loader,
+                            up_bias=None if self.gated or any(b is None for b in b1) else b1,
+                            down_bias=None if any(b is None for b in b2) else b2)
+        self.timing_pred = None
+        if self.active_sets is not None and timing_rank > 0 and policy.sparse:
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            rnd = lambda *s: (torch.randn(*s, generator=g, device=self.device) * 0.02).to(wdtype)  # noqa: E731
+            self.timing_pred = [(rnd(spec.d_model, timing_rank), rnd(timing_rank, spec.d_ff))
+                                for _ in range(spec.n_layers)]
         self.clock = self.ffn.clock
         self.past = None
+        self._cache_arg = next(iter(cache_kwargs(self.model, None)))
         self.plans: list[LayerPlan] = []
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, flash: FlashDir, policy: Policy, *, device: torch.device | str = "cpu",
+                        predictor=None, active_sets: np.ndarray | None = None, progress: bool = False,
+                        **kw) -> "HFFlashModel":
+        """From a ``real.hf_checkpoint.Checkpoint``: only its non-FFN weights (and, for the oracle, its up or
+        gate projection) are read, onto ``device``; the FFN comes from ``flash``."""
+        from real.hf_checkpoint import resident_model
+        from real.flash_cache import same_geometry
+
+        cspec = ckpt.spec(flash.spec.dtype)
+        if not same_geometry(cspec, flash.spec):
+            raise ValueError(f"{flash.root}: was converted from another model than {ckpt.root} ({flash.spec} vs "
+                             f"{cspec}); convert this checkpoint")
+        oracle = policy.sparse and predictor is None and active_sets is None
+        model, parts = resident_model(ckpt, device, flash.spec.dtype, oracle=oracle, progress=progress)
+        return cls(model, flash, policy, device=device, predictor=predictor, active_sets=active_sets, parts=parts,
+                   **kw)
+
+    def _take_parts(self, layer, oracle: bool) -> dict:
+        """The FFN biases and (``oracle``) the oracle's private copy of the deciding projection of an
+        in-memory layer."""
+        grab = lambda m: None if m is None else m.detach().clone()  # noqa: E731
+        if self.gated:
+            w = layer.mlp.gate_proj.weight
+            return {"up_bias": None, "down_bias": None, "oracle_w": grab(w) if oracle else None, "oracle_b": None}
+        b1 = grab(layer.fc1.bias)
+        return {"up_bias": b1, "down_bias": grab(layer.fc2.bias),
+                "oracle_w": grab(layer.fc1.weight) if oracle else None, "oracle_b": b1}
 
     def close(self) -> None:
         self.ffn.close()
@@ -792,11 +888,17 @@ class OPTFlashModel:
     def active_set(self, layer: int, x: torch.Tensor) -> np.ndarray:
         if not self.policy.sparse:
             return np.ones(self.engine.spec.d_ff, dtype=bool)   # naive computes everything
+        if self.active_sets is not None:
+            if self.timing_pred is not None:
+                a, b = self.timing_pred[layer]
+                ((x @ a) @ b > 0).any(0).cpu()                  # a predictor's work and its mask to the host
+            return self.active_sets[self.engine.token % len(self.active_sets), layer]
         if self.predictor is not None:
             pred = np.asarray(self.predictor.predict(layer, x.float().cpu().numpy()), dtype=bool)
             return pred.reshape(-1, self.engine.spec.d_ff).any(0)
-        w1, b1 = self.oracle[layer]
-        return ((x @ w1.T + b1) > 0).any(0).cpu().numpy()
+        w, b = self.oracle[layer]
+        # the same op as the dense model's fc1 (gate_proj), so the sign is the one its ReLU sees
+        return (F.linear(x, w, b) > 0).any(0).cpu().numpy()
 
     def ffn_site(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         active = self.active_set(layer, x)
@@ -815,14 +917,14 @@ class OPTFlashModel:
         tc = self.ffn.begin_token(self.engine.token)
         self.plans = []
         t0 = self.clock.now(sync=True)
-        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.past, use_cache=True)
+        out = self.model(input_ids=input_ids.to(self.device), use_cache=True, **{self._cache_arg: self.past})
         self.ffn.flush_insert()                       # a deferred insert of the last layer, inside the token
         logits = out.logits[:, -1]
         tc.latency_s = self.clock.now(sync=True) - t0
         self.clock.settle()
         self.ffn.end_token()
         tc.compute_s = tc.latency_s - tc.mem_s - self.ffn.io_wait_s   # HF's own code is not spanned
-        self.past = out.past_key_values
+        self.past = returned_cache(out)
         self.engine.next_token()
         return logits, tc
 
@@ -837,6 +939,9 @@ class OPTFlashModel:
             if i >= len(prompt) - 1:
                 ids.append(int(logits[0].argmax()))
         return ids, all_logits, costs
+
+
+OPTFlashModel = HFFlashModel    # the name before Llama-style models were served too
 
 
 def plans_checked(engine: PolicyEngine, ffn: FlashFFN, active: np.ndarray) -> Iterator[list[LayerPlan]]:
