@@ -28,7 +28,8 @@ Bad input (missing directory, no config.json, an architecture model mode does no
 what must stay resident, a predictor of another model, a prompt longer than the model's positions, a flash file
 changed after conversion) stops with one ``error: ... Fix: ...`` line before any long work. Flash files are
 checked on every run before generation starts: the manifest and each file's size, and every file whose mtime
-changed since it was last hashed is re-hashed (sha256) against the manifest; ``--verify`` re-hashes all of them."""
+changed since it was last hashed is re-hashed (sha256) against the manifest; a flash directory under 1 GiB is
+re-hashed whole every time, and ``--verify`` re-hashes all files of any size."""
 
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from sim.model_spec import ACTIVATIONS, ModelSpec
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 STAMP = "checked.json"          # per FFN/resident file: size, mtime_ns and sha256 when it was last hashed
+FULL_CHECK_BELOW = 1 << 30      # flash directories smaller than this are re-hashed whole on every open (< ~1 s)
 # model_type -> (the HF class model mode runs, where its FFN sits)
 MODEL_MODE = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM (hidden_act relu or relu2)"}
 ST_TORCH = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
@@ -333,7 +334,8 @@ def flash_root(ckpt: Checkpoint, cache_dir: str | Path, bundled: bool, dtype: st
 def converted_flash(ckpt: Checkpoint, cache_dir: str | Path, bundled: bool = True, dtype: str | None = None,
                     progress: bool = True, reconvert: bool = False, verify: bool = False, log=None) -> FlashDir:
     """The flash directory of ``ckpt`` in ``cache_dir``: converted now (``real.convert``, with a progress bar)
-    if there is none or ``reconvert``, else opened and checked (``check_flash``)."""
+    if there is none or ``reconvert``, else opened and checked (``check_flash``: whole re-hash with ``verify`` or
+    below ``FULL_CHECK_BELOW`` bytes, else the stamp check)."""
     from real.convert import convert_checkpoint
 
     root = flash_root(ckpt, cache_dir, bundled, dtype)
@@ -346,7 +348,8 @@ def converted_flash(ckpt: Checkpoint, cache_dir: str | Path, bundled: bool = Tru
         write_stamp(d)
         return d
     d = FlashDir.open(root)
-    check_flash(d, full=verify, progress=progress)
+    total = sum(e["bytes"] for e in _files(d))
+    check_flash(d, full=verify or total < FULL_CHECK_BELOW, progress=progress)
     return d
 
 

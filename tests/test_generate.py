@@ -102,7 +102,7 @@ def test_budget_below_the_working_set(tmp_path, capsys):
     assert not (tmp_path / "c").exists()                              # nothing converted
 
 
-def test_tampered_flash_file_is_caught_before_generation(tmp_path, capsys):
+def test_tampered_flash_file_is_caught_before_generation(tmp_path, capsys, monkeypatch):
     args = [SMALL, "--prompt", "x", "--max-new-tokens", "2", "--cache-dir", tmp_path]
     rc, _, err = run(args, capsys)
     assert rc == 0, err
@@ -116,7 +116,15 @@ def test_tampered_flash_file_is_caught_before_generation(tmp_path, capsys):
         f.write(bytes([b[0] ^ 0x40]))
     msg = one_error(*run(args, capsys))
     assert "layer001.ffn.bin" in msg and "changed after conversion" in msg and "--reconvert" in msg
-    # the same flip with the old mtime put back: the cheap check trusts the stamp, --verify re-hashes everything
+    # the same flip with the old mtime put back: a directory this small (< 1 GiB) is re-hashed whole on every run;
+    # a large one trusts the stamp unless --verify
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "layer001.ffn.bin" in one_error(*run(args, capsys))
+    import real.hf_checkpoint as hc
+    monkeypatch.setattr(hc, "FULL_CHECK_BELOW", 0)                    # as if it were large
+    rc, _, err = run(args, capsys)
+    assert rc == 0, err                                               # the stamp check alone does not see it
+    monkeypatch.setattr(hc, "FULL_CHECK_BELOW", 1 << 30)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     msg = one_error(*run(args + ["--verify"], capsys))
     assert "layer001.ffn.bin" in msg
