@@ -198,7 +198,9 @@ def run(args, out=None) -> dict:
     info(p["tok_note"])
     flash = converted_flash(ckpt, args.cache_dir, policy.bundling, spec.dtype, progress=progress,
                             reconvert=args.reconvert, verify=args.verify, log=info)
-    info(f"flash: {flash.root} ({'verified: every file re-hashed' if args.verify else 'checked: manifest, sizes, changed files re-hashed'})")
+    from real.hf_checkpoint import FULL_CHECK_BELOW
+    whole = args.verify or sum(e["bytes"] for e in flash.manifest["files"]) < FULL_CHECK_BELOW
+    info(f"flash: {flash.root} ({'every file re-hashed' if whole else 'checked: manifest, sizes, files changed since last hashed re-hashed'})")
     if device.type == "cpu" and args.threads_torch is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))   # leave cores to the reader threads
     elif args.threads_torch:
