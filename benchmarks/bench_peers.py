@@ -171,6 +171,8 @@ def run_flashlab(args, system: str) -> dict:
                 lat.append(tc.latency_s)
                 io.append(rd)
                 nbytes.append(tc.bytes)
+            if sum(lat) > args.measure_s:
+                break
     finally:
         m.close()
     notes = (f"{'windowing+bundling, 64 reads in flight, frequency eviction, warm start from ' + str(CALIBRATION_TOKENS) + ' calibration tokens' if best else 'naive: non-pinned FFN read every token in 1 MiB chunks (bundled file)'}; "
@@ -234,6 +236,8 @@ def run_accelerate(args, system: str) -> dict:
                 if i >= warm:
                     lat.append(wall)
                     io.append(rd)
+                if sum(lat) > args.measure_s:       # a slow peer: fewer tokens, measured all the same
+                    break
     finally:
         model = None                             # noqa: F841 -- frees it before the folder goes
         shutil.rmtree(offload, ignore_errors=True)
@@ -313,7 +317,8 @@ def run_system(args, system: str) -> dict:
     with_out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--model", args.model,
            "--ckpt", str(args.ckpt), "--flash", str(args.flash), "--work", str(args.work), "--memory-budget",
-           str(args.memory_budget), "--tokens", str(args.tokens), "--device", args.device, "--record", str(with_out)]
+           str(args.memory_budget), "--tokens", str(args.tokens), "--device", args.device, "--record", str(with_out),
+           "--measure-s", str(args.measure_s)]
     if args.no_drop_caches:
         cmd.append("--no-drop-caches")
     t0 = time.perf_counter()
@@ -361,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="root of results/ (peers.json, peers.txt)")
-    ap.add_argument("--time-limit", type=int, default=900, help="seconds per system (subprocess)")
+    ap.add_argument("--time-limit", type=int, default=420, help="seconds per system (subprocess), loading included")
+    ap.add_argument("--measure-s", type=float, default=120.0,
+                    help="stop a system's measured tokens once they took this long (a slow peer measures fewer)")
     ap.add_argument("--inprocess", action="store_true", help="run the systems in this process (smoke tests; peak "
                     "memory is then the whole run's)")
     ap.add_argument("--no-drop-caches", action="store_true", help="do not drop the page cache (records cold=False)")
