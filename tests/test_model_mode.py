@@ -284,9 +284,11 @@ def test_bench_peers_smoke(tmp_path):
 
 # ---- full size, on a GPU ----------------------------------------------------------------------------------
 FULL = os.environ.get("FLASHLAB_FULLSIZE_MODEL")
+# the GPU; FLASHLAB_FULLSIZE_DEVICE=cpu runs the same test body on the CPU (a dry run at a small preset)
+FULL_DEVICE = os.environ.get("FLASHLAB_FULLSIZE_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not FULL,
+@pytest.mark.skipif(not FULL_DEVICE or not FULL,
                     reason="needs a GPU and FLASHLAB_FULLSIZE_MODEL (e.g. opt-6.7b) + FLASHLAB_FULLSIZE_DIR (a disk "
                            "with ~30 GB free)")
 def test_fullsize_exactness_gpu():
@@ -306,8 +308,10 @@ def test_fullsize_exactness_gpu():
     t_conv = time.perf_counter() - t0
     pol = Policy.from_dict({**Policy.preset("windowing_bundling").to_dict(), "memory_budget": 0.5})
     prompt = [int(t) for t in np.random.default_rng(0).integers(4, spec.vocab, 8)]
-    torch.cuda.reset_peak_memory_stats()
-    m = HFFlashModel.from_checkpoint(ck, flash, pol, device="cuda", progress=True)
+    cuda = FULL_DEVICE == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    m = HFFlashModel.from_checkpoint(ck, flash, pol, device=FULL_DEVICE, progress=True)
     try:
         t0 = time.perf_counter()
         ids, logits, costs = flash_greedy(m, prompt, NEW_TOKENS)
@@ -315,22 +319,24 @@ def test_fullsize_exactness_gpu():
         capacity = m.engine.capacity
     finally:
         m.close()
-    peak_flash = torch.cuda.max_memory_allocated() / 2**30
+    peak_flash = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del m
-    torch.cuda.empty_cache()
-    ref = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float16).to("cuda").eval()
-    ref_ids, ref_logits = dense_greedy(ref, prompt, NEW_TOKENS, device="cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+    ref = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float16).to(FULL_DEVICE).eval()
+    ref_ids, ref_logits = dense_greedy(ref, prompt, NEW_TOKENS, device=FULL_DEVICE)
     del ref
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     n_same = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), len(ids))
     k = max(1, n_same - len(prompt) + 1)                     # the steps whose inputs agree
     err = float((logits[:k] - ref_logits[:k]).abs().max())
     tol = tolerance(spec, ref_logits[:k])
-    rec = {"model": spec.name, "device": torch.cuda.get_device_name(0), "new_tokens": NEW_TOKENS,
+    rec = {"model": spec.name, "device": torch.cuda.get_device_name(0) if cuda else "cpu", "new_tokens": NEW_TOKENS,
            "tokens_identical": ids == ref_ids, "max_abs_logit_diff": err, "tolerance": tol,
            "tolerance_formula": "4 * n_layers * eps16 * max|logit|", "max_abs_logit": float(ref_logits.abs().max()),
            "smallest_top2_gap": top_gap(ref_logits), "ffn_cache_neurons": capacity,
-           "mean_active": float(np.mean([c.new_neurons + c.resident_neurons for c in costs[1:]])) if costs else None,
+           "new_neurons_per_token": float(np.mean([c.new_neurons for c in costs[1:]])),
            "bytes_per_token": float(np.mean([c.bytes for c in costs[1:]])), "flash_s": t_flash, "build_s": t_build,
            "convert_s": t_conv, "peak_gpu_gib_flash": peak_flash}
     print("\nfullsize exactness:", json.dumps(rec, indent=1))
