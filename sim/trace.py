@@ -25,6 +25,38 @@ from sim.errors import ConfigError, reject_unknown, require
 from sim.model_spec import ModelSpec
 
 FORMAT_VERSION = 1
+# Keys a trace preset may hold beside the generator's knobs (conf/trace/<model>-paper.yaml): ``targets``, the
+# published shares the knobs were fitted to, and ``paper``, the paper's policy setting for that model (window,
+# predictor rank, memory budget), which conf/experiment/paper_*.yaml read. The generator ignores both.
+METADATA_KEYS = ("targets", "paper")
+
+
+def new_share(sets: np.ndarray, windows: Sequence[int]) -> np.ndarray:
+    """For each k in ``windows``: the mean share of neurons per token and layer that are in this token's set but in
+    none of the previous k tokens' (``sets``: bool [tokens, layers, d_ff]; what a window of k must read)."""
+    T = sets.shape[0]
+    out = []
+    for k in windows:
+        if T <= k:
+            out.append(float("nan"))
+            continue
+        seen = np.zeros_like(sets[k:])
+        for j in range(1, k + 1):
+            seen |= sets[k - j:T - j]
+        out.append(float((sets[k:] & ~seen).mean()))
+    return np.asarray(out)
+
+
+def union_share(sets: np.ndarray, window: int) -> float:
+    """The mean share of neurons per token and layer in the union of the last ``window`` tokens' sets, this one's
+    included (what a window of k keeps resident after the token)."""
+    T = sets.shape[0]
+    if T < window:
+        return float("nan")
+    union = sets[window - 1:].copy()
+    for j in range(1, window):
+        union |= sets[window - 1 - j:T - j]
+    return float(union.mean())
 
 
 @dataclass
@@ -84,19 +116,14 @@ class Trace:
 
     def new_neurons_curve(self, windows: Sequence[int]) -> np.ndarray:
         """Mean fraction of neurons per token and layer that are active now but were not active
-        in any of the previous k tokens (what windowing must read), for each k in ``windows``."""
-        a = self.active
-        T = a.shape[0]
-        out = []
-        for k in windows:
-            if T <= k:
-                out.append(float("nan"))
-                continue
-            seen = np.zeros_like(a[k:])
-            for j in range(1, k + 1):
-                seen |= a[k - j:T - j]
-            out.append(float((a[k:] & ~seen).mean()))
-        return np.asarray(out)
+        in any of the previous k tokens, for each k in ``windows`` (``new_share`` of the active sets)."""
+        return new_share(self.active, windows)
+
+    @property
+    def read_sets(self) -> np.ndarray:
+        """What a policy with ``predictor=trace`` reads: the predicted sets, or the active ones where the trace has
+        none (a perfect predictor)."""
+        return self.active if self.predicted is None else self.predicted
 
     # ---- file format ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -146,6 +173,8 @@ class SyntheticTraceConfig:
     cluster_size: int = 8
     predictor_recall: float = 1.0          # synthetic predictor: share of true actives it finds
     predictor_fp: float = 0.0              # false positives per true active
+    predictor_fp_reuse: float = 0.0        # P(a neuron near the threshold stays near it at the next token)
+    predictor_fp_duty: float = 1.0         # share of an inactive neuron's near-threshold tokens it is flagged on
     calibration_tokens: int = 0            # tokens run first only to count activations (an offline profile)
 
     def __post_init__(self) -> None:
@@ -165,6 +194,10 @@ class SyntheticTraceConfig:
                 f"must be in (0, 1], got {self.predictor_recall!r}", "1.0 is a perfect predictor")
         require(self.predictor_fp >= 0, "trace.predictor_fp", f"must be >= 0, got {self.predictor_fp!r}",
                 "0.0 means no false positives")
+        require(0.0 <= self.predictor_fp_reuse < 1.0, "trace.predictor_fp_reuse",
+                f"must be in [0, 1), got {self.predictor_fp_reuse!r}", "0.0: false positives independent per token")
+        require(0.0 < self.predictor_fp_duty <= 1.0, "trace.predictor_fp_duty",
+                f"must be in (0, 1], got {self.predictor_fp_duty!r}", "1.0: flagged on every near-threshold token")
         require(isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 0,
                 "trace.calibration_tokens", f"must be an integer >= 0, got {self.calibration_tokens!r}",
                 "e.g. trace.calibration_tokens=512 (0: no activation profile)")
@@ -178,8 +211,9 @@ class SyntheticTraceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SyntheticTraceConfig":
+        """The knobs of ``data``; its ``METADATA_KEYS`` (a paper preset's targets and setting) are ignored."""
+        data = {k: v for k, v in data.items() if k not in METADATA_KEYS}
         reject_unknown(cls, data, "trace", "synthetic trace knob")
-        data = dict(data)
         if not isinstance(data.get("sparsity", 0.0), (int, float)):
             data["sparsity"] = [float(x) for x in data["sparsity"]]
         return cls(**data)
@@ -200,6 +234,40 @@ def neuron_rates(density: float, weights: np.ndarray) -> np.ndarray:
     for _ in range(20):  # clipping hot neurons lowers the mean: rescale the rest until it holds
         rate = np.clip(rate * density / rate.mean(), 1e-6, 0.95)
     return rate
+
+
+def near_threshold_share(predictor_fp: float, density: np.ndarray | float, duty: float) -> np.ndarray:
+    """Stationary share of neurons near the threshold, fp d / ((1 - d) duty) per layer of density d: an inactive
+    neuron there is flagged on a share ``duty`` of its tokens, so false positives per true active average
+    ``predictor_fp`` (shared with ``sim.trace_fit``)."""
+    d = np.asarray(density, dtype=float)
+    return predictor_fp * d / ((1 - d) * duty)
+
+
+def _predict_in_runs(rng: np.random.Generator, active: np.ndarray, density: np.ndarray,
+                     cfg: SyntheticTraceConfig) -> np.ndarray:
+    """The synthetic predictor with false positives in runs: per neuron, a two-state chain "near the threshold"
+    (stationary share ``near_threshold_share``, stay probability max(``predictor_fp_reuse``, share)); each token an
+    active neuron is flagged with probability ``predictor_recall``, an inactive one near the threshold with
+    probability ``predictor_fp_duty``."""
+    T, L, F = active.shape
+    share = near_threshold_share(cfg.predictor_fp, density, cfg.predictor_fp_duty)
+    require(float(share.max()) <= 0.95, "trace.predictor_fp_duty",
+            f"= {cfg.predictor_fp_duty} needs {100 * share.max():.0f}% of the neurons near the threshold for "
+            f"predictor_fp={cfg.predictor_fp}", "raise trace.predictor_fp_duty or lower trace.predictor_fp")
+    predicted = np.empty_like(active)
+    for l in range(L):
+        e = float(share[l])
+        stay = max(cfg.predictor_fp_reuse, e)
+        wake = e * (1 - stay) / (1 - e)
+        near = rng.random(F) < e
+        for t in range(T):
+            if t:
+                u = rng.random(F)
+                near = np.where(near, u < stay, u < wake)
+            v = rng.random(F)
+            predicted[t, l] = np.where(active[t, l], v < cfg.predictor_recall, near & (v < cfg.predictor_fp_duty))
+    return predicted
 
 
 def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
@@ -237,7 +305,9 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
             else:
                 active[t - C, l] = state[leader]
     predicted = None
-    if cfg.predictor_recall < 1.0 or cfg.predictor_fp > 0.0:
+    if cfg.predictor_fp_reuse > 0.0 or cfg.predictor_fp_duty < 1.0:
+        predicted = _predict_in_runs(rng, active, density, cfg)
+    elif cfg.predictor_recall < 1.0 or cfg.predictor_fp > 0.0:     # independent false positives per token
         keep = rng.random(active.shape) < cfg.predictor_recall
         fp_prob = np.clip(cfg.predictor_fp * density / (1 - density), 0, 1)[None, :, None]
         extra = rng.random(active.shape) < fp_prob

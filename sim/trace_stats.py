@@ -6,7 +6,11 @@
 - co-activation: do neurons fire together more than chance? For each neuron, the Jaccard index with
   its best partner (the other neuron whose firing tokens overlap its own most), averaged; reported
   beside the same number after shifting each neuron's time series by a random offset (which keeps
-  every neuron's rate and destroys co-activation), so the gap is what co-activation adds."""
+  every neuron's rate and destroys co-activation), so the gap is what co-activation adds;
+- the shares a paper states (``read_shares``): true active, predicted (what a policy with
+  ``predictor=trace`` reads) and its ratio to the active share, the predictor's recall and
+  false-positive rate, and over the predicted sets the union of a window of k tokens and the share
+  new per token."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sim.trace import Trace
+from sim.trace import Trace, new_share, union_share
 
 WINDOWS = tuple(range(1, 9))
 
@@ -59,6 +63,21 @@ def coactivation(trace: Trace, max_neurons: int = 2048, max_tokens: int = 4096) 
     base = np.array([best_partner_jaccard(trace.active[:, l], max_neurons, max_tokens, shuffle_seed=l)
                      for l in range(trace.n_layers)])
     return obs, base
+
+
+def read_shares(trace: Trace, window: int) -> dict[str, float]:
+    """Shares of the FFN's neurons per token (means over tokens and layers): ``active`` (true), ``predicted`` (the
+    read sets: predicted, or active where the trace has no predictor) and ``predicted_over_active``,
+    ``predictor_recall`` (share of the active neurons predicted), ``predictor_fp_rate`` (share of the inactive
+    neurons predicted), and over the read sets ``window_union`` (the last ``window`` tokens' union, this one
+    included: what a window of k keeps resident) and ``new_per_token`` (read now, in none of the previous
+    ``window`` tokens' sets: what it loads)."""
+    a, r = trace.active, trace.read_sets
+    n_active, n_read = int(a.sum()), int(r.sum())
+    return {"active": float(a.mean()), "predicted": float(r.mean()), "predicted_over_active": n_read / max(n_active, 1),
+            "predictor_recall": float((a & r).sum() / max(n_active, 1)),
+            "predictor_fp_rate": float((r & ~a).sum() / max(a.size - n_active, 1)),
+            "window": window, "window_union": union_share(r, window), "new_per_token": float(new_share(r, [window])[0])}
 
 
 def summarize(trace: Trace, windows: Sequence[int] = WINDOWS) -> dict[str, Any]:
