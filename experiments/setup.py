@@ -73,10 +73,7 @@ def build_run(cfg: DictConfig) -> RunSetup:
     require(trace_cfg.get("kind") in ("synthetic", "file"), "trace.kind",
             f"unknown trace kind {trace_cfg.get('kind')!r}", "use trace=synthetic or trace=file trace.path=FILE")
     if trace_cfg["kind"] == "synthetic":
-        knobs = SyntheticTraceConfig.from_dict({k: v for k, v in trace_cfg.items() if k != "kind"})
-        require(policy.predictor != "trace" or knobs.predictor_recall < 1 or knobs.predictor_fp > 0,
-                "policy.predictor", "is 'trace' but this synthetic trace has a perfect predictor (no predicted sets)",
-                "use policy.predictor=oracle, or set trace.predictor_recall<1 / trace.predictor_fp>0")
+        SyntheticTraceConfig.from_dict({k: v for k, v in trace_cfg.items() if k != "kind"})
     else:
         require(bool(trace_cfg.get("path")) and trace_cfg["path"] != "???", "trace.path", "is not set",
                 "give trace.path=/path/to/trace.npz")

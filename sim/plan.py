@@ -184,13 +184,7 @@ class PolicyEngine:
                     "generate it with trace.calibration_tokens=512, set trace.calibration_counts on a recorded "
                     "trace (Trace.activation_counts of a calibration trace), or set policy.warm_start=false")
             self._warm(trace.calibration_counts, "trace.calibration_counts")
-        use = trace.active
-        if self.policy.predictor == "trace":
-            if trace.predicted is None:
-                raise ConfigError("policy.predictor", "is 'trace' but the trace holds no predicted sets",
-                                  "use policy.predictor=oracle, a trace recorded with a predictor (real.predictor), "
-                                  "or a synthetic predictor (trace.predictor_recall<1 or trace.predictor_fp>0)")
-            use = trace.predicted
+        use = trace.active if self.policy.predictor == "oracle" else trace.read_sets   # trace: what its predictor flags
         for t in range(trace.tokens):
             yield self.plan_token(use[t])
 

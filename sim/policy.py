@@ -17,7 +17,8 @@ EVICTIONS = ("window", "lru", "lfu", "frequency")
 class Policy:
     name: str = "windowing_bundling"
     sparse: bool = True               # False = naive: every non-resident FFN weight is read each token
-    predictor: str = "oracle"         # oracle: the trace's true active set; trace: its predicted set
+    predictor: str = "trace"          # trace: the trace's predicted sets (its active ones where it has none: a perfect
+                                      # predictor); oracle: its true active sets, whatever its predictor flags
     predictor_rank: int = 128         # low-rank predictor A [d_model, r], B [r, d_ff]; capped at d_model/4
     window: int = 5                   # keep neurons of the last k tokens; 0 = no reuse across tokens
     bundling: bool = True             # up column i and down row i side by side: one read per neuron

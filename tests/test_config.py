@@ -61,7 +61,7 @@ def test_every_hardware_preset_loads(name):
     (["trace=file"], "trace.path"),
     (["tokens=3", "warmup=5"], "tokens"),
     (["+policy.windw=3"], "policy.windw"),
-    (["policy.predictor=trace"], "policy.predictor"),          # the default synthetic trace predicts perfectly
+    (["policy.predictor=magic"], "policy.predictor"),
     (["backend=both", "backend.threads=3"], "backend.threads"),
     (["policy.eviction=frequency", "policy.warm_start=true"], "trace.calibration_tokens"),  # no profile
     (["policy.warm_start=true"], "policy.warm_start"),                   # window eviction drops the preload

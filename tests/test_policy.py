@@ -248,3 +248,22 @@ def test_warm_start_errors_name_the_fix():
     with pytest.raises(ConfigError, match="warm_start"):
         PolicyEngine(SPEC, Policy(window=2, eviction="lfu", memory_budget=0.5, predictor_rank=16),
                      np.zeros((SPEC.n_layers, SPEC.d_ff), dtype=np.int32))
+
+
+def test_predictor_trace_reads_the_predicted_sets_oracle_the_active_ones():
+    """policy.predictor=trace (the presets') plans the trace's predicted sets, false positives included, and misses
+    its false negatives; oracle plans the true active sets; a trace without predicted sets (a perfect predictor)
+    gives both the same plans."""
+    pol = dict(window=2, memory_budget=1.0, predictor_rank=16)
+    imperfect = generate_trace(SPEC, SyntheticTraceConfig(tokens=8, seed=1, predictor_recall=0.9, predictor_fp=1.5,
+                                                          predictor_fp_reuse=0.8, predictor_fp_duty=0.5))
+    for predictor, sets in (("trace", imperfect.predicted), ("oracle", imperfect.active)):
+        plans = list(PolicyEngine(SPEC, Policy(predictor=predictor, **pol)).plan_trace(imperfect))
+        for t, token in enumerate(plans):
+            for lp in token:
+                assert np.array_equal(lp.active, np.flatnonzero(sets[t, lp.layer]))
+    assert Policy().predictor == Policy.preset("windowing_bundling").predictor == "trace"
+    perfect = generate_trace(SPEC, SyntheticTraceConfig(tokens=8, seed=1))
+    assert perfect.predicted is None
+    by = {p: list(PolicyEngine(SPEC, Policy(predictor=p, **pol)).plan_trace(perfect)) for p in ("trace", "oracle")}
+    assert all(np.array_equal(a.load, b.load) for ta, tb in zip(by["trace"], by["oracle"]) for a, b in zip(ta, tb))
