@@ -4,12 +4,14 @@
     python -m experiments.figures --experiment NAME... --out DIR
     python -m experiments.figures --paper --out DIR         the paper-style figures, sweeps included
 
-Which figure a table gets is decided by its ``study`` column (the experiment the runs came from,
+With --paper (or --experiment) each sweep's results table is written beside its figure as NAME.csv, so
+``python -m experiments.figures docs/figures/*.csv --out DIR`` redraws the committed figures without
+rerunning. Which figure a table gets is decided by its ``study`` column (the experiment the runs came from,
 conf/experiment/<study>.yaml): breakdown bars for paper_cpu / paper_breakdown, the window trade-off
 for paper_window, latency vs budget for paper_memory; rows of any other study get breakdown bars
 (sim rows) and every table with backend=both rows gets the predicted-vs-measured figure. The flash
 throughput figure is drawn from the hardware profiles the tables name (or paper_flash's list).
-Each figure is written as PNG and PDF."""
+Each figure is written as PNG and PDF (--formats to choose)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import pandas as pd
 import yaml
 
 from experiments import plots
-from experiments.results import collect, frame
+from experiments.results import collect, frame, write_csv
 from sim.errors import ConfigError
 from sim.hardware import HardwareProfile
 from sim.presets import CONF_DIR
@@ -74,31 +76,36 @@ def hardware_profiles(names: Sequence[str]) -> list[HardwareProfile]:
     return out
 
 
-def figures_from_results(df: pd.DataFrame, out: Path, hardware: Sequence[str] = (), flash: bool = True) -> list[Path]:
+def figures_from_results(df: pd.DataFrame, out: Path, hardware: Sequence[str] = (), flash: bool = True,
+                         formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Every figure ``df`` supports, into ``out``; returns the files written."""
     written: list[Path] = []
+
+    def save(fig, name: str) -> list[Path]:
+        return plots.save(fig, out, name, formats)
     for study, rows in df.groupby("study", sort=False):
         name = study or "runs"
         sim = rows[rows["backend"] == "sim"]
         draw = STUDY_FIGURES.get(study)
         if draw is not None and not sim.empty:
-            written += plots.save(draw(sim), out, name)
+            written += save(draw(sim), name)
         elif not sim.empty and draw is None:
-            written += plots.save(plots.breakdown_by_model(sim, title=f"{name}: per-token latency by policy"),
-                                  out, f"{name}_breakdown")
+            written += save(plots.breakdown_by_model(sim, title=f"{name}: per-token latency by policy"),
+                            f"{name}_breakdown")
         pairs = plots.prediction_pairs(rows)
         if not pairs.empty:
-            written += plots.save(plots.predicted_vs_measured(pairs, title=f"{name}: simulator vs measurement"),
-                                  out, f"{name}_predicted_vs_measured")
+            written += save(plots.predicted_vs_measured(pairs, title=f"{name}: simulator vs measurement"),
+                            f"{name}_predicted_vs_measured")
     profiles = hardware_profiles(list(hardware) or sorted(df["hardware"].dropna().unique())) if flash else []
     if profiles:
-        written += plots.save(plots.flash_throughput(profiles), out, "flash_throughput")
+        written += save(plots.flash_throughput(profiles), "flash_throughput")
     return written
 
 
-def run_experiment(name: str, out: Path, tokens: int | None = None, extra: Sequence[str] = ()) -> list[Path]:
-    """Draw a figure-only experiment, or run a sweep experiment (resumable, into OUT/sweeps/NAME)
-    and draw its figures."""
+def run_experiment(name: str, out: Path, tokens: int | None = None, extra: Sequence[str] = (),
+                   formats: Sequence[str] = ("png", "pdf"), sweeps: Path | None = None) -> list[Path]:
+    """Draw a figure-only experiment, or run a sweep experiment (resumable, into SWEEPS/NAME, by default
+    OUT/sweeps/NAME), write its results table as OUT/NAME.csv and draw its figures."""
     spec = experiment_spec(name)
     fig = spec.get("figure")
     if fig is not None:
@@ -106,12 +113,14 @@ def run_experiment(name: str, out: Path, tokens: int | None = None, extra: Seque
             raise ConfigError(f"experiment/{name}.yaml: figure.kind", f"unknown figure {fig.get('kind')!r}",
                               "use kind: flash_throughput")
         profiles = hardware_profiles(fig.get("hardware", ["m1-max"]))
-        return plots.save(plots.flash_throughput(profiles, fig.get("depths", [1, 4, 16, 64])), out, name)
+        return plots.save(plots.flash_throughput(profiles, fig.get("depths", [1, 4, 16, 64])), out, name, formats)
     from experiments.sweep import run_multirun
     overrides = [f"+experiment={name}", *([f"tokens={tokens}"] if tokens else []), *extra]
-    df = run_multirun(overrides, out / "sweeps" / name)
+    df = run_multirun(overrides, (sweeps or out / "sweeps") / name)
     df["study"] = df["study"].astype(object).fillna("").astype(str)
-    return figures_from_results(df, out, flash=False)
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_csv(df.drop(columns=["run_dir", "wall_s"]), out / f"{name}.csv")   # drop what differs per machine
+    return [table, *figures_from_results(df, out, flash=False, formats=formats)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=None,
                     help="tokens per run for the sweeps (default: 50 with --paper, else the experiment's)")
     ap.add_argument("--hardware", nargs="+", default=[], help="profiles for the flash figure (names or YAML)")
+    ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default: png pdf)")
+    ap.add_argument("--sweep-dir", type=Path, default=None, help="where sweeps run (default: OUT/sweeps)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not (args.results or args.experiment or args.paper):
@@ -134,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     written: list[Path] = []
     try:
         if args.results:
-            written += figures_from_results(load_results(args.results), out, args.hardware)
+            written += figures_from_results(load_results(args.results), out, args.hardware, formats=args.formats)
         names = list(dict.fromkeys((PAPER if args.paper else []) + args.experiment))
         tokens = args.tokens or (50 if args.paper else None)
         for name in names:
-            written += run_experiment(name, out, tokens)
+            written += run_experiment(name, out, tokens, formats=args.formats, sweeps=args.sweep_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,8 +16,11 @@
 #
 # Loads the results tables of the paper experiments (`conf/experiment/paper_*.yaml`) and draws
 # the figures `python -m experiments.figures` writes, inline. Point it at your own sweeps with
-# `FLASHLAB_RESULTS=path/results.csv,other_sweep_dir`; without it, it runs small simulated sweeps
-# (opt-6.7b geometry, 12 tokens per run) so the notebook always has something to show.
+# `FLASHLAB_RESULTS=path/results.csv,other_sweep_dir`; without it, it draws the tables committed
+# beside the figures of docs/experiments.md (`docs/figures/paper_*.csv`, written by
+# `python -m experiments.figures --paper --out docs/figures`), or where those are missing runs small
+# simulated sweeps (opt-6.7b geometry, 12 tokens per run). Hatched bars and open markers are the
+# paper's own values (conf/paper/llm_in_a_flash.yaml).
 
 # %%
 import os
@@ -37,6 +40,10 @@ from experiments.sweep import run_multirun
 
 # %%
 paths = [p for p in os.environ.get("FLASHLAB_RESULTS", "").split(",") if p]
+docs = next((d for d in (Path("docs/figures"), Path("../docs/figures")) if d.is_dir()), Path("docs/figures"))
+committed = sorted(docs.glob("paper_*.csv"))     # from the repository root or from notebooks/
+if not paths and committed:
+    paths = [str(p) for p in committed]
 if not paths:
     scratch = Path(tempfile.mkdtemp(prefix="flashlab-nb-"))
     for name in ("paper_breakdown", "paper_window"):
