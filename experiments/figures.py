@@ -2,7 +2,8 @@
 
     python -m experiments.figures RESULTS... --out DIR      RESULTS: results.csv files or sweep dirs
     python -m experiments.figures --experiment NAME... --out DIR
-    python -m experiments.figures --paper --out DIR         the paper-style figures, sweeps included
+    python -m experiments.figures --paper --out DIR         the paper-style figures, sweeps included, and
+                                                            paper_comparison.csv/.md (experiments.paper_comparison)
 
 With --paper (or --experiment) each sweep's results table is written beside its figure as NAME.csv, so
 ``python -m experiments.figures docs/figures/*.csv --out DIR`` redraws the committed figures without
@@ -150,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = args.tokens or (50 if args.paper else None)
         for name in names:
             written += run_experiment(name, out, tokens, formats=args.formats, sweeps=args.sweep_dir)
+        if args.paper:   # every per-token number the paper publishes beside the simulator's (issue 26)
+            from experiments.paper_comparison import write_paper_comparison
+            write_paper_comparison(out, json_path=None)
+            written += [out / "paper_comparison.csv", out / "paper_comparison.md"]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
