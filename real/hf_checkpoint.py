@@ -213,10 +213,6 @@ class Checkpoint:
 
 
 # ---- where the FFN sits, per family ------------------------------------------------------------------
-def family(model_type: str) -> str:
-    return "gated" if model_type == "llama" else "opt"
-
-
 def decoder_layers(model):
     return model.model.decoder.layers if model.config.model_type == "opt" else model.model.layers
 
