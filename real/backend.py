@@ -3,9 +3,9 @@ return the same summary as the simulator (``sim.simulator.SimResult.summary``).
 
 Options (conf/backend/real.yaml): ``mode`` trace|model, ``cache_dir``, ``device``, ``threads``,
 ``direct``, ``kernel``, ``check_cache``; for ``mode=model`` also ``checkpoint`` (a Hugging Face checkpoint
-directory of any size: ``+backend.checkpoint=DIR``; without one, small OPT presets are built at random) and
-``predictor_file`` (a trained ``real.predictor`` file; ``+backend.predictor_file=FILE``; default: the oracle)
-and ``active`` (``+backend.active=trace``: the trace's sets instead of the model's own, for timing a random-init
+directory of any size: ``backend.checkpoint=DIR``; without one, small OPT presets are built at random) and
+``predictor_file`` (a trained ``real.predictor`` file; ``backend.predictor_file=FILE``; default: the oracle)
+and ``active`` (``backend.active=trace``: the trace's sets instead of the model's own, for timing a random-init
 checkpoint whose activations are not realistic). Warm-up tokens (``warmup``) are executed (they fill the
 neuron cache) and excluded from the per-token means; ``real_tokens.csv`` in the run directory holds
 every token, warm-up included."""
@@ -145,7 +145,7 @@ def run_model(setup, opts: RealOptions, trace=None, progress: bool = False) -> l
     else:
         require(is_small_opt(spec), "backend.mode",
                 f"model mode without a checkpoint builds small OPT presets at random; {spec.name} is not one",
-                f"give +backend.checkpoint=DIR (scripts/build_checkpoint.py --model {spec.name} --out DIR builds a "
+                f"give backend.checkpoint=DIR (scripts/build_checkpoint.py --model {spec.name} --out DIR builds a "
                 "random-init one in the Hugging Face layout), or use backend.mode=trace")
         flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed)
         m = HFFlashModel(build_opt(spec, setup.seed), flash, policy, **kw)

@@ -244,7 +244,7 @@ def test_model_mode_refuses_what_it_cannot_run(tmp_path):
 
 
 def test_backend_model_mode_runs_a_checkpoint(opt_ckpt, tmp_path):
-    """backend=real backend.mode=model +backend.checkpoint=DIR: the checkpoint, not a preset built at random."""
+    """backend=real backend.mode=model backend.checkpoint=DIR: the checkpoint, not a preset built at random."""
     from real.backend import RealOptions, run_model
     from sim.trace import SyntheticTraceConfig, generate_trace
 
