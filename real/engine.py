@@ -246,13 +246,13 @@ class SimpleLoads:
 # a layer's reads go to the loader as this many jobs, each finished job's rows copied to the device while
 # the later jobs' reads are in flight (gated: each job's copy queued behind a wait on its own flag). 1 by
 # measurement: on the H100 machine 3 jobs cut the host time after the last read by ~70 us per layer but the
-# token was not faster (2026-11-23 16:11 UTC, benchmarks/engine_profile_run4.txt); gated, 3 jobs against 1
+# token was not faster (2026-11-23 16:11 UTC, engine_profile_run4.txt, in git history at cd7dc41); gated, 3 jobs against 1
 # in three interleaved rounds: 222 / 241 / 267 against 246 / 230 / 259 ms per token, no consistent
-# difference within the disk's drift (17:29 UTC, benchmarks/engine-chunks2.txt)
+# difference within the disk's drift (17:29 UTC, benchmarks/validation/engine_runs/engine-chunks2.json)
 COPY_CHUNKS = 1
 # GPU, native reader threads: queue the copy of a layer's new rows and the FFN over them before the reads
 # end, behind a device-side wait on a flag the reader threads set (real/kernels/wait_flag.py). On by
-# measurement: full OPT-6.7B, H100, 2026-11-23 16:37 UTC, two interleaved rounds (benchmarks/engine-gated.txt):
+# measurement: full OPT-6.7B, H100, 2026-11-23 16:37 UTC, two interleaved rounds (engine-gated.txt, in git history at cd7dc41):
 # 267.0 / 276.7 ms per token against 297.0 / 298.4 with the host waiting first
 GATE_READS = True
 

@@ -40,7 +40,7 @@ from sim.layout import ALIGN, Reads
 
 # Opt-in: reads up to ``bounce_max`` bytes land in a small per-thread buffer that stays in cache and
 # are then copied into staging. It helped on one virtual disk (the CPU dev VM) and hurt on the H100
-# machine (benchmarks/loader-run1.txt), so it is off by default (docs/storage.md).
+# machine (loader-run1.txt, in git history at cd7dc41), so it is off by default (docs/storage.md).
 BOUNCE_MAX = 0
 
 PreadFn = Callable[[int, memoryview, int], int]   # (fd, destination, file offset) -> bytes read
@@ -151,7 +151,7 @@ READ_THREADS = ("python", "native")
 def default_read_threads() -> str:
     """FLASHLAB_READ_THREADS (python | native), default native (pthreads of real/native_read.c where
     the C loop builds, else Python threads): faster in every engine step measured on the H100
-    (benchmarks/engine.txt, 2026-11-23 15:00 UTC)."""
+    (2026-11-23 14:58 and 15:19 UTC runs, docs/engine.md; their tables are in git history at cd7dc41)."""
     kind = os.environ.get("FLASHLAB_READ_THREADS", "native")
     if kind not in READ_THREADS:
         raise ValueError(f"FLASHLAB_READ_THREADS={kind!r}: use one of {READ_THREADS}")

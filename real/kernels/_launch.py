@@ -105,7 +105,7 @@ def _bench(kernel_call, quantiles):
     weights in L2 and no dirty lines to write back. triton's do_bench flushes with a 256 MB memset instead,
     whose dirty lines the timed kernel then writes back: for the ~10 us sparse FFN that noise picked configs
     up to 1.5x slower than the best one timed by CUDA-graph replay (H200, 2026-12-02:
-    benchmarks/kernels_notes.md). The read (~130 us) also keeps the host's launch ahead of the GPU."""
+    docs/kernels_notes.md). The read (~130 us) also keeps the host's launch ahead of the GPU."""
     dev = torch.cuda.current_device()
     flush = _FLUSH.get(dev)
     if flush is None:
@@ -153,7 +153,7 @@ class Kernel:
         self._tuned: dict[str, Any] = {}
         # direct dispatch: (mode, key args, constexpr kwargs, tensor dtypes) -> the tuned config, so a
         # repeated shape skips the autotuner's per-call Python (~130 us of host time per launch on the
-        # H100 machine's host, benchmarks/post_read_run1.txt) and launches the jit function with that config
+        # H100 machine's host, post_read_run1.txt, in git history at cd7dc41) and launches the jit function with that config
         self._direct: dict[tuple, Any] = {}
         self._last: dict[str, Any] = {}
         self._key_pos: list[int] | None = None

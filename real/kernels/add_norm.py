@@ -7,7 +7,7 @@ One program per token row keeps the whole row (d_model <= 65536) in registers.
 x may also be the sparse FFN's fp32 sum (``sparse_ffn(accumulate=acc)``) with ``consume=True``: the kernel
 reads it, rounds x + residual to the residual's dtype, and stores zeros back, so the next layer's FFN adds into
 a clean buffer. That pair is the FFN's fused form: the FFN launch has no epilogue (no ticket, cast or re-zeroing
-of a workspace, ~2.2-2.4 us on the H200: benchmarks/kernel_floor.txt), and the reset costs this kernel one 4-byte
+of a workspace, ~2.2-2.4 us on the H200: benchmarks/probes/results/kernel_floor.txt), and the reset costs this kernel one 4-byte
 store per element of a row it holds anyway. The sum may come in copies ([copies, *residual.shape], the FFN's
 programs spread over them, see sparse_ffn's accumulate): the kernel adds them up in order and zeroes each; one
 program per row reads and zeroes every copy, ~0.35-0.55 us per extra copy at d_model 4096 (H200). With consume,
@@ -105,7 +105,7 @@ if triton is not None:
         tl.store(out_ptr + row * s_o + d, y.to(out_ptr.dtype.element_ty), mask=m)
 
     # restore_value: with CONSUME a launch zeroes x, so every tuning run must see the caller's x again (a
-    # first consuming call once returned norm(residual) alone: benchmarks/kernels_notes.md, 2026-12-02)
+    # first consuming call once returned norm(residual) alone: docs/kernels_notes.md, 2026-12-02)
     ADD_NORM = Kernel(_add_norm_kernel, {"row": configs([(4, 1), (8, 1), (16, 1)], ())}, {"row": {}},
                       key=["D", "RMS", "CONSUME", "COPIES"], restore_value=["x_ptr"])
 

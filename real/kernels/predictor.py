@@ -170,9 +170,9 @@ if triton is not None:
 
 # pdl=True launches these fixed configs instead of autotuning: the autotuner times one launch alone (after a
 # flush), which cannot see the overlap PDL gives: at batch 8 the pairs within 5% of the best plain time took
-# 7.2-11.7 us with PDL. Picked by benchmarks/predictor_configs.py at OPT-6.7B's shapes (rank
+# 7.2-11.7 us with PDL. Picked by benchmarks/probes/predictor_configs.py at OPT-6.7B's shapes (rank
 # 128; H200, 2026-12-02, two processes within 0.1 us): 5.8 us at batch 1, 7.1-7.2 us at batch 8 (in
-# bench_kernels' later processes 5.9-6.0 and 7.5 us: benchmarks/kernels_h200_run11_predictor.log).
+# bench_kernels' later processes 5.9-6.0 and 7.5 us: kernels_h200_run11_predictor.log, in git history at cd7dc41).
 PDL_CONFIGS_MAX_RANK = 128   # the rank they were measured at; higher ranks need larger tiles of B
 PDL_CONFIGS = {
     "one": {"lowrank": {"BLOCK_RR": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
@@ -208,7 +208,7 @@ def predict_active(x, A, B, threshold: float = 0.0, *, bias=None, impl="auto", c
     split_k: slices of d_model for x A (more programs streaming A); None (default) = auto (slices of ~512,
     at most 16); 1 = no split. On the H100 (OPT-6.7B, rank 128) auto took 9.7 us against 10.4 us for 1
     at batch 1 and 10.1 against 15.5 us at batch 8; on the H200 7.3 against 10.2 and 9.6 against 15.8 us
-    (benchmarks/kernels-h100.txt, kernels.txt).
+    (kernels-h100.txt, in git history at cd7dc41; benchmarks/results/kernels.txt).
     pdl: launch both kernels with programmatic dependent launch (CUDA; ignored elsewhere). Each may start
     while the stream's previous kernel finishes: it requests its first tile of A (or its block of B and the
     bias) at once and waits for that kernel before reading x or z, so the weights stream during the previous

@@ -18,7 +18,7 @@ the cache matrix: memory-bound, and only the bytes of the active rows should mov
   several tokens h @ down runs on tensor cores as two tf32 products, `_dot_fp32_lhs`, so h keeps ~fp32
   accuracy). With several tokens the one-launch kernel spends its time in CUDA-core reductions and
   per-block, per-token atomics, not in reading weights: at batch 8 two-phase took 22.2 against 46.4 us
-  (OPT-6.7B, 90%) and 22.9 against 57.5 us (Llama-2-7B), 1-7% more at 99% (H200, benchmarks/kernels_h200_run15.log).
+  (OPT-6.7B, 90%) and 22.9 against 57.5 us (Llama-2-7B), 1-7% more at 99% (H200, kernels_h200_run15.log, in git history at cd7dc41).
 * ``fused_tc``: 2..16 tokens on tensor cores (tokens padded to 16, h rounded to the weight dtype before the
   second product); not used unless asked for.
 
@@ -28,10 +28,10 @@ or cast kernel runs before or after; the accumulator is a cached workspace per (
 launch leaves as it found it. Ordering: every thread fences its own atomics (fence.acq_rel.gpu) before the
 barrier and the acq_rel ticket, and the last program reads the accumulator with atomic adds of zero (served by
 L2). Without these (v1/v2) batch-8 outputs were wrong at OPT-6.7B shapes on the H100 (relative error 0.1-0.4,
-mostly on a kernel's first call); with them all device checks pass (run 3, benchmarks/kernels_notes.md).
+mostly on a kernel's first call); with them all device checks pass (run 3, docs/kernels_notes.md).
 Except ``accumulate=`` (the persistent and two-phase kernels): their programs add into the caller's fp32 buffer and stop,
 no ticket or finish: that epilogue is ~2.2-2.4 us (H200) to ~3 us (H100) of every call at OPT-6.7B sizes
-(benchmarks/kernel_floor.txt, kernel_floor-h100.txt); `add_*_norm(consume=True)` reads and resets the sum.
+(benchmarks/probes/results/kernel_floor.txt; kernel_floor-h100.txt in git history at cd7dc41); `add_*_norm(consume=True)` reads and resets the sum.
 The buffer may hold several copies of the sum ([copies, tokens, d_model]): the persistent kernel's program p adds
 into copy p % copies, spreading the programs' closing atomics over more L2 lines, and the consumer adds the copies
 up. A trade-off, measured (see `sparse_ffn`'s accumulate): the FFN gets faster, the consuming add+norm slower.
@@ -63,7 +63,7 @@ TILE_HALVES_PER_THREAD = 256  # double-buffered weight tiles per thread: 128 reg
 # two-phase h @ down for several tokens, h kept to ~fp32 accuracy either way (`_dot_fp32_lhs`): "tf32" (two
 # tf32 products, no overflow guard needed) or "split" (h in two fp16 / three bf16 terms, fp16 with an overflow
 # guard). tf32 was faster at every sparsity at batch 8: OPT-6.7B 76.1 vs 92.7 us at 0%, 22.1 vs 25.1 at 90%,
-# 15.9 vs 16.5 at 99% (H200, 2026-12-02 15:00 UTC, benchmarks/kernels_h200_run13.log)
+# 15.9 vs 16.5 at 99% (H200, 2026-12-02 15:00 UTC, kernels_h200_run13.log, in git history at cd7dc41)
 DOWN_PRODUCT = "tf32"
 DOWN_PRODUCTS = ("split", "tf32")
 
@@ -357,7 +357,7 @@ if triton is not None:
         next block and the row ids of the one after are requested before the current block's arithmetic, so
         each program keeps a block of weights in flight. (Requesting the block after next right after a block's
         arithmetic instead, the same order on paper, made most launches 0.8-3 us slower at 90-95%: H200,
-        2026-12-02 14:41 UTC, benchmarks/kernel_floor_h200_run8.log.) One token: y's share stays in fp32 registers and is
+        2026-12-02 14:41 UTC, kernel_floor_h200_run8.log, in git history at cd7dc41.) One token: y's share stays in fp32 registers and is
         flushed with ONE vector of atomics per program, into accumulator copy pid % N_ACC (spreads the flush
         over more L2 lines); 2..16 tokens: atomics per block and token. Needs BLOCK_D >= D.
         FINISH=False (``sparse_ffn(accumulate=...)``): acc_ptr is the caller's fp32 [N_ACC, T, D] (its copies);
@@ -685,7 +685,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     the same rows); down_bias: [d_model] added once. Returns y with x's shape and dtype.
     method: 'auto' (default): 'fused' for one token, and wherever `config` or `pdl` is given;
     'two_phase' for several tokens (H200, batch 8: 2.1-4.6x faster than 'fused' at 0-90% sparsity, 1-7%
-    slower at 99%; benchmarks/kernels_h200_run15.log). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
+    slower at 99%; kernels_h200_run15.log, in git history at cd7dc41). 'fused': the persistent whole-row kernel where d_model <= 8192; 'per_block' (v1:
     one program per row block); 'two_phase' (h [tokens, n_active] on tensor cores, then h @ down split over
     columns and rows); 'fused_tc' (experimental tensor-core path, see module doc).
     impl: 'auto' (Triton on CUDA, interpreter on CPU under TRITON_INTERPRET=1, else torch), 'torch', 'triton'.
@@ -701,7 +701,7 @@ def sparse_ffn(x, up, down, idx=None, *, gate=None, bias=None, down_bias=None, a
     [copies, *x.shape] (copies <= 8): the sum of the copies is what is added; 'fused' spreads its programs
     over them (program p adds into copy p % copies: fewer atomics on each L2 line), 'two_phase' adds into copy
     0; `add_*_norm(consume=True)` takes such a buffer as it is. A trade-off: at OPT-6.7B batch 1 (H200,
-    2026-12-02 18:04 UTC, benchmarks/atomic_spread_probe.txt) the pdl='early' FFN took 9.80 / 9.58 / 9.47 us
+    2026-12-02 18:04 UTC, benchmarks/probes/results/atomic_spread_probe.txt) the pdl='early' FFN took 9.80 / 9.58 / 9.47 us
     with 1 / 2 / 4 copies at 90% (6.08 / 5.72 / 5.66 at 95%, 5.25 / 4.49 / 4.22 at 97%), but the consuming
     add+norm, one program per token, 1.98 / 2.45 / 3.23 us, so the pair was fastest with one copy except at
     97% (7.32 / 6.88 / 7.58 us). One copy (x's shape) is the default to allocate. (A mismatch seen once
@@ -821,9 +821,9 @@ def early_config(n_rows: int, sms: int, d_model: int, gated: bool) -> dict:
     blocks, so 4-row blocks can leave some programs a whole block more than the rest: 4-row blocks while the
     longest share is at most EARLY_TAIL_MAX x the mean, else 2-row blocks with 16 warps (gated rows, 1.5x as
     wide: 1-row). Measured on the H200 (2026-12-03, 12-16 configs each at OPT-6.7B's and Llama-2-7B's shapes):
-    fitted to 13 cases at 86-99% (benchmarks/early_config_sweep_fit{1,2}.txt; the fastest config in 11, within
+    fitted to 13 cases at 86-99% (benchmarks/probes/results/early_config_sweep_fit{1,2}.txt; the fastest config in 11, within
     5% in the others); at 10 sparsities it was not fitted to, within 1.1% of the fastest in 7 and 4.5% at most
-    (benchmarks/early_config_sweep.txt). `early_pick` says where it applies: beyond EARLY_CONFIG_MAX_SHARE rows
+    (benchmarks/probes/results/early_config_sweep.txt). `early_pick` says where it applies: beyond EARLY_CONFIG_MAX_SHARE rows
     per program, and without an index beyond EARLY_ALL_ROWS_MAX_SHARE, the tuned configs were as fast or faster
     (OPT 0%: 62.2 vs 77.9 us; all rows at 90%: 9.9-10.5 vs 11.6 us)."""
     share = -(-n_rows // sms)
@@ -848,7 +848,7 @@ def early_pick(n_rows: int, sms: int, d_model: int, gated: bool, indexed: bool) 
     EARLY_CONFIG_MAX_SHARE rows a program. Without one (all resident rows): only while a share fits the two
     blocks requested before the wait (EARLY_ALL_ROWS_MAX_SHARE rows). There the tuner, timing one launch alone,
     picked 6.3 us at OPT-6.7B 95% in one process and 8.0 in another, where 4-row blocks took 6.3-6.4 in both
-    (H200, benchmarks/kernel_floor_h200_1202_1511.txt, kernel_floor_h200_1203_1129.txt); at 90% (13 rows a
+    (H200, kernel_floor_h200_1202_1511.txt, kernel_floor_h200_1203_1129.txt, in git history at cd7dc41); at 90% (13 rows a
     program) the fixed configs did no better than the tuner, and plain pdl=True beat every early config."""
     bound = EARLY_CONFIG_MAX_SHARE if indexed else EARLY_ALL_ROWS_MAX_SHARE
     return early_config(n_rows, sms, d_model, gated) if n_rows <= bound * sms else None
@@ -869,7 +869,7 @@ def _launch(backend, x, up, down, idx, gate, bias, down_bias, activation, count,
     if T > 1 and acc_into is None and (method == "two_phase" or (method == "fused" and D <= MAX_WHOLE_ROW)):
         # several tokens: the programs add into the (zeroed) workspace, then a second launch of T x D/1024
         # programs drains it into y and re-zeroes it. The in-kernel finish (the last program alone reads T x D
-        # sums from L2) took ~17 us of 61 at 8 tokens, OPT-6.7B 90% (H200, benchmarks/kernels_h200_run6.log)
+        # sums from L2) took ~17 us of 61 at 8 tokens, OPT-6.7B 90% (H200, kernels_h200_run6.log, in git history at cd7dc41)
         ws, _ = _workspace(x.device, T * D)
         sums = ws[:T * D].view(T, D)
         if config is not None and method == "fused":

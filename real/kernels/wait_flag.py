@@ -1,7 +1,7 @@
 """Hold a CUDA stream until a host thread sets a flag: one program polls an int32 in pinned host memory.
 
 Why: after a layer's flash reads the engine's host is slow to issue the next calls (on the H100 machine a call
-right after a ~7 ms wait costs 2-4x its usual host time, benchmarks/post_read.txt). With this kernel the host
+right after a ~7 ms wait costs 2-4x its usual host time, benchmarks/probes/results/post_read.txt). With this kernel the host
 queues the copy of the staged rows and the FFN over them *before* the reads end; the reader threads set the
 flag when the last read returns, and the device goes on by itself.
 
