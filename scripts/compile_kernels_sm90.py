@@ -113,7 +113,7 @@ def check_zeroing(ttgir: str) -> str | None:
     drain) rely on each element being read before it is zeroed; the compiler may give the read and the zero
     store different layouts (the read takes its consumer's 8 per thread, the constant store 4), so another
     warp can zero an element before its reader loads it. Seen on the H200, 2026-12-02: add+norm consuming 2
-    copies with 16 warps lost part of the FFN's sum (benchmarks/copies_repro.py)."""
+    copies with 16 warps lost part of the FFN's sum (benchmarks/probes/copies_repro.py)."""
     zeros = dict(_ZERO_CONST.findall(ttgir))
     reads: list[str] = []
     for line in ttgir.splitlines():

@@ -5,7 +5,7 @@ GPU's matvec rate are properties of the *hardware*: ``python -m real.calibrate D
 them on any machine in under a minute. The per-op and per-read-batch overheads, the bookkeeping cost
 per row, and how much of the hardware's matvec rate the engine's decode step actually reaches are
 properties of the *software*: they are fitted once, on engine runs of one machine
-(``benchmarks/fit_software.py``), and carried to machines that were only calibrated.
+(``python benchmarks/bench_fidelity.py fit``), and carried to machines that were only calibrated.
 
     python -m experiments.run hardware=<quick-calibrated name> software=<fitted name> backend=both
 

@@ -587,7 +587,7 @@ def _longest_share(n_rows: int, block_r: int, sms: int) -> int:
                                                   (1321, True, 4)])
 def test_early_config_picks_the_measured_best(n_rows, gated, block_r):
     """The sweep's fastest block sizes at OPT-6.7B's / Llama-2-7B's shapes on 132 SMs
-    (benchmarks/early_config_sweep.txt): 4-row blocks unless they leave some programs a block more than the
+    (benchmarks/probes/results/early_config_sweep.txt): 4-row blocks unless they leave some programs a block more than the
     rest, then 2-row (gated 1-row)."""
     assert sparse_ffn_module.early_config(n_rows, 132, 4096, gated)["BLOCK_R"] == block_r
 
