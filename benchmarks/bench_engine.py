@@ -163,6 +163,17 @@ def io_lower_bound(plans, warmup: int, ffn: FlashFFN, cache: dict, key) -> tuple
     return bound, {f"{s // 1024}KiB": round(g, 3) for s, g in gbps.items()}
 
 
+def run_between_probes(body: SyntheticBody, ffn: FlashFFN, pol: Policy, plans, warmup: int):
+    """Execute ``plans`` with an O_DIRECT probe through the step's own loader just before and just after its
+    tokens (the disk drifts by tens of percent between minutes): (costs, wall seconds, (bound s, probe GB/s)
+    before, (bound s, probe GB/s) after)."""
+    before = io_lower_bound(plans, warmup, ffn, {}, None)
+    t0 = time.perf_counter()
+    costs = TraceEngine(body, ffn, pol).run(plans)
+    wall = time.perf_counter() - t0
+    return costs, wall, before, io_lower_bound(plans, warmup, ffn, {}, None)
+
+
 def warm_kernels(spec: ModelSpec, device: torch.device, kernel: str) -> float:
     """Compile / autotune the sparse FFN for every row-count bucket before anything is timed."""
     t = time.perf_counter()
@@ -356,13 +367,8 @@ def main(argv=None) -> int:
                            read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads,
                            defer_insert=defer_insert)
             try:
-                # the disk drifts by tens of percent between minutes: probe just before and just after
-                # the step's tokens, and bound by the mean of the two
-                bound_before, probe_gbps = io_lower_bound(tr_plans, warm, ffn, {}, None)
-                t0 = time.perf_counter()
-                costs = TraceEngine(body, ffn, pol).run(tr_plans)
-                wall = time.perf_counter() - t0
-                bound_after, probe_after = io_lower_bound(tr_plans, warm, ffn, {}, None)
+                costs, wall, (bound_before, probe_gbps), (bound_after, probe_after) = \
+                    run_between_probes(body, ffn, pol, tr_plans, warm)
                 bound_s = (bound_before + bound_after) / 2
                 probes[(label, rep)] = (probe_gbps, probe_after)
                 direct = ffn.loads.direct

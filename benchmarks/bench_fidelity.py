@@ -180,8 +180,8 @@ def cmd_fit(args) -> int:
 # ---- run (GPU) -----------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     import torch
-    from bench_engine import SyntheticBody, drop_page_cache, ensure_flash, io_lower_bound, warm_kernels
-    from real.engine import FlashFFN, TraceEngine
+    from bench_engine import SyntheticBody, drop_page_cache, ensure_flash, run_between_probes, warm_kernels
+    from real.engine import FlashFFN
     from sim.simulator import SimResult
 
     t_start = time.perf_counter()
@@ -214,11 +214,8 @@ def cmd_run(args) -> int:
             ffn = FlashFFN(flash[(spec.name, pol.bundling)], PolicyEngine(spec, pol).capacity,
                            strategy=pol.mem_strategy, device=device, threads=pol.reads_in_flight)
             try:
-                bound_before, probe_before = io_lower_bound(plans, warm, ffn, {}, None)
-                t0 = time.perf_counter()
-                costs = TraceEngine(bodies[spec.name], ffn, pol).run(plans)
-                wall = time.perf_counter() - t0
-                bound_after, probe_after = io_lower_bound(plans, warm, ffn, {}, None)
+                costs, wall, (bound_before, probe_before), (bound_after, probe_after) = \
+                    run_between_probes(bodies[spec.name], ffn, pol, plans, warm)
             finally:
                 ffn.close()
         except Exception as e:  # noqa: BLE001 -- report and go on with the other points
