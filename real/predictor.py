@@ -12,7 +12,14 @@ positive only costs a read.
     python -m real.predictor apply --predictor PRED.safetensors --trace TEST.npz --out TEST_pred.npz
 
 ``apply`` writes the trace with its ``predicted`` array filled, which the simulator and engine use
-with ``policy.predictor=trace``. Inference (``LowRankPredictor``) is plain numpy; training uses torch."""
+with ``policy.predictor=trace``. Inference (``LowRankPredictor``) is plain numpy; training uses torch.
+
+Look-ahead predictors (``real.lookahead``: layer l's set from layer l-1's input, for ``policy.lookahead=1``):
+
+    python -m real.predictor train --lookahead --trace TRAIN.npz --out LA.safetensors
+    python -m real.predictor apply --predictor PRED.safetensors --lookahead-predictor LA.safetensors --trace TEST.npz --out O.npz
+
+``apply`` then also fills the trace's ``lookahead`` sets (sim.trace.Trace.lookahead)."""
 
 from __future__ import annotations
 
@@ -201,9 +208,16 @@ def predicted_ffn(model, predictor: LowRankPredictor) -> Iterator[dict[str, floa
             return out * keep.to(out.dtype)
         return hook
 
+    with ffn_hooks(mods, hook_for):
+        yield stats
+
+
+@contextlib.contextmanager
+def ffn_hooks(mods, hook_for) -> Iterator[None]:
+    """Forward hooks ``hook_for(l)`` on the modules ``mods[l]`` while the block runs (removed after, even on errors)."""
     handles = [m.register_forward_hook(hook_for(l)) for l, m in enumerate(mods)]
     try:
-        yield stats
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -242,27 +256,44 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--target-recall", type=float, default=0.95)
     t.add_argument("--steps", type=int, default=2000, help="Adam steps per layer (batches of 512 tokens)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lookahead", action="store_true",
+                   help="train a look-ahead predictor (layer l's set from layer l-1's input; real.lookahead)")
     p = sub.add_parser("apply", help="fill a trace's predicted array and score it")
     p.add_argument("--predictor", type=Path, required=True)
+    p.add_argument("--lookahead-predictor", type=Path, default=None,
+                   help="also fill the trace's look-ahead sets with this look-ahead predictor")
     p.add_argument("--trace", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     trace = Trace.load(a.trace)
     inputs = load_inputs(a.trace)
     if a.cmd == "train":
-        pred = train_predictor(inputs, trace.active, a.rank, a.target_recall, steps=a.steps, seed=a.seed,
-                               meta={"model": trace.meta.get("model", ""), "trace": str(a.trace)})
+        from real.lookahead import train_lookahead
+        meta = {"model": trace.meta.get("model", ""), "trace": str(a.trace)}
+        pred = (train_lookahead if a.lookahead else train_predictor)(inputs, trace.active, a.rank, a.target_recall,
+                                                                    steps=a.steps, seed=a.seed, meta=meta)
         pred.save(a.out)
-        print(f"wrote {a.out} (rank {pred.rank}, thresholds {np.round(pred.threshold, 3).tolist()})")
+        print(f"wrote {a.out} ({'look-ahead, ' if a.lookahead else ''}rank {pred.rank}, "
+              f"thresholds {np.round(pred.threshold, 3).tolist()})")
         return 0
     pred = LowRankPredictor.load(a.predictor)
     predicted = pred.predict_all(inputs)
     meta = dict(trace.meta, predictor=str(a.predictor), predictor_rank=pred.rank)
-    Trace(active=trace.active, predicted=predicted, meta=meta).save(a.out)
+    lookahead = None
+    if a.lookahead_predictor is not None:
+        from real.lookahead import predict_lookahead
+        lookahead = predict_lookahead(LowRankPredictor.load(a.lookahead_predictor), inputs)
+        meta["lookahead_predictor"] = str(a.lookahead_predictor)
+    Trace(active=trace.active, predicted=predicted, meta=meta, lookahead=lookahead).save(a.out)
     m = prediction_metrics(predicted, trace.active)
     print(f"wrote {a.out}: recall {m['recall']:.4f} precision {m['precision']:.4f} "
           f"reads/token {m['reads_per_token']:.1f} (oracle {m['oracle_reads_per_token']:.1f}, "
           f"x{m['reads_vs_oracle']:.2f})")
+    if lookahead is not None:
+        from sim.trace_stats import lookahead_shares
+        s = lookahead_shares(predicted, lookahead)
+        print(f"look-ahead (layers 1..): recall of the predicted sets {s['recall']:.4f}, of their new neurons "
+              f"{s['new_recall']:.4f}; extras {s['fp']:.3f} per predicted neuron, precision {s['precision']:.4f}")
     return 0
 
 

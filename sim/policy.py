@@ -11,6 +11,7 @@ from sim.presets import load_preset
 PREDICTORS = ("oracle", "trace")
 MEM_STRATEGIES = ("preallocated", "concat")
 EVICTIONS = ("window", "lru", "lfu", "frequency")
+LOOKAHEADS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class Policy:
                                       # often active outside the window first; frequency: least often active, window or not)
     warm_start: bool = False          # fill the cache at the first token with the neurons the trace's calibration counts
                                       # (an offline activation profile) rank hottest, and start the use counts from them
+    lookahead: int = 0                # 1: read a layer's look-ahead set (the trace's, predicted from the layer before's
+                                      # input) one layer early, the rest of its needed set late; 0: off (sim.plan)
+    coalesce_gap: int = 0             # a read may bridge up to this many unneeded, non-resident neurons between two that
+                                      # are read (larger reads, the bridged ones' bytes read too); 0: adjacent ones only
 
     def __post_init__(self) -> None:
         require(self.predictor in PREDICTORS, "policy.predictor", f"unknown predictor {self.predictor!r}",
@@ -55,6 +60,17 @@ class Policy:
                 f"unknown strategy {self.mem_strategy!r}", f"use one of {MEM_STRATEGIES}")
         require(self.eviction in EVICTIONS, "policy.eviction", f"unknown eviction {self.eviction!r}",
                 f"use one of {EVICTIONS}")
+        require(isinstance(self.lookahead, int) and not isinstance(self.lookahead, bool) and self.lookahead in LOOKAHEADS,
+                "policy.lookahead",
+                f"must be one of {LOOKAHEADS} (layers early that the look-ahead reads start), got {self.lookahead!r}; "
+                "deeper look-ahead is not implemented", "policy.lookahead=1 (needs a trace with look-ahead sets)")
+        require(not self.lookahead or self.sparse, "policy.lookahead",
+                "needs a sparse policy (naive reads every weight, there is nothing to predict)",
+                "use policy=windowing_bundling, or policy.lookahead=0 with naive")
+        require(isinstance(self.coalesce_gap, int) and not isinstance(self.coalesce_gap, bool)
+                and self.coalesce_gap >= 0, "policy.coalesce_gap",
+                f"must be an integer >= 0 (unneeded neurons a read may bridge), got {self.coalesce_gap!r}",
+                "e.g. policy.coalesce_gap=2 with policy.chunk_kib=128")
 
     @classmethod
     def preset(cls, name: str) -> "Policy":

@@ -7,6 +7,11 @@ Per layer, the same steps and overlap as the real engine (real/engine.py):
                               +-- [device] evictions and row moves (they need no new rows) --------+
                            -> [host] evictions and row moves -> inserts -> FFN over the new neurons
 
+With look-ahead plans (``policy.lookahead=1``) layer l+1's early reads enter the flash queue at layer l,
+right after layer l's own late reads, once its look-ahead predictor has run on layer l's input; they overlap
+layer l's compute and reads, and layer l+1 waits for both its early and its late reads (the late ones queue
+behind the early ones). Layer 0's early reads, if a trace has any, enter the queue at the token's start.
+
 Compute ops share one compute lane (a GPU stream or the CPU); reads share the flash device.
 A batch of reads costs sum(size / T(size, depth)) from the profile's throughput table (with
 ``granularity="read"`` every read is its own SimPy process on a ``depth``-slot resource instead:
@@ -129,6 +134,10 @@ class CostModel:
     def copy_to_device(self, nbytes: int) -> float:
         return nbytes / (self.hw.h2d_gbps * GB) if self.hw.h2d_gbps > 0 and nbytes else 0.0
 
+    def lookahead_predictor(self, layer: int) -> float:
+        """Layer ``layer + 1``'s look-ahead predictor, run on layer ``layer``'s input (none after the last layer)."""
+        return self.predictor() if self.policy.lookahead and layer + 1 < self.spec.n_layers else 0.0
+
     def io(self, reads: Reads) -> float:
         """The flash batch, then one copy of everything it read to the device (as the loader does)."""
         if len(reads) == 0:
@@ -170,26 +179,38 @@ def simulate(spec: ModelSpec, hw: HardwareProfile, policy: Policy, trace: Trace 
             yield req
             yield env.timeout(size * q / (float(hw.read_throughput_gbps(size, q)) * GB))
 
-    def io_phase(plan: LayerPlan, tc: TokenCost):
+    def io_phase(reads: Reads, tc: TokenCost, t: int, l: int, kind: str = "read"):
         start = env.now
         if granularity == "batch":
-            yield from busy(flash, cost.io(plan.reads), tc, "io_s", plan.token, plan.layer, "flash", "read")
+            yield from busy(flash, cost.io(reads), tc, "io_s", t, l, "flash", kind)
             return
-        if len(plan.reads):
-            q = min(policy.reads_in_flight, len(plan.reads))
-            yield simpy.AllOf(env, [env.process(one_read(int(s), q)) for s in plan.reads.length])
-            yield env.timeout(hw.io_overhead_us * 1e-6 + cost.copy_to_device(plan.reads.total_bytes))
+        if len(reads):
+            q = min(policy.reads_in_flight, len(reads))
+            yield simpy.AllOf(env, [env.process(one_read(int(s), q)) for s in reads.length])
+            yield env.timeout(hw.io_overhead_us * 1e-6 + cost.copy_to_device(reads.total_bytes))
         tc.io_s += env.now - start
         if log is not None and env.now > start:
-            log.append(Event(plan.token, plan.layer, "flash", "read", start, env.now))
+            log.append(Event(t, l, "flash", kind, start, env.now))
+
+    def start_early(p: LayerPlan, tc: TokenCost, early: dict):
+        """Layer p.layer's early reads enter the flash queue now (a look-ahead plan's; nothing otherwise)."""
+        if p.n_early_reads:
+            early[p.layer] = env.process(io_phase(p.early_reads, tc, p.token, p.layer, "read_early"))
 
     def token_process(t: int, layer_plans: list[LayerPlan], tc: TokenCost):
         t0 = env.now
-        for p in layer_plans:
+        early: dict[int, simpy.Process] = {}            # layer -> its early reads, in the queue since the layer before
+        if layer_plans:
+            start_early(layer_plans[0], tc, early)
+        for i, p in enumerate(layer_plans):
             l = p.layer
             yield from busy(compute, cost.attention(t + 1), tc, "compute_s", t, l, "compute", "attention")
             yield from busy(compute, cost.predictor(), tc, "compute_s", t, l, "compute", "predictor")
-            io = env.process(io_phase(p, tc))
+            late = env.process(io_phase(p.late_reads if p.n_early_reads else p.reads, tc, t, l))
+            if policy.lookahead and i + 1 < len(layer_plans):
+                yield from busy(compute, cost.lookahead_predictor(l), tc, "compute_s", t, l, "compute", "lookahead")
+                start_early(layer_plans[i + 1], tc, early)
+            io = simpy.AllOf(env, [late, early.pop(l)]) if l in early else late
             if hw.overlap:
                 yield from busy(compute, cost.ffn(p.resident_active), tc, "compute_s", t, l, "compute", "ffn_resident")
                 if on_device:  # the GPU engine queues evictions/moves before the reads land

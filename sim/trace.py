@@ -1,6 +1,6 @@
 """Activation traces: which FFN neurons fire, per token and layer.
 
-File format (``.npz``): ``active`` and optionally ``predicted`` as bit-packed bool arrays
+File format (``.npz``): ``active`` and optionally ``predicted`` and ``lookahead`` as bit-packed bool arrays
 [tokens, layers, ceil(d_ff/8)], optionally ``calibration_counts`` (int32 [layers, d_ff]: how often each
 neuron fired over calibration tokens that are not in ``active``, an offline activation profile), and
 ``meta`` as a JSON string (model geometry, seed, source, generator knobs). Small, portable, loadable
@@ -9,7 +9,8 @@ without torch.
 The synthetic generator gives each neuron a two-state Markov chain (fire / not) whose stationary
 rate is the layer's density and whose "stay on" probability is the ``reuse`` knob; ``rate_skew``
 spreads per-neuron rates (hot and cold neurons), and ``coactivation`` makes a fraction of neurons
-copy the state of their cluster's leader, so they fire together."""
+copy the state of their cluster's leader, so they fire together. ``lookahead_*`` knobs add look-ahead sets
+(``lookahead_sets``; off by default, which leaves every other array as it was)."""
 
 from __future__ import annotations
 
@@ -67,15 +68,20 @@ class Trace:
     # int [layers, d_ff]: activations per neuron over meta["calibration_tokens"] tokens run before (and not
     # part of) ``active``: the offline profile a policy with warm_start uses (sim.plan)
     calibration_counts: np.ndarray | None = None
+    # bool [tokens, layers, d_ff]: per layer l, the set a look-ahead predictor flags for layer l from layer l-1's FFN
+    # input (layer 0: from nothing before it, normally empty); what policy.lookahead=1 reads one layer early
+    lookahead: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         require(self.active.ndim == 3 and self.active.dtype == bool, "trace.active",
                 f"must be a bool array [tokens, layers, d_ff], got {self.active.dtype} {self.active.shape}",
                 "build traces with generate_trace() or Trace.load()")
-        if self.predicted is not None:
-            require(self.predicted.shape == self.active.shape, "trace.predicted",
-                    f"shape {self.predicted.shape} differs from active {self.active.shape}",
-                    "record both sets for the same tokens and layers")
+        for name in ("predicted", "lookahead"):
+            sets = getattr(self, name)
+            if sets is not None:
+                require(sets.shape == self.active.shape and sets.dtype == bool, f"trace.{name}",
+                        f"must be a bool array shaped like active {self.active.shape}, got {sets.dtype} {sets.shape}",
+                        "record both sets for the same tokens and layers")
         if self.calibration_counts is not None:
             c = self.calibration_counts
             require(c.shape == self.active.shape[1:] and np.issubdtype(c.dtype, np.integer) and
@@ -84,9 +90,10 @@ class Trace:
                     f"got {c.dtype} {list(c.shape)}", "count activations with Trace.activation_counts()")
 
     def first(self, n: int) -> "Trace":
-        """The first ``n`` tokens (views), with the same predicted sets, profile and meta."""
-        return Trace(active=self.active[:n], predicted=None if self.predicted is None else self.predicted[:n],
-                     meta=self.meta, calibration_counts=self.calibration_counts)
+        """The first ``n`` tokens (views), with the same predicted and look-ahead sets, profile and meta."""
+        cut = lambda a: None if a is None else a[:n]  # noqa: E731
+        return Trace(active=self.active[:n], predicted=cut(self.predicted), meta=self.meta,
+                     calibration_counts=self.calibration_counts, lookahead=cut(self.lookahead))
 
     def activation_counts(self) -> np.ndarray:
         """int32 [layers, d_ff]: how many tokens each neuron fired in. A trace recorded on calibration
@@ -130,8 +137,9 @@ class Trace:
         path = Path(path)
         meta = dict(self.meta, format_version=FORMAT_VERSION, shape=list(self.active.shape))
         arrays = {"active": np.packbits(self.active, axis=-1), "meta": np.array(json.dumps(meta))}
-        if self.predicted is not None:
-            arrays["predicted"] = np.packbits(self.predicted, axis=-1)
+        for name in ("predicted", "lookahead"):
+            if getattr(self, name) is not None:
+                arrays[name] = np.packbits(getattr(self, name), axis=-1)
         if self.calibration_counts is not None:
             arrays["calibration_counts"] = self.calibration_counts.astype(np.int32)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -151,15 +159,16 @@ class Trace:
                         "re-record or re-generate the trace")
                 d_ff = meta["shape"][2]
                 active = np.unpackbits(z["active"], axis=-1, count=d_ff).astype(bool)
-                predicted = (np.unpackbits(z["predicted"], axis=-1, count=d_ff).astype(bool)
-                             if "predicted" in z.files else None)
+                sets = {name: np.unpackbits(z[name], axis=-1, count=d_ff).astype(bool)
+                        for name in ("predicted", "lookahead") if name in z.files}
                 counts = z["calibration_counts"] if "calibration_counts" in z.files else None
         except (OSError, ValueError, KeyError, IndexError, EOFError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError("trace.path", f"{path} is not a readable Flashlab trace ({type(e).__name__}: {e})",
                               "give a file written by Trace.save / real.record") from e
-        return cls(active=active, predicted=predicted, meta=meta, calibration_counts=counts)
+        return cls(active=active, predicted=sets.get("predicted"), meta=meta, calibration_counts=counts,
+                   lookahead=sets.get("lookahead"))
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,12 @@ class SyntheticTraceConfig:
     predictor_fp_reuse: float = 0.0        # P(a neuron near the threshold stays near it at the next token)
     predictor_fp_duty: float = 1.0         # share of an inactive neuron's near-threshold tokens it is flagged on
     calibration_tokens: int = 0            # tokens run first only to count activations (an offline profile)
+    lookahead_recall: float = 0.0          # look-ahead sets: share of each layer's read set (predicted, else active)
+                                           # the look-ahead from the layer before also flags; 0 = no look-ahead sets
+    lookahead_fp: float = 0.0              # look-ahead flags outside the read set, per neuron of the read set
+    lookahead_fp_skew: float = 0.0         # those extras fall on neurons with probability ~ firing rate ** skew
+    lookahead_recall_skew: float = 0.0     # a needed neuron is flagged with probability ~ firing rate ** skew (hot
+                                           # neurons are easier to foresee), averaging lookahead_recall; 0: uniform
 
     def __post_init__(self) -> None:
         require(isinstance(self.tokens, int) and self.tokens >= 1, "trace.tokens",
@@ -201,6 +216,15 @@ class SyntheticTraceConfig:
         require(isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 0,
                 "trace.calibration_tokens", f"must be an integer >= 0, got {self.calibration_tokens!r}",
                 "e.g. trace.calibration_tokens=512 (0: no activation profile)")
+        require(0.0 <= self.lookahead_recall <= 1.0, "trace.lookahead_recall",
+                f"must be in [0, 1], got {self.lookahead_recall!r}", "0.0: no look-ahead sets; e.g. 0.93")
+        require(self.lookahead_fp >= 0 and (self.lookahead_recall > 0 or self.lookahead_fp == 0),
+                "trace.lookahead_fp", f"must be >= 0, and 0 while lookahead_recall is 0 (no look-ahead sets), got "
+                f"{self.lookahead_fp!r}", "set trace.lookahead_recall > 0 to generate look-ahead sets")
+        require(self.lookahead_fp_skew >= 0, "trace.lookahead_fp_skew",
+                f"must be >= 0, got {self.lookahead_fp_skew!r}", "0.0: extras uniform over the neurons")
+        require(self.lookahead_recall_skew >= 0, "trace.lookahead_recall_skew",
+                f"must be >= 0, got {self.lookahead_recall_skew!r}", "0.0: every needed neuron flagged alike")
 
     @classmethod
     def from_preset(cls, name: str = "synthetic", **overrides: Any) -> "SyntheticTraceConfig":
@@ -270,17 +294,75 @@ def _predict_in_runs(rng: np.random.Generator, active: np.ndarray, density: np.n
     return predicted
 
 
+def _scaled(weights: np.ndarray, counts: np.ndarray, mean: float) -> np.ndarray:
+    """Probabilities min(1, c * weights) with c such that their mean weighted by ``counts`` is ``mean``."""
+    total = float(counts.sum())
+    if total <= 0 or mean <= 0:
+        return np.zeros_like(weights)
+    lo, hi = 0.0, 1.0
+    while float((counts * np.minimum(1.0, hi * weights)).sum()) < mean * total and hi < 1e300:
+        hi *= 2.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float((counts * np.minimum(1.0, mid * weights)).sum()) < mean * total:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(1.0, hi * weights)
+
+
+def lookahead_sets(needed: np.ndarray, rates: np.ndarray, recall: float, fp: float, skew: float,
+                   rng: np.random.Generator, recall_skew: float = 0.0) -> np.ndarray:
+    """Synthetic look-ahead sets bool [tokens, layers, d_ff] for ``needed`` (the sets each layer reads): layer 0 gets
+    none (nothing runs before it); at layer l >= 1 a needed neuron j is flagged with probability ~ rates[l, j] **
+    ``recall_skew`` (averaging ``recall`` over the needed neurons), and a neuron outside the needed set with
+    probability ~ rates[l, j] ** ``skew``, so that the extras per token average ``fp`` x the needed neurons per token
+    (shared with ``sim.trace_fit.fit_lookahead``, which fits the two skews)."""
+    T, L, F = needed.shape
+    out = np.zeros_like(needed)
+    for l in range(1, L):
+        n = needed[:, l]
+        r = np.asarray(rates[l], dtype=float)
+        hit = _scaled(r ** recall_skew, n.sum(axis=0), recall) if recall_skew > 0 else np.full(F, recall)
+        w = r ** skew if skew > 0 else np.ones(F)
+        room = float((w * (1.0 - n.mean(axis=0))).sum())          # expected weight outside the needed set per token
+        c = fp * float(n.sum(axis=1).mean()) / room if room > 0 else 0.0
+        out[:, l] = np.where(n, rng.random((T, F)) < hit, rng.random((T, F)) < np.minimum(c * w, 1.0))
+    return out
+
+
 def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
     """A synthetic trace for ``spec``: deterministic for ``cfg.seed``.
 
     ``cfg.calibration_tokens`` > 0: every neuron's chain first runs that many tokens, which are only
     counted (``Trace.calibration_counts``, the profile an offline calibration run of the same model would
     give: same firing rates, other tokens); ``active`` holds the ``cfg.tokens`` that follow."""
+    active, predicted, counts, rates = synthetic_sets(spec, cfg)
+    lookahead = None
+    if cfg.lookahead_recall > 0:     # a stream of its own: every array above is as without look-ahead sets
+        lookahead = synthetic_lookahead(cfg, active if predicted is None else predicted, rates)
+    meta = {"source": "synthetic", "model": spec.name, "seed": cfg.seed, "knobs": asdict(cfg),
+            "n_layers": spec.n_layers, "d_ff": spec.d_ff, "calibration_tokens": cfg.calibration_tokens}
+    return Trace(active=active, predicted=predicted, meta=meta, calibration_counts=counts, lookahead=lookahead)
+
+
+def synthetic_lookahead(cfg: SyntheticTraceConfig, needed: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """The look-ahead sets ``generate_trace`` gives for ``cfg`` (its own random stream), from the read sets and the
+    neurons' firing rates of ``synthetic_sets``."""
+    return lookahead_sets(needed, rates, cfg.lookahead_recall, cfg.lookahead_fp, cfg.lookahead_fp_skew,
+                          np.random.default_rng([cfg.seed, 1]), cfg.lookahead_recall_skew)
+
+
+def synthetic_sets(spec: ModelSpec, cfg: SyntheticTraceConfig) -> tuple[np.ndarray, np.ndarray | None,
+                                                                         np.ndarray | None, np.ndarray]:
+    """``generate_trace``'s arrays but the look-ahead sets: (active, predicted or None, calibration counts or None,
+    each neuron's firing rate [layers, d_ff], which the look-ahead's knobs act on)."""
     rng = np.random.default_rng(cfg.seed)
     T, L, F, C = cfg.tokens, spec.n_layers, spec.d_ff, cfg.calibration_tokens
     density = cfg.layer_density(L)
     active = np.zeros((T, L, F), dtype=bool)
     counts = np.zeros((L, F), dtype=np.int32) if C else None
+    rates = np.zeros((L, F))
     for l in range(L):
         a = density[l]
         w = rng.lognormal(0.0, cfg.rate_skew, F) if cfg.rate_skew > 0 else np.ones(F)
@@ -295,6 +377,7 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
             leaders = perm[::cfg.cluster_size]
             follows = rng.random(F) < cfg.coactivation
             leader = np.where(follows, leaders[cluster_of], np.arange(F))
+        rates[l] = rate[leader]
         state = rng.random(F) < rate
         for t in range(C + T):
             if t:
@@ -312,6 +395,4 @@ def generate_trace(spec: ModelSpec, cfg: SyntheticTraceConfig) -> Trace:
         fp_prob = np.clip(cfg.predictor_fp * density / (1 - density), 0, 1)[None, :, None]
         extra = rng.random(active.shape) < fp_prob
         predicted = (active & keep) | (~active & extra)
-    meta = {"source": "synthetic", "model": spec.name, "seed": cfg.seed, "knobs": asdict(cfg),
-            "n_layers": L, "d_ff": F, "calibration_tokens": C}
-    return Trace(active=active, predicted=predicted, meta=meta, calibration_counts=counts)
+    return active, predicted, counts, rates

@@ -26,6 +26,12 @@ their closed form (``expected_read_shares``: a four-state chain per neuron, exac
 generator); the true active sets' own reuse and skew, which no paper number fixes, are
 ``ACTIVE_PRIOR``. tests/test_paper_presets.py measures a generated trace against the targets.
 
+Look-ahead sets (``fit_lookahead``, docs/lookahead.md): from a trace with recorded look-ahead sets, the recall
+and the extras per needed neuron are measured; two skews on firing rates are fitted by bisection: which needed
+neurons are foreseen (to the recall of the cold ones) and where the extras fall (to the share outside the last few
+tokens' needed sets), on the generator's own sets for the model's knobs (so they carry to presets built on the same
+rate model).
+
     python -m sim.trace_fit TRACE.npz --out conf/trace/NAME.yaml
     python -m sim.trace_fit --paper opt-6.7b --out conf/trace/opt-6.7b-paper.yaml
     python -m sim.trace_fit --paper all          # every conf/trace/<model>-paper.yaml"""
@@ -46,8 +52,9 @@ from scipy import optimize, stats
 from sim.atomic import atomic_write_text
 from sim.errors import require
 from sim.model_spec import ModelSpec
-from sim.trace import SyntheticTraceConfig, Trace, generate_trace, near_threshold_share, neuron_rates
-from sim.trace_stats import WINDOWS, best_partner_jaccard
+from sim.trace import (SyntheticTraceConfig, Trace, generate_trace, near_threshold_share, neuron_rates,
+                       synthetic_lookahead, synthetic_sets)
+from sim.trace_stats import WINDOWS, best_partner_jaccard, lookahead_shares
 
 _Z = stats.norm.ppf((np.arange(2048) + 0.5) / 2048)   # standard normal quantiles
 
@@ -239,6 +246,67 @@ def fit_trace(trace: Trace, windows: Sequence[int] = WINDOWS, tokens: int | None
                     max_rel_err=float(rel.max()), recorded_sparsity=rec_sp.tolist(),
                     synthetic_sparsity=syn.sparsity().tolist(), recorded_coactivation=rec_j,
                     synthetic_coactivation=_mean_jaccard(syn.active, n))
+
+
+LOOKAHEAD_KNOBS = ("lookahead_recall", "lookahead_fp", "lookahead_fp_skew", "lookahead_recall_skew")
+
+
+def _bisect_skew(measure, target: float, max_skew: float, steps: int = 12) -> float:
+    """The skew in [0, ``max_skew``] at which ``measure`` (decreasing in the skew) meets ``target``."""
+    lo, hi = 0.0, max_skew
+    if target >= measure(lo):
+        return lo
+    if target <= measure(hi):
+        return hi
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if measure(mid) > target else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def fit_lookahead(trace: Trace, base: SyntheticTraceConfig | None = None, spec: ModelSpec | None = None,
+                  window: int = 5, max_tokens: int = 4096, seed: int = 0, max_skew: float = 16.0) -> dict[str, Any]:
+    """The generator's look-ahead knobs for a trace with look-ahead sets (e.g. ``real.predictor apply
+    --lookahead-predictor``), from ``sim.trace_stats.lookahead_shares``: ``lookahead_recall`` and ``lookahead_fp``
+    as measured (share of the needed neurons flagged, extras per needed neuron); ``lookahead_recall_skew`` fitted by
+    bisection so that the generated sets flag the same share of the cold needed neurons (``cold_recall``: hot neurons
+    are easier to foresee, and a frequency cache holds them anyway), and ``lookahead_fp_skew`` so that the same share
+    of extras falls outside the last ``window`` tokens' needed sets (``extras_outside_window``: what a cache does not
+    already hold, so that reading them costs bytes). Both skews act on firing rates.
+
+    With ``base`` (the generator's knobs for this model, e.g. conf/trace/small-relu-opt.yaml, and its ``spec``) the
+    skews are fitted on the generator's own sets and rates (``sim.trace.synthetic_sets``), so that the knobs carry to
+    other presets built on the same rate model; without, on the trace's own needed sets and measured rates. Over the
+    first ``max_tokens`` tokens; returns the knobs, the ``recorded`` shares and the ``synthetic`` ones with the knobs."""
+    require(trace.lookahead is not None, "trace.lookahead", "the trace has no look-ahead sets to fit",
+            "fill them with python -m real.predictor apply --lookahead-predictor FILE")
+    require(trace.n_layers >= 2 and min(trace.tokens, max_tokens) > window + 1, "trace",
+            f"needs >= 2 layers and more than {window + 1} tokens for look-ahead statistics", "record a longer trace")
+    require(base is None or spec is not None, "spec", "is needed with base (the model the base knobs generate)",
+            "pass the ModelSpec of the base preset")
+    needed, q = trace.read_sets[:max_tokens], trace.lookahead[:max_tokens]
+    rec = lookahead_shares(needed, q, window)
+    knobs = {"lookahead_recall": round(rec["recall"], 4), "lookahead_fp": round(rec["fp"], 4),
+             "lookahead_fp_skew": 0.0, "lookahead_recall_skew": 0.0}
+    if base is None:
+        sets, rates = needed, trace.active.mean(axis=0)
+    else:
+        cfg = replace(base, tokens=needed.shape[0], seed=seed, **knobs)
+        active, predicted, _, rates = synthetic_sets(spec, cfg)
+        sets = active if predicted is None else predicted
+
+    def synthetic(**over: float) -> dict[str, float]:
+        k = {**knobs, **over}
+        la = synthetic_lookahead(replace(base or SyntheticTraceConfig(), seed=seed, **k), sets, rates)
+        return lookahead_shares(sets, la, window)
+
+    knobs["lookahead_recall_skew"] = round(_bisect_skew(lambda h: synthetic(lookahead_recall_skew=h)["cold_recall"],
+                                                        rec["cold_recall"], max_skew), 3)
+    if rec["fp"] > 0:
+        knobs["lookahead_fp_skew"] = round(_bisect_skew(
+            lambda h: synthetic(lookahead_fp_skew=h)["extras_outside_window"], rec["extras_outside_window"], max_skew), 3)
+    return {**knobs, "recorded": rec, "synthetic": synthetic(), "tokens": int(needed.shape[0]),
+            "fitted_on": "the generator's sets of base" if base is not None else "the trace's own sets"}
 
 
 def preset_yaml(cfg: SyntheticTraceConfig, header: str) -> str:

@@ -10,7 +10,9 @@
 - the shares a paper states (``read_shares``): true active, predicted (what a policy with
   ``predictor=trace`` reads) and its ratio to the active share, the predictor's recall and
   false-positive rate, and over the predicted sets the union of a window of k tokens and the share
-  new per token."""
+  new per token;
+- look-ahead sets against the read sets (``lookahead_shares``): recall, false positives, and how many of the
+  extras a window would not already hold."""
 
 from __future__ import annotations
 
@@ -78,6 +80,45 @@ def read_shares(trace: Trace, window: int) -> dict[str, float]:
             "predictor_recall": float((a & r).sum() / max(n_active, 1)),
             "predictor_fp_rate": float((r & ~a).sum() / max(a.size - n_active, 1)),
             "window": window, "window_union": union_share(r, window), "new_per_token": float(new_share(r, [window])[0])}
+
+
+def recent(sets: np.ndarray, window: int) -> np.ndarray:
+    """bool like ``sets[window:]``: for each token from ``window`` on, the union of the previous ``window`` tokens'
+    sets (what a window of k holds before the token)."""
+    T = sets.shape[0]
+    seen = np.zeros_like(sets[window:])
+    for j in range(1, window + 1):
+        seen |= sets[window - j:T - j]
+    return seen
+
+
+HOT_SHARE = 0.2   # lookahead_shares' cold_recall: neurons outside each layer's most often needed 20% (about what
+                  # OPT-6.7B's neuron cache holds at memory_budget 0.5: 3383 of 16384)
+
+
+def lookahead_shares(needed: np.ndarray, lookahead: np.ndarray, window: int = 5) -> dict[str, float]:
+    """How a look-ahead set (``lookahead``: bool [tokens, layers, d_ff], layer l's flagged from layer l-1's input)
+    relates to the set each layer reads (``needed``: the predicted sets, or the active ones), over layers >= 1 (layer
+    0 has no layer before it): ``recall`` (share of the needed neurons flagged), ``fp`` (flagged outside the needed
+    set, per needed neuron), ``precision``, ``new_recall`` (share of the needed neurons in none of the previous
+    ``window`` tokens' needed sets that are flagged: the reads a look-ahead can move early under a window cache),
+    ``cold_recall`` (share flagged of the needed neurons outside the layer's ``HOT_SHARE`` most often needed: the ones
+    a frequency cache does not hold), ``extras_outside_window`` (share of the flagged-but-not-needed ones that are in
+    none of the previous ``window`` needed sets either: roughly, what a window cache does not already hold, so that
+    reading them early costs bytes) and ``extras_per_new`` (those per new needed neuron)."""
+    n, q = needed[:, 1:], lookahead[:, 1:]
+    hits, extras = q & n, q & ~n
+    seen = recent(n, window)
+    new, far = n[window:] & ~seen, extras[window:] & ~seen
+    freq = n.sum(axis=0)                                      # [layers, d_ff]
+    cut = np.sort(freq, axis=1)[:, ::-1][:, max(int(HOT_SHARE * freq.shape[1]) - 1, 0)]
+    cold = n & (freq < cut[:, None])[None]
+    return {"recall": float(hits.sum() / max(n.sum(), 1)), "fp": float(extras.sum() / max(n.sum(), 1)),
+            "precision": float(hits.sum() / max(q.sum(), 1)),
+            "new_recall": float((q[window:] & new).sum() / max(new.sum(), 1)),
+            "cold_recall": float((q & cold).sum() / max(cold.sum(), 1)),
+            "extras_outside_window": float(far.sum() / max(extras[window:].sum(), 1)),
+            "extras_per_new": float(far.sum() / max(new.sum(), 1)), "window": window}
 
 
 def summarize(trace: Trace, windows: Sequence[int] = WINDOWS) -> dict[str, Any]:
