@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 
 from _results import load_records, write_results  # noqa: E402
+from resim_engine import EnginePoint, at_probe, drift_factor  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from sim.hardware import HardwareProfile  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
@@ -89,7 +90,10 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
 SMOKE_MODEL = None      # run --smoke: every point on a small geometry (a CPU check of the whole path)
 
 
-def point_setup(point, traces: dict):
+_TRACES: dict = {}      # generated traces by (model, sparsity): the same for every point, fit and report
+
+
+def point_setup(point):
     """The spec, policy, plans and warm-up of one point (torch-free: the same on the CPU and the device)."""
     label, model, preset, over, sparsity, tokens = point
     model = SMOKE_MODEL or model
@@ -97,10 +101,10 @@ def point_setup(point, traces: dict):
     pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": 0.5, **over})
     warm = 1 if not pol.sparse else WARMUP
     key = (model, sparsity)
-    if key not in traces:
+    if key not in _TRACES:
         need = WARMUP + max(p[5] for p in POINTS)
-        traces[key] = generate_trace(spec, SyntheticTraceConfig(tokens=need, sparsity=sparsity, **TRACE_KNOBS))
-    plans = list(PolicyEngine(spec, pol).plan_trace(traces[key].first(warm + tokens)))
+        _TRACES[key] = generate_trace(spec, SyntheticTraceConfig(tokens=need, sparsity=sparsity, **TRACE_KNOBS))
+    plans = list(PolicyEngine(spec, pol).plan_trace(_TRACES[key].first(warm + tokens)))
     return spec, pol, plans, warm
 
 
@@ -117,14 +121,12 @@ class _PointAtProbe:
 
     def __init__(self, rec: dict):
         self.rec = rec
-        self.setup = point_setup({p[0]: p for p in POINTS}[rec["point"]], _FIT_TRACES)
+        self.setup = point_setup({p[0]: p for p in POINTS}[rec["point"]])
 
     def predict(self, hw: HardwareProfile) -> float:
-        from resim_engine import at_probe
-        return predict(*self.setup, at_probe(hw, drift(hw, self.rec)))
+        return predict(*self.setup, at_probe(hw, drift_factor(hw, self.rec)))
 
 
-_FIT_TRACES: dict = {}
 
 
 class FidelityPoint:
@@ -141,7 +143,6 @@ def cmd_fit(args) -> int:
     """Fit the software constants on measured bench_engine steps of one machine, each step timed at its own
     probes (so the disk's drift, a hardware matter, does not leak into them); whole steps held out."""
     from experiments.calibrate_sim import fit, format_report
-    from resim_engine import EnginePoint
 
     base = load_hardware(args.hardware)
     recs = [rec for p in args.results for rec in load_records(p) if rec.get("probe_gbps")]
@@ -191,7 +192,6 @@ def cmd_run(args) -> int:
     sw = SoftwareProfile.preset(args.software)
     predicted_hw = sw.apply(hw)
     chosen = [p for p in POINTS if not args.points or p[0] in args.points.split(",")]
-    traces: dict = {}
     flash, bodies, records = {}, {}, []
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     notes = [f"page cache: {drop_page_cache()}"]
@@ -201,7 +201,7 @@ def cmd_run(args) -> int:
             log(f"time limit: skipping {point[0]}")
             continue
         label = point[0]
-        spec, pol, plans, warm = point_setup(point, traces)
+        spec, pol, plans, warm = point_setup(point)
         try:
             if (spec.name, pol.bundling) not in flash:
                 d, secs = ensure_flash(spec, Path(args.flash_dir), pol.bundling, device)
@@ -233,6 +233,7 @@ def cmd_run(args) -> int:
                "io_lower_bound_ms": round((bound_before + bound_after) / 2 * 1e3, 3),
                "probe_gbps": probe_before, "probe_after_gbps": probe_after, "hardware": hw.name,
                "software": sw.name, "fit_device": sw.fit_device, "wall_s": round(wall, 1)}
+        add_predictions([rec], predicted_hw)
         records.append(rec)
         log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}), probes {probe_before} -> {probe_after}")
         write_report(records, predicted_hw, out, notes)
@@ -242,21 +243,13 @@ def cmd_run(args) -> int:
 
 
 # ---- report --------------------------------------------------------------------------------------
-def drift(hw: HardwareProfile, rec: dict) -> float | None:
-    from resim_engine import drift_factor
-    return drift_factor(hw, rec)
-
-
 def add_predictions(records: list[dict], hw: HardwareProfile) -> None:
     """sim_ms (the profile as calibrated) and sim_probed_ms (its flash scaled to the point's probes)."""
-    from resim_engine import at_probe
-
     by_label = {p[0]: p for p in POINTS}
-    traces: dict = {}
     for rec in records:
-        spec, pol, plans, warm = point_setup(by_label[rec["point"]], traces)
+        spec, pol, plans, warm = point_setup(by_label[rec["point"]])
         sim = predict(spec, pol, plans, warm, hw)
-        f = drift(hw, rec)
+        f = drift_factor(hw, rec)
         probed = predict(spec, pol, plans, warm, at_probe(hw, f)) if f else None
         m = rec["latency_ms"]
         rec.update(sim_hardware=hw.name, sim_ms=round(sim, 3), err_pct=round((sim - m) / m * 100, 2),
@@ -280,7 +273,6 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
 def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: list[str], final: bool = False) -> None:
     if not records:
         return
-    add_predictions(records, hw)
     atomic_write_text(out / "validation" / "fidelity" / "points.json", json.dumps(records, indent=1) + "\n")
     s = summary(records, hw)
     write_results(out / "results" / "fidelity.json", [s])
@@ -309,6 +301,7 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
 def cmd_report(args) -> int:
     records = json.loads(Path(args.points).read_text())
     hw = SoftwareProfile.preset(records[0]["software"]).apply(load_hardware(args.hardware or records[0]["hardware"]))
+    add_predictions(records, hw)
     write_report(records, hw, Path(args.out_dir), [], final=True)
     return 0
 
@@ -316,9 +309,8 @@ def cmd_report(args) -> int:
 def cmd_dry(args) -> int:
     """Plan and predict every point on the CPU (no engine): checks the points are valid and shows the sizes."""
     hw = SoftwareProfile.preset(args.software).apply(load_hardware(args.hardware))
-    traces: dict = {}
     for p in POINTS:
-        spec, pol, plans, warm = point_setup(p, traces)
+        spec, pol, plans, warm = point_setup(p)
         print(f"{p[0]:<20} {predict(spec, pol, plans, warm, hw):9.1f} ms/token predicted on {hw.name}")
     return 0
 
