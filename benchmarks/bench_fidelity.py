@@ -8,7 +8,7 @@ quick calibration alone, engine runs on that other kind predicted and then measu
     python -m real.calibrate /root/flash --quick --name h200-quick
     python benchmarks/bench_fidelity.py run --hardware h200-quick --software engine-h100 --flash-dir /root/flash
     # 3. anywhere: the summary (also written by ``run``)
-    python benchmarks/bench_fidelity.py report benchmarks/validation/fidelity/points.json
+    python benchmarks/bench_fidelity.py report benchmarks/validation/fidelity/points-h100.json
 
 ``run`` executes the points below (two model geometries; policies, windows, chunk sizes, sparsities and
 memory budgets), each through the engine of bench_engine.py (O_DIRECT loader, neuron cache, kernels), with
@@ -16,7 +16,7 @@ an O_DIRECT probe through the same loader just before and just after its tokens:
 tens of percent within the hour. Each point is predicted twice: with the profile as calibrated (hardware from
 the quick calibration + software fitted elsewhere), and with that profile's flash scaled to the point's own
 probes. Writes results/fidelity.md, results/fidelity.json (one summary record per fit/predict pair) and
-validation/fidelity/points.json (every point) under --out-dir."""
+validation/fidelity/points-<kind>.json (every point) under --out-dir."""
 
 from __future__ import annotations
 
@@ -178,6 +178,36 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_fit_read(args) -> int:
+    """Fit ``read_efficiency``: how much faster the engine's loader reads than the quick calibration's probe
+    said, on the fit machine. Each measured point carries O_DIRECT probes through the loader just before and
+    after its tokens; the median over points of (those probes / the calibrated table at the same size and
+    depth) is the loader's read rate over the probe's. Fitted on one machine's points (calibrated minutes
+    before them), carried to machines that were only calibrated."""
+    import yaml
+
+    records = json.loads(Path(args.points).read_text())
+    path = Path(args.software)
+    if not path.exists():
+        path = ROOT / "conf" / "software" / f"{args.software}.yaml"
+    sw = SoftwareProfile.from_dict(yaml.safe_load(path.read_text()))
+    base = SoftwareProfile(**{**sw.to_dict(), "read_efficiency": 1.0}).apply(load_hardware(records[0]["hardware"]))
+    ratios = [f for f in (drift_factor(base, r) for r in records) if f]
+    if not ratios:
+        raise SystemExit(f"{args.points}: no point has probes. Fix: give a points.json written by `run`")
+    eff = float(np.median(ratios))
+    what = (f"median over {len(ratios)} points of the engine loader's O_DIRECT probes / {records[0]['hardware']}'s "
+            f"table at the same size and depth (bench_fidelity.py fit-read on {Path(args.points).name}; "
+            f"{records[0]['device']}, {str(records[0]['date'])[:10]}; quartiles "
+            f"{np.percentile(ratios, 25):.3f}-{np.percentile(ratios, 75):.3f})")
+    new = SoftwareProfile(**{**sw.to_dict(), "read_efficiency": round(eff, 4),
+                             "sources": {**sw.sources, "read_efficiency": what}})
+    header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
+    new.to_yaml(path, header=header)
+    print(f"read_efficiency {eff:.4f}: {what}\nwrote {path}")
+    return 0
+
+
 # ---- run (GPU) -----------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     import torch
@@ -258,6 +288,7 @@ def add_predictions(records: list[dict], hw: HardwareProfile) -> None:
 
 
 def summary(records: list[dict], hw: HardwareProfile) -> dict:
+    sw = SoftwareProfile.preset(records[0]["software"])
     err = np.abs([r["err_pct"] for r in records])
     probed = np.abs([r["err_probed_pct"] for r in records if r["err_probed_pct"] is not None])
     return {"device": records[0]["device"], "date": records[0]["date"], "fit_device": records[0]["fit_device"],
@@ -267,19 +298,36 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
             "median_abs_err_pct": round(float(np.median(err)), 2), "max_abs_err_pct": round(float(err.max()), 2),
             "median_abs_err_pct_probed": round(float(np.median(probed)), 2) if probed.size else None,
             "max_abs_err_pct_probed": round(float(probed.max()), 2) if probed.size else None,
-            "mean_err_pct": round(float(np.mean([r["err_pct"] for r in records])), 2)}
+            "mean_err_pct": round(float(np.mean([r["err_pct"] for r in records])), 2),
+            "read_efficiency": sw.read_efficiency,
+            # true where read_efficiency was fitted on these very points: the as-calibrated error is then in-sample
+            "read_efficiency_in_sample": f"points-{device_slug(records[0]['device'])}.json" in
+                                         sw.sources.get("read_efficiency", "")}
+
+
+def device_slug(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': one points file and one table per measured GPU kind."""
+    for kind in ("H200", "H100", "A100", "L40S", "L4"):
+        if kind in device:
+            return kind.lower()
+    return "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-") or "cpu"
 
 
 def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: list[str], final: bool = False) -> None:
+    """validation/fidelity/points-<kind>.json and results/fidelity-<kind>.md for this machine; results/fidelity.json
+    keeps one summary record per measured machine (this one replaced) and results/fidelity.md tabulates them."""
     if not records:
         return
-    atomic_write_text(out / "validation" / "fidelity" / "points.json", json.dumps(records, indent=1) + "\n")
+    slug = device_slug(records[0]["device"])
+    atomic_write_text(out / "validation" / "fidelity" / f"points-{slug}.json", json.dumps(records, indent=1) + "\n")
     s = summary(records, hw)
-    write_results(out / "results" / "fidelity.json", [s])
+    res = out / "results" / "fidelity.json"
+    others = [r for r in (load_records(res) if res.exists() else []) if r["predict_device"] != s["predict_device"]]
+    write_results(res, [*others, s])
     lines = [f"# Cross-machine fidelity: measured on {s['predict_device']} ({s['date']}), software constants fitted "
              f"on {s['fit_device']}",
              "", f"Predicted with `{hw.name}`: hardware `{s['hardware']}` (a quick calibration of the measured machine) + "
-                 f"software `{s['software']}` (fitted on the other machine's engine runs). `probed`: the same profile "
+                 f"software `{s['software']}` (fitted on engine runs of {s['fit_device']}). `probed`: the same profile "
                  "with its flash scaled to the point's own O_DIRECT probes (just before and after its tokens).",
              "", f"**{s['points']} points: median |error| {s['median_abs_err_pct']:.1f}% (max {s['max_abs_err_pct']:.1f}%) "
                  f"as calibrated; {s['median_abs_err_pct_probed']}% (max {s['max_abs_err_pct_probed']}%) with the "
@@ -293,7 +341,20 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
                      f"{r['drift_factor']} | {r['bytes_per_token'] / 1e6:.1f} | {pr} |")
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
-    atomic_write_text(out / "results" / "fidelity.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "results" / f"fidelity-{slug}.md", "\n".join(lines) + "\n")
+    index = ["# Cross-machine fidelity: one row per measured machine", "",
+             "Software constants fitted on one machine's engine runs; hardware from the measured machine's quick "
+             "calibration alone (`docs/fidelity.md`). Per-point tables: `fidelity-<kind>.md`. `read eff.`: the "
+             "software's loader-over-probe read rate; `in-sample` where it was fitted on that row's own points (its "
+             "as-calibrated error is then not a prediction).", "",
+             "| measured on | date | fitted on | hardware | software | points | median abs err % | max % | "
+             "median abs err % (probed) | max % (probed) | read eff. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in load_records(res):
+        index.append(f"| {r['predict_device']} | {str(r['date'])[:16]} | {r['fit_device']} | {r['hardware']} | "
+                     f"{r['sim_hardware']} | {r['points']} | {r['median_abs_err_pct']} | {r['max_abs_err_pct']} | "
+                     f"{r['median_abs_err_pct_probed']} | {r['max_abs_err_pct_probed']} | {r.get('read_efficiency')}"
+                     f"{' (in-sample)' if r.get('read_efficiency_in_sample') else ''} |")
+    atomic_write_text(out / "results" / "fidelity.md", "\n".join(index) + "\n")
     if final:
         print("\n".join(lines), flush=True)
 
@@ -325,6 +386,9 @@ def main(argv=None) -> int:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--jobs", type=int, default=2)
     f.add_argument("--max-evals", type=int, default=120)
+    fr = sub.add_parser("fit-read", help="fit read_efficiency on the fit machine's measured points (CPU)")
+    fr.add_argument("points")
+    fr.add_argument("--software", default="engine-h100", help="name or YAML path; rewritten in place")
     r = sub.add_parser("run", help="measure the points on this machine (GPU) and predict them")
     r.add_argument("--hardware", required=True, help="this machine's quick calibration (name or YAML path)")
     r.add_argument("--software", default="engine-h100")
@@ -343,7 +407,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global SMOKE_MODEL
     SMOKE_MODEL = getattr(args, "smoke", None)
-    return {"fit": cmd_fit, "run": cmd_run, "report": cmd_report, "dry": cmd_dry}[args.cmd](args)
+    return {"fit": cmd_fit, "fit-read": cmd_fit_read, "run": cmd_run, "report": cmd_report, "dry": cmd_dry}[args.cmd](args)
 
 
 if __name__ == "__main__":

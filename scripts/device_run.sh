@@ -10,6 +10,10 @@
 #   scripts/device_run.sh check    GPU tests of the loader/engine paths, the body's kernels, the kernel floor, the engine profile
 #   scripts/device_run.sh engine   the full-model engine benchmark (STEPS below, --repeat 2)
 #   scripts/device_run.sh kernels  the kernel benchmark (issue 5's tables)
+#   scripts/device_run.sh fidelity  quick calibration, then bench_fidelity.py run on this machine (issue 26; ~6 min)
+#   scripts/device_run.sh fullsize  random-init OPT-6.7B checkpoint: exactness test + real.generate (issue 27; ~6 min)
+#   scripts/device_run.sh peers     bench_peers.py on that checkpoint (issue 27; ~5 min; after fullsize, same machine)
+#   scripts/device_run.sh auto      fidelity on an H200 (the kind the software constants were not fitted on), else fullsize
 #
 # Outputs keep the tree's layout under $OUT: results/<name>.json + the table, logs/ (docs/benchmarks.md).
 set -uo pipefail   # a failing step must not stop the others
@@ -19,8 +23,11 @@ mkdir -p "$OUT/results" "$OUT/logs"
 [ -d .whl ] || echo "no .whl/ here: hydra, simpy, ... will be missing. Fix: scripts/build_wheels.sh, then carry .whl" >&2
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 || true
 export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)
+echo "$gpu"; df -h /root | tail -1
 date -u
+if [ "$stage" = auto ]; then case $gpu in *H200*) stage=fidelity ;; *) stage=fullsize ;; esac; echo "auto: $stage"; fi
+export PYTHONUNBUFFERED=1
 case $stage in
   check)
     python3 -m pytest -q -p no:cacheprovider tests/test_loader.py tests/test_engine.py -k "cuda or gated or device_wait or body" \
@@ -37,6 +44,25 @@ case $stage in
     ;;
   kernels)
     python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} 2>&1 | tail -40   # its log: $OUT/logs/kernels.log
+    ;;
+  fidelity)
+    kind=$(case $gpu in *H200*) echo h200 ;; *H100*) echo h100 ;; *) echo gpu ;; esac)
+    python3 -m real.calibrate /root/flash --quick --name "$kind-quick" --out "$OUT/results/$kind-quick.yaml" --no-progress \
+      2>&1 | tail -4
+    python3 benchmarks/bench_fidelity.py run --hardware "$OUT/results/$kind-quick.yaml" --software "${SOFTWARE:-engine-h100}" \
+      --flash-dir /root/flash --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
+    cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/* "$OUT/results/" 2>/dev/null   # $OUT returns 2 levels
+    rm -rf /root/flash "$OUT/b"                      # the disk is 64 GiB: the checkpoint stages need the room
+    ;;
+  fullsize)
+    FLASHLAB_FULLSIZE_MODEL=opt-6.7b FLASHLAB_FULLSIZE_DIR=/root/fullsize FLASHLAB_FULLSIZE_OUT="$OUT/results/fullsize_exactness.json" \
+      python3 -m pytest -s -q -p no:cacheprovider tests/test_model_mode.py -k fullsize 2>&1 | tee "$OUT/logs/fullsize_exactness.log" | tail -30
+    python3 -m real.generate /root/fullsize/ckpt-opt-6.7b-float16 --prompt "The" --max-new-tokens 8 --memory-budget 0.5 \
+      --cache-dir /root/fullsize/flash --no-progress 2>&1 | tee "$OUT/logs/generate_opt-6.7b.log" | tail -8
+    ;;
+  peers)
+    python3 benchmarks/bench_peers.py --model opt-6.7b --work /root/fullsize --out "$OUT" --no-progress 2>&1 \
+      | tee "$OUT/logs/peers.log" | tail -30
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
