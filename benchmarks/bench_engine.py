@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from _results import write_results  # noqa: E402
+from _results import load_records, write_results  # noqa: E402
 from resim_engine import STEPS, at_probe, drift_factor  # noqa: E402
 from sim.atomic import atomic_write_text  # noqa: E402
 from real.engine import COPY_CHUNKS, GATE_READS, FlashFFN, SyntheticBody, TraceEngine, ffn_rows  # noqa: E402
@@ -54,6 +54,7 @@ from sim.plan import PolicyEngine  # noqa: E402
 from sim.policy import Policy  # noqa: E402
 from sim.presets import load_preset  # noqa: E402
 from sim.simulator import SimResult, simulate  # noqa: E402
+from sim.software import SoftwareProfile  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
 
@@ -225,9 +226,9 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
     write_results(out / "engine.json", records)
     head = ["policy", "repeat", "tokens", "latency_ms", "io_ms", "mem_ms", "compute_ms", "bytes_per_token",
             "reads_per_token", "io_lower_bound_ms", "latency_over_bound", "speedup_vs_naive", "sim_latency_ms",
-            "sim_error_pct", "sim_at_probe_error_pct"]
+            "sim_error_pct", "sim_at_probe_error_pct", "prediction_ms", "prediction_error_pct"]
     lines = [f"# Flash-offloaded engine, trace-driven: {spec.name} {spec.dtype}, memory_budget "
-             f"{args.memory_budget}, synthetic trace (sparsity {trace.sparsity().mean():.3f}, "
+             f"{args.memory_budget}, synthetic trace {args.trace} (sparsity {trace.sparsity().mean():.3f}, "
              f"{trace.new_neurons_curve([5])[0] * 100:.2f}% new at window 5; warm-start steps: an activation profile "
              f"of {args.calibration_tokens} calibration tokens run before the measured ones)",
              f"# device: {dev_name}; date: {date}; all {spec.n_layers} layers; per-token means after warm-up "
@@ -235,7 +236,9 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
              f"# io lower bound = bytes/token at each read size / O_DIRECT probe GB/s at that size and depth "
              f"(the step's own loader and reader threads; the mean of the bounds from a probe just before and one just "
              f"after the step's tokens); sim = simulator on the same plans, hardware {hw.name} "
-             f"(sim_at_probe: {args.at_probe_hardware} with its flash scaled to the step's own probes)",
+             f"(sim_at_probe: {args.at_probe_hardware} with its flash scaled to the step's own probes; software "
+             f"{args.software}); prediction_ms: the committed pre-build prediction ({Path(args.prediction).name}), "
+             "not recomputed",
              "# " + "; ".join(notes), ""]
     widths = [max(len(h), 10) for h in head]
     lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
@@ -259,7 +262,11 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
                 v = [r[k] for r in rs if r.get(k) is not None]
                 return f"{np.median(v):.3g} [{min(v):.3g}..{max(v):.3g}]" if v else "-"
             lines.append(f"  {label}: n={len(rs)}, latency_ms {med('latency_ms')}, speedup_vs_naive "
-                         f"{med('speedup_vs_naive')}, latency_over_bound {med('latency_over_bound')}")
+                         f"{med('speedup_vs_naive')}, latency_over_bound {med('latency_over_bound')}, "
+                         f"MB/token {np.median([r['bytes_per_token'] for r in rs]) / 1e6:.1f}"
+                         + (f", prediction {rs[0]['prediction_ms']:.1f} ms (error of the median "
+                            f"{(rs[0]['prediction_ms'] / np.median([r['latency_ms'] for r in rs]) - 1) * 100:+.1f}%)"
+                            if rs[0].get("prediction_ms") else ""))
     atomic_write_text(out / "engine.txt", "\n".join(lines) + "\n")
     if final:
         print("\n".join(lines), flush=True)
@@ -268,6 +275,36 @@ def write_outputs(records, probes, notes, spec, trace, args, dev_name, date, hw,
             print(f"plot: {plot_engine(records, out / 'engine.png')}")
         except Exception as e:  # noqa: BLE001 -- the table and records are written; a plot can be redone
             print(f"no plot ({type(e).__name__}: {e}); later: python benchmarks/plot_engine.py RESULTS.json")
+
+
+# bench_engine step -> the step of bench_lookahead.py's pre-build prediction (results/lookahead_prediction.json)
+PREDICTED_STEPS = {
+    "naive": "naive",
+    "windowing_bundling": "windowing_bundling",
+    "wb+freq+warm+depth64": "+ depth 64 + frequency eviction + warm start",
+    "wb+freq+warm+depth64+lookahead": "+ lookahead=1 (threshold +6, chosen)",
+    "wb+freq+warm+depth64+lookahead+coalesce": "+ lookahead=1 + coalesce_gap=1 chunk 64 KiB depth 64 (best of the sweep)",
+    "wb+depth64": "windowing_bundling + depth 64",
+    "wb+depth64+lookahead": "windowing_bundling + depth 64 + lookahead=1 (threshold +6)",
+}
+# the prediction's trace name for a --trace preset (the look-ahead preset is the paper one plus look-ahead sets,
+# which leave every other array of the trace unchanged)
+PREDICTED_TRACE = {"opt-6.7b-paper-lookahead": "opt-6.7b-paper", "opt-6.7b-paper": "opt-6.7b-paper",
+                   "synthetic": "engine (synthetic)"}
+
+
+def committed_prediction(args, spec) -> dict[str, float]:
+    """Step label -> the committed prediction's ms per token, where its model, trace and budget are this run's
+    (the prediction was made before the engine was built; it is read, never recomputed here)."""
+    path = Path(args.prediction)
+    if not path.exists():
+        return {}
+    want = PREDICTED_TRACE.get(args.trace)
+    recs = [r for r in load_records(path) if r.get("kind") in ("step", "also") and r.get("trace") == want
+            and r.get("model") == spec.name and r.get("memory_budget") == args.memory_budget
+            and r.get("sim_hardware", "").startswith("h100-calibrated")]
+    by_step = {r["step"]: float(r["sim_latency_ms"]) for r in recs}
+    return {label: round(by_step[step], 3) for label, step in PREDICTED_STEPS.items() if step in by_step}
 
 
 def main(argv=None) -> int:
@@ -280,6 +317,14 @@ def main(argv=None) -> int:
     ap.add_argument("--at-probe-hardware", default="h100-engine-fit",
                     help="profile of the sim_at_probe columns (scaled to each step's probes; h100-engine-fit was "
                          "fitted that way: benchmarks/validation/h100-engine-fit.txt; '' to skip them)")
+    ap.add_argument("--software", default="none",
+                    help="software constants applied to --hardware and --at-probe-hardware (conf/software/)")
+    ap.add_argument("--trace", default="synthetic",
+                    help="synthetic trace preset (conf/trace/); look-ahead steps need look-ahead sets, e.g. "
+                         "opt-6.7b-paper-lookahead")
+    ap.add_argument("--prediction", default=str(ROOT / "benchmarks" / "results" / "lookahead_prediction.json"),
+                    help="a committed pre-build prediction (bench_lookahead.py): its ms per step, where the step, "
+                         "trace and budget match, go in the prediction_ms column ('' to skip)")
     ap.add_argument("--flash-dir", default="/root/flash")
     ap.add_argument("--calibration-tokens", type=int, default=512,
                     help="trace tokens run before the measured ones only to count activations: the activation "
@@ -309,11 +354,12 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     spec = ModelSpec.preset(args.model)
-    hw = HardwareProfile.from_dict(load_preset("hardware", args.hardware))
-    hw_probe = (HardwareProfile.from_dict(load_preset("hardware", args.at_probe_hardware))
+    sw = SoftwareProfile.preset(args.software)
+    hw = sw.apply(HardwareProfile.from_dict(load_preset("hardware", args.hardware)))
+    hw_probe = (sw.apply(HardwareProfile.from_dict(load_preset("hardware", args.at_probe_hardware)))
                 if args.at_probe_hardware else None)
     n_tok = args.warmup + max(args.tokens, args.unbundled_tokens, args.naive_tokens)
-    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=n_tok, seed=0,
+    trace = generate_trace(spec, SyntheticTraceConfig.from_preset(args.trace, tokens=n_tok, seed=0,
                                                                   calibration_tokens=args.calibration_tokens))
     log(f"device {dev_name}; {spec.name} {spec.dtype}: FFN {spec.ffn_bytes / 1e9:.2f} GB, total "
         f"{spec.total_bytes / 1e9:.2f} GB; trace sparsity {trace.sparsity().mean():.4f}, new at window 5 "
@@ -337,7 +383,13 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 -- fall back to torch rather than lose the run
             notes.append(f"Triton sparse FFN failed ({type(e).__name__}: {e}); using torch")
             args.kernel = "torch"
-    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0, kernel=args.kernel)
+    lookahead = any(over.get("lookahead") for _, _, over, _ in steps)
+    if lookahead and trace.lookahead is None:
+        raise SystemExit(f"--steps: look-ahead steps need a trace with look-ahead sets, --trace {args.trace} has none. "
+                         "Fix: --trace opt-6.7b-paper-lookahead (or drop the +lookahead steps)")
+    predicted = committed_prediction(args, spec) if args.prediction else {}
+    body = SyntheticBody(spec, device, max_tokens=n_tok, predictor_rank=128, seed=0, kernel=args.kernel,
+                         lookahead=lookahead)
     if device.type == "cuda":
         notes.append(graph_check(body))
     notes.append(f"reads: C loop (real/native_read.c), {default_read_threads()} reader threads unless a step "
@@ -356,6 +408,7 @@ def main(argv=None) -> int:
         copy_chunks = over.pop("copy_chunks", COPY_CHUNKS)                                         # loader, not policy
         gate_reads = over.pop("gate_reads", GATE_READS)                                            # engine, not policy
         defer_insert = over.pop("defer_insert", False)                                             # engine, not policy
+        pipeline = over.pop("pipeline", True)                                                      # engine, not policy
         set_direct_dispatch(dispatch)
         pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": args.memory_budget, **over})
         measured = {"naive": args.naive_tokens, "unbundled": args.unbundled_tokens}.get(group, args.tokens)
@@ -365,7 +418,7 @@ def main(argv=None) -> int:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
                            read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads,
-                           defer_insert=defer_insert)
+                           defer_insert=defer_insert, pipeline=pipeline)
             try:
                 costs, wall, (bound_before, probe_gbps), (bound_after, probe_after) = \
                     run_between_probes(body, ffn, pol, tr_plans, warm)
@@ -400,8 +453,13 @@ def main(argv=None) -> int:
             "sim_error_pct": round((sim["latency_ms"] - real["latency_ms"]) / real["latency_ms"] * 100, 2),
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,
             "copy_chunks": copy_chunks, "gate_reads": gate_reads, "defer_insert": ffn.defer_insert,
-            "wall_s": round(wall, 1),
+            "trace": args.trace, "lookahead": pol.lookahead, "coalesce_gap": pol.coalesce_gap,
+            "pipeline": bool(ffn.pipeline and pol.lookahead),
+            "early_bytes_per_token": int(np.mean([sum(p.early_bytes for p in tok) for tok in tr_plans[warm:]])),
+            "prediction_ms": predicted.get(label), "wall_s": round(wall, 1),
         }
+        if rec["prediction_ms"]:
+            rec["prediction_error_pct"] = round((rec["prediction_ms"] - rec["latency_ms"]) / rec["latency_ms"] * 100, 2)
         try:       # the simulator again, its disk scaled to this step's own probes (a figure, never a reason to stop)
             factor = drift_factor(hw_probe, rec) if hw_probe else None
             if factor:

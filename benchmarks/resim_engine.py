@@ -45,7 +45,7 @@ from sim.presets import load_preset  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
-ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert")
+ENGINE_ONLY = ("read_threads", "direct_dispatch", "copy_chunks", "gate_reads", "defer_insert", "pipeline")
 
 STEPS = [  # (label, policy preset, overrides, token group)
     ("naive", "naive", {}, "naive"),
@@ -88,6 +88,18 @@ STEPS = [  # (label, policy preset, overrides, token group)
     # the reader threads set (real.engine.GATE_READS; labelled "+gated" in that run, engine-gated.txt in git history)
     ("wb+lfu+depth64+hostwait", "windowing_bundling", {"reads_in_flight": 64, "eviction": "lfu",
                                                        "gate_reads": False}, "main"),
+    # look-ahead (issue 28, docs/lookahead.md): layer l+1's look-ahead set read while layer l runs (the trace needs
+    # look-ahead sets: bench_engine.py --trace opt-6.7b-paper-lookahead); "+nopipe": the same plans with the early
+    # reads issued together with the late ones at the layer's start (what the pipelining alone buys)
+    ("wb+freq+warm+depth64+lookahead", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                              "warm_start": True, "lookahead": 1}, "main"),
+    ("wb+freq+warm+depth64+lookahead+nopipe", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                                     "warm_start": True, "lookahead": 1,
+                                                                     "pipeline": False}, "main"),
+    ("wb+freq+warm+depth64+lookahead+coalesce", "windowing_bundling", {"reads_in_flight": 64, "eviction": "frequency",
+                                                                       "warm_start": True, "lookahead": 1,
+                                                                       "coalesce_gap": 1, "chunk_kib": 64}, "main"),
+    ("wb+depth64+lookahead", "windowing_bundling", {"reads_in_flight": 64, "lookahead": 1}, "main"),
     ("wb+concat", "windowing_bundling", {"mem_strategy": "concat"}, "unbundled"),   # memory-management baseline
     # the loader's Python reader threads instead of its default native (pthread) pool; the 2026-11-23 15:00 UTC
     # run had Python as the default and labelled the native steps "+native" instead
@@ -98,7 +110,7 @@ STEPS = [  # (label, policy preset, overrides, token group)
 ]
 
 RECORDED = ("memory_budget", "window", "bundling", "chunk_kib", "reads_in_flight", "eviction",
-            "warm_start")  # policy fields
+            "warm_start", "lookahead", "coalesce_gap")  # policy fields
 DEFAULT_TRACE_TOKENS = 69      # bench_engine's defaults: 5 warm-up + max(64, 10, 3) measured
 
 
@@ -138,9 +150,9 @@ def rebuild(rec: dict, traces: dict) -> tuple[ModelSpec, Policy, list, int]:
     spec = ModelSpec.preset(rec["model"])
     pol = Policy.from_dict({**Policy.preset(preset).to_dict(), **over, **ran})
     key = (rec["model"], rec.get("trace_tokens", DEFAULT_TRACE_TOKENS), rec.get("trace_seed", 0),
-           rec.get("trace_calibration_tokens", 0))
+           rec.get("trace_calibration_tokens", 0), rec.get("trace") or "synthetic")
     if key not in traces:
-        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(tokens=key[1], seed=key[2],
+        traces[key] = generate_trace(spec, SyntheticTraceConfig.from_preset(key[4], tokens=key[1], seed=key[2],
                                                                             calibration_tokens=key[3]))
     warm = rec["warmup"]
     plans = list(PolicyEngine(spec, pol).plan_trace(traces[key].first(warm + rec["tokens"])))

@@ -189,6 +189,7 @@ class SimpleLoads:
     """Plan reads through ``real.flash_reader.FlashReader`` into one staging area; rows on the device."""
 
     gate = False                     # the host waits for the reads, then copies (no device-side wait)
+    pipelines = False                # one staging area: a look-ahead plan's early reads go with its late ones
 
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool):
         spec, layout = flash.spec, flash.layout
@@ -260,16 +261,23 @@ GATE_READS = True
 class LoaderLoads:
     """The storage issue's ``real.loader.FlashLoader`` behind the same three calls."""
 
+    pipelines = True                 # can hold a layer's early reads while the layer before runs (slots)
+
     def __init__(self, flash: FlashDir, device: torch.device, threads: int, direct: bool,
-                 read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS):
+                 read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS,
+                 slots: int = 2):
         from real.loader import FlashLoader
         self.loader = FlashLoader(flash, device=str(device), depth=threads, direct=direct, side_stream=False,
-                                  read_threads=read_threads, copy_chunks=copy_chunks)
+                                  read_threads=read_threads, copy_chunks=copy_chunks, slots=slots)
         self.direct = self.loader.direct
         self.gate = gate and self.loader.can_gate()
 
     def submit(self, plan: LayerPlan):
         return self.loader.submit(plan.layer, plan.reads, plan.load, gate=self.gate)
+
+    def submit_part(self, layer: int, reads, neurons: np.ndarray):
+        """One part of a layer's reads (a look-ahead plan's early or late reads), rows in ``neurons`` order."""
+        return self.loader.submit(layer, reads, neurons, gate=self.gate)
 
     def gated(self, pending) -> bool:
         return self.gate and self.loader.gated(pending)
@@ -300,7 +308,8 @@ LOADERS = ("auto", "loader", "simple")
 
 
 def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool, loader: str = "auto",
-               read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS):
+               read_threads: str | None = None, copy_chunks: int = COPY_CHUNKS, gate: bool = GATE_READS,
+               slots: int = 2):
     """``loader``: "loader" = real.loader.FlashLoader, "simple" = real.flash_reader, "auto" = the
     former where it imports, else the latter. ``read_threads``: the FlashLoader's reader threads
     (python | native; None = FLASHLAB_READ_THREADS or native). ``copy_chunks``: the FlashLoader's
@@ -310,7 +319,7 @@ def open_loads(flash: FlashDir, device: torch.device, threads: int, direct: bool
         raise ValueError(f"backend.loader: unknown {loader!r}; use one of {LOADERS}")
     if loader in ("auto", "loader"):
         try:
-            return LoaderLoads(flash, device, threads, direct, read_threads, copy_chunks, gate)
+            return LoaderLoads(flash, device, threads, direct, read_threads, copy_chunks, gate, slots)
         except ImportError:
             if loader == "loader":
                 raise
@@ -324,7 +333,8 @@ class FlashFFN:
                  device: torch.device | str = "cpu", threads: int = 32, direct: bool = True,
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
                  kernel: str = "auto", loader: str = "auto", read_threads: str | None = None,
-                 copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS, defer_insert: bool = False):
+                 copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS, defer_insert: bool = False,
+                 pipeline: bool = True):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -339,9 +349,15 @@ class FlashFFN:
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
+        # look-ahead plans (policy.lookahead): layer l+1's early reads go to the loader while layer l runs, so the
+        # loader holds a layer's late load, the next layer's early load and the rows of the two before (4 slots)
         self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks,
-                                gate_reads)
+                                gate_reads, slots=4 if pipeline else 2)
         self.loads_gated = self.loads.gate
+        self.pipeline = pipeline and self.loads.pipelines
+        self._early: tuple | None = None    # (token, layer, pending load) of the next layer's early reads
+        self._merged: list = [None, None]   # per layer parity: a layer's new rows, early and late, in load order
+        self._io_until = 0.0                # reads in flight are counted once where loads overlap
         # a layer's cache insert queued after the next layer's reads are submitted (GPU, FlashLoader: the new
         # rows stay in the load's slot until the slot after next is loaded, which the insert is queued before)
         self.defer_insert = defer_insert and self.clock.cuda and isinstance(self.loads, LoaderLoads)
@@ -388,7 +404,8 @@ class FlashFFN:
         t_wait = time.perf_counter()
         t_submit, t_done = self.loads.wait_reads(pending)
         self.io_wait_s += time.perf_counter() - t_wait
-        st.io_s += t_done - t_submit
+        st.io_s += max(0.0, t_done - max(t_submit, self._io_until))    # an early load overlaps the one before
+        self._io_until = max(self._io_until, t_done)
 
     def flush_insert(self) -> None:
         """Queue the cache insert that ``defer_insert`` held back (before the caches are read or checked, and
@@ -420,11 +437,43 @@ class FlashFFN:
                 self.clock.sync()
             self.marks.append((label, time.perf_counter()))
 
-    def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _take_early(self, plan: LayerPlan):
+        """The early load submitted for ``plan`` while the layer before ran, or None (then ``plan``'s reads,
+        early and late, go to the loader together, as in an engine without look-ahead)."""
+        early, self._early = self._early, None
+        if early is None:
+            return None
+        token, layer, pending = early
+        if (token, layer) == (plan.token, plan.layer):
+            return pending
+        with contextlib.suppress(Exception):       # not this plan's (a caller skipped a layer): drain, drop
+            self.loads.rows(pending)
+        return None
+
+    def _prefetch(self, next_plan: LayerPlan | None) -> None:
+        """Layer l+1's early reads (its look-ahead set, not resident) to the loader, behind layer l's late ones."""
+        if next_plan is not None and self.pipeline and next_plan.n_early_reads:
+            self._early = (next_plan.token, next_plan.layer,
+                           self.loads.submit_part(next_plan.layer, next_plan.early_reads, next_plan.early_load))
+            self.mark("prefetch")
+
+    def _merge_rows(self, layer: int, n: int) -> torch.Tensor:
+        """A [n, width] buffer for a layer's new rows in load order (two, by layer parity: a deferred insert
+        reads the layer before's while this one is filled)."""
+        buf = self._merged[layer % 2]
+        if buf is None or buf.shape[0] < n:
+            buf = self._merged[layer % 2] = torch.empty(self.spec.d_ff, self.width, dtype=self.dtype,
+                                                        device=self.device)
+        return buf[:n]
+
+    def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None,
+                  next_plan: LayerPlan | None = None) -> torch.Tensor:
         """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]
         (plus ``residual`` if given: one addition fewer after the reads).
 
-        The reads are submitted first: they are the critical path. While they are in flight the
+        The reads are submitted first: they are the critical path. With look-ahead plans, only the late ones
+        (the early ones were submitted while the layer before ran), then ``next_plan``'s early reads, so the
+        disk stays busy across the layer boundary. While they are in flight the
         host queues the FFN over the resident neurons (with the down bias and the residual added),
         the bias gather of the loaded neurons and, on a GPU, the evictions/moves (they need no new
         rows; index arrays go up through pinned memory, so nothing here waits for the device). Then
@@ -434,8 +483,14 @@ class FlashFFN:
         l, st, clock = plan.layer, self.stats, self.clock
         cache, load, gpu = self.caches[l], plan.load, self.clock.cuda
         self.mark("plan")
-        pending = self.loads.submit(plan) if load.size else None
+        early = self._take_early(plan)
+        if early is not None:
+            late = plan.late_load
+            pending = self.loads.submit_part(l, plan.late_reads, late) if late.size else None
+        else:
+            pending = self.loads.submit(plan) if load.size else None
         self.mark("submit")
+        self._prefetch(next_plan)
         self.flush_insert()          # the previous layer's (one layer: its own), while these reads fly
         res = np.setdiff1d(plan.active, load, assume_unique=True) if load.size else plan.active
         b2 = self.b2[l] if self.b2 is not None else None
@@ -456,16 +511,18 @@ class FlashFFN:
         self.mark("ffn_resident")
         if gpu:
             cache.evict(plan)
-        new_bias, keep_sel, new_idx = None, None, None
+        new_bias, keep_sel, new_idx, up = None, None, None, {}
         if load.size:
             # index arrays the post-read steps need go up now, in one copy, while the reads fly: the loaded
             # neurons' bias rows, which loaded rows the cache keeps (if not all), which are active (if not
-            # all: a warm start also reads neurons only to keep them)
+            # all: a warm start also reads neurons only to keep them), where early and late rows go (look-ahead)
             kept = plan.insert_rows >= 0
             named = {"bias": load if self.b1 is not None else None,
                      "keep": None if kept.all() else np.flatnonzero(kept),
                      "active": None if plan.n_new_active == load.size else
-                     np.flatnonzero(np.isin(load, plan.active, assume_unique=True))}
+                     np.flatnonzero(np.isin(load, plan.active, assume_unique=True)),
+                     "early_at": None if early is None else np.searchsorted(load, plan.early_load),
+                     "late_at": None if early is None or pending is None else np.searchsorted(load, plan.late_load)}
             named = {k: v for k, v in named.items() if v is not None}
             up = dict(zip(named, self.upload(*named.values()))) if named else {}
             if "bias" in up:
@@ -474,13 +531,30 @@ class FlashFFN:
         if gpu:
             clock.stop("mem_s", s, st)
         self.mark("evict")
-        if pending is None:
+        assemble = lambda r: r                               # noqa: E731 -- the load's rows are the new rows
+        if early is not None:
+            # the early rows (read while the layer before ran) into their places among the layer's new rows;
+            # the late rows, when they come, into theirs
+            self._await_reads(early, st)
+            s = clock.start()
+            merged = self._merge_rows(l, load.size)
+            merged.index_copy_(0, up["early_at"], self.loads.rows(early))
+            clock.stop("io_s", s, st)
+            self.mark("early")
+            assemble = lambda r: merged.index_copy_(0, up["late_at"], r)  # noqa: E731
+        if not load.size:
             self._insert(cache, plan, None, None, None, clock.start(), st)
+        elif pending is None:                                # every new row came early
+            s = clock.start()
+            y_new = self._ffn(x, merged, new_bias, new_idx, b2)
+            b2 = None
+            y = y_new if y is None else y + y_new
+            self._insert_or_defer(cache, plan, merged, new_bias, keep_sel, clock.lap("compute_s", s, st), st)
         elif self.loads.gated(pending):
             # the device waits for the reads itself (a flag the reader threads set), so the copy and the
             # FFN over the new rows are queued now; the host then waits for the reads (errors, accounting)
             try:
-                new_rows = self.loads.queue_rows(pending, clock, st)
+                new_rows = assemble(self.loads.queue_rows(pending, clock, st))
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.loads.rows(pending)                 # the load's slot is given back, not lost
@@ -494,8 +568,9 @@ class FlashFFN:
             clock.stop("compute_s", s, st)
             self.mark("ffn_new")
             self._await_reads(pending, st)
-            new_rows = self.loads.rows(pending)              # no copy, unless reads were completed late
+            rows_now = self.loads.rows(pending)              # no copy, unless reads were completed late
             if pending.refetched:                            # then the queued FFN saw them unfinished
+                new_rows = assemble(rows_now)
                 y_new = self._ffn(x, new_rows, new_bias, new_idx, b2_new)
                 y = y_new if y_pre is None else y_pre + y_new
             self.mark("wait")
@@ -504,7 +579,7 @@ class FlashFFN:
             self._await_reads(pending, st)
             self.mark("wait")
             s = clock.start()
-            new_rows = self.loads.rows(pending)              # to the device
+            new_rows = assemble(self.loads.rows(pending))    # to the device
             s = clock.lap("io_s", s, st)
             self.mark("copy")
             # the new neurons' FFN first: the layer's output needs it, the cache insert can follow
@@ -545,7 +620,7 @@ class SyntheticBody:
     ``benchmarks/bench_body.py`` times one against the other."""
 
     def __init__(self, spec, device: torch.device, max_tokens: int, predictor_rank: int = 0, seed: int = 0,
-                 graphs: bool = True, kernel: str = "auto"):
+                 graphs: bool = True, kernel: str = "auto", lookahead: bool = False):
         if kernel not in ("auto", "torch"):
             raise ValueError(f"kernel: unknown value {kernel!r}. Fix: use 'auto' (the Triton kernels on CUDA) "
                              "or 'torch'")
@@ -572,6 +647,10 @@ class SyntheticBody:
                                     device=device)
         self.pred = [(rnd(d, predictor_rank), rnd(predictor_rank, spec.d_ff)) for _ in range(spec.n_layers)] \
             if predictor_rank else None
+        # policy.lookahead: layer l also predicts layer l+1's set from its FFN input (one more predictor of the
+        # same rank per layer but the last), in the same graph, so its cost lands where a real one's would
+        self.la_pred = [(rnd(d, predictor_rank), rnd(predictor_rank, spec.d_ff)) for _ in range(spec.n_layers - 1)] \
+            if predictor_rank and lookahead else None
         self.kv = kv
         if self.fused:
             self._try_kernels()
@@ -594,7 +673,7 @@ class SyntheticBody:
 
     @property
     def nbytes(self) -> int:
-        ts = [self.emb, *self.wqkv, *self.wo] + ([t for ab in self.pred for t in ab] if self.pred else [])
+        ts = [self.emb, *self.wqkv, *self.wo] + [t for ps in (self.pred, self.la_pred) if ps for ab in ps for t in ab]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def embed(self, token: int) -> torch.Tensor:
@@ -636,44 +715,49 @@ class SyntheticBody:
         h = torch.addmm(h, o, self.wo[l])
         return h, self.ffn_input(l, h)
 
-    def front(self, l: int, h: torch.Tensor, pos: int, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def front(self, l: int, h: torch.Tensor, pos: int, sparse: bool,
+              lookahead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention, FFN input norm and (``sparse``) the predictor of layer ``l``: (h after attention,
         FFN input). On a GPU the returned tensors are the layer's graph outputs, valid until its next
         replay (the next token), which the device stream orders after every use of them. The predictor's
-        output (see ``predictor``; None when not ``sparse``) is left in ``self.predicted``, as valid."""
+        output (see ``predictor``; None when not ``sparse``) is left in ``self.predicted``, as valid; with
+        ``lookahead`` (a body built with ``lookahead=True``) it is (this layer's, layer l+1's look-ahead)."""
         if self.graphs:
             try:
-                return self._front_graphed(l, h, pos, sparse)
+                return self._front_graphed(l, h, pos, sparse, lookahead)
             except Exception as e:  # noqa: BLE001 -- correct without graphs, only slower
                 import warnings
                 warnings.warn(f"CUDA graph of the attention failed ({type(e).__name__}: {e}); running it eagerly",
                               RuntimeWarning, stacklevel=2)
                 self.graphs = False
-        h, x, self.predicted = self.front_eager(l, h, pos, sparse)
+        h, x, self.predicted = self.front_eager(l, h, pos, sparse, lookahead)
         return h, x
 
-    def front_eager(self, l: int, h: torch.Tensor, pos, sparse: bool) -> tuple:
+    def front_eager(self, l: int, h: torch.Tensor, pos, sparse: bool, lookahead: bool = False) -> tuple:
         """``front`` without a graph, the same ops: (h, FFN input, the predictor's output or None). ``pos`` as
         in ``_mix``; the graph captures this with ``self._pos``, the device tensor."""
         h, x = self._attend_and_norm(l, h, self._mix(l, h, pos))
-        return h, x, (self.predictor(l, x) if sparse else None)
+        pred = self.predictor(l, x) if sparse else None
+        if sparse and lookahead and self.la_pred is not None and l < len(self.la_pred):
+            pred = (pred, self._run_predictor(self.la_pred[l], x))       # and layer l+1's look-ahead set
+        return h, x, pred
 
-    def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool):
+    def _front_graphed(self, l: int, h: torch.Tensor, pos: int, sparse: bool, lookahead: bool = False):
         if pos != self._pos_value:
             self._pos.fill_(pos)
             self._pos_value = pos
-        g = self._graph.get((l, sparse))
+        g = self._graph.get((l, sparse, lookahead))
         if g is None:
             h_in = h.clone()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):        # warm-up off the capture (writes slot pos; replayed below)
-                self.front_eager(l, h_in, self._pos, sparse)
+                self.front_eager(l, h_in, self._pos, sparse, lookahead)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                outs = self.front_eager(l, h_in, self._pos, sparse)
-            g = self._graph[(l, sparse)] = (graph, h_in, outs)
+                outs = self.front_eager(l, h_in, self._pos, sparse, lookahead)
+            g = self._graph[(l, sparse, lookahead)] = (graph, h_in, outs)
         graph, h_in, outs = g
         h_in.copy_(h)
         graph.replay()
@@ -690,7 +774,10 @@ class SyntheticBody:
         (x A) B > 0 [tokens, d_ff]. The values mean nothing; the work is a real predictor's."""
         if self.pred is None:
             return None
-        a, b = self.pred[l]
+        return self._run_predictor(self.pred[l], x)
+
+    def _run_predictor(self, ab: tuple, x: torch.Tensor):
+        a, b = ab
         if self.fused:
             return predict_active(x, a, b, 0.0, pdl=self._pdl)
         return (x @ a) @ b > 0
@@ -719,15 +806,15 @@ class TraceEngine:
         tc = ffn.begin_token(t)
         t0 = clock.now(sync=True)
         h = body.embed(t)
-        for p in layer_plans:
+        for i, p in enumerate(layer_plans):
             ffn.mark("layer")
             s = clock.start()
-            h, x = body.front(p.layer, h, t, self.policy.sparse)
+            h, x = body.front(p.layer, h, t, self.policy.sparse, bool(self.policy.lookahead))
             clock.stop("compute_s", s, tc)
             ffn.mark("attention")
             clock.sync()                   # a real predictor's mask must reach the host before reads
             ffn.mark("sync")
-            h = ffn.run_layer(p, x, residual=h)
+            h = ffn.run_layer(p, x, residual=h, next_plan=layer_plans[i + 1] if i + 1 < len(layer_plans) else None)
         ffn.flush_insert()                 # the last layer's insert, if deferred: inside the token, in order
         s = clock.start()
         body.head(h)

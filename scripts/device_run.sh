@@ -13,6 +13,7 @@
 #   scripts/device_run.sh fidelity  quick calibration, then bench_fidelity.py run on this machine (issue 26; ~6 min)
 #   scripts/device_run.sh fullsize  random-init OPT-6.7B checkpoint: exactness test + real.generate (issue 27; ~6 min)
 #   scripts/device_run.sh peers     bench_peers.py on that checkpoint (issue 27; ~5 min; after fullsize, same machine)
+#   scripts/device_run.sh lookahead bench_engine.py look-ahead steps on the paper trace, 4 interleaved rounds (issue 28; ~9 min)
 #   scripts/device_run.sh auto      fidelity on an H200 (the kind the software constants were not fitted on), else fullsize
 #
 # Outputs keep the tree's layout under $OUT: results/<name>.json + the table, logs/ (docs/benchmarks.md).
@@ -59,6 +60,12 @@ case $stage in
       python3 -m pytest -s -q -p no:cacheprovider tests/test_model_mode.py -k fullsize 2>&1 | tee "$OUT/logs/fullsize_exactness.log" | tail -30
     python3 -m real.generate /root/fullsize/ckpt-opt-6.7b-float16 --prompt "The" --max-new-tokens 8 --memory-budget 0.5 \
       --cache-dir /root/fullsize/flash --no-progress 2>&1 | tee "$OUT/logs/generate_opt-6.7b.log" | tail -8
+    ;;
+  lookahead)
+    STEPS=${STEPS:-naive,wb+depth64,wb+depth64+lookahead,wb+freq+warm+depth64,wb+freq+warm+depth64+lookahead,wb+freq+warm+depth64+lookahead+nopipe}
+    python3 benchmarks/bench_engine.py --trace opt-6.7b-paper-lookahead --hardware h100-calibrated --software engine-h100 \
+      --at-probe-hardware "${PROBE_HW:-h100-quick}" --tokens "${TOKENS:-24}" --naive-tokens 2 --repeat "${REPEAT:-4}" \
+      --steps "$STEPS" --time-limit "${LIMIT:-500}" --out-dir "$OUT" 2>&1 | tee "$OUT/logs/engine.log" | tail -45
     ;;
   peers)
     python3 benchmarks/bench_peers.py --model opt-6.7b --work /root/fullsize --out "$OUT" --no-progress 2>&1 \

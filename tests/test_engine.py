@@ -198,14 +198,17 @@ def count_gated_loads(ffn) -> list:
     return queued
 
 
-def assert_trace_mode_exact(ffn, engine, trace, layers, device):
+def assert_trace_mode_exact(ffn, engine, trace, layers, device, pipelined: bool = False):
+    """Every layer's output against the dense FFN masked to the plan's active set. ``pipelined``: each layer is
+    given the next one's plan, as TraceEngine does (look-ahead plans: its early reads are issued one layer ahead)."""
     spec = engine.spec
     gen = torch.Generator().manual_seed(0)
     for layer_plans in plans_checked(engine, ffn, trace.active):
         ffn.begin_token(layer_plans[0].token)
-        for p in layer_plans:
+        for i, p in enumerate(layer_plans):
             x = torch.randn(1, spec.d_model, generator=gen)
-            y = ffn.run_layer(p, x.to(device)).cpu()
+            nxt = layer_plans[i + 1] if pipelined and i + 1 < len(layer_plans) else None
+            y = ffn.run_layer(p, x.to(device), next_plan=nxt).cpu()
             w1, b1 = layers[p.layer].fc1.weight.detach(), layers[p.layer].fc1.bias.detach()
             w2, b2 = layers[p.layer].fc2.weight.detach(), layers[p.layer].fc2.bias.detach()
             h = torch.relu(x @ w1.T + b1)

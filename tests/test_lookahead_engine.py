@@ -83,16 +83,24 @@ def test_flash_engine_with_lookahead_computes_the_same_sets(small, tmp_path):
     assert sum(p.n_early_reads for p in p1) > 0 and sum(p.n_early_reads for p in p0) == 0
     assert sum(p.n_early_needed for p in p1) > 0
     tol = 4 * 4 * (1024 + 128) * torch.finfo(torch.float32).eps * float(np.abs(l0).max())
-    assert np.abs(l0 - l1).max() <= tol and s1["ppl"] == pytest.approx(s0["ppl"], rel=1e-9)
+    diff = float(np.abs(l0 - l1).max())
+    # float32 sums in another order (a neuron resident in one run is new in the other) move each log-softmax by
+    # at most 2x the largest logit difference, so the mean NLL, and log(ppl), by no more
+    assert diff <= tol and s1["ppl"] == pytest.approx(s0["ppl"], rel=2 * diff + 1e-9)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("kw", [{"window": 2, "eviction": "frequency"}, {"window": 3, "coalesce_gap": 2},
-                                {"window": 0}])
-def test_trace_mode_executes_lookahead_and_coalesced_plans_exactly(tmp_path, kw):
+                                {"window": 0}, {"window": 2, "recall": 1.0}])
+def test_trace_mode_executes_lookahead_and_coalesced_plans_exactly(tmp_path, kw, pipelined):
+    """Look-ahead plans executed exactly, with each layer's early reads issued with the layer's own reads
+    (``pipelined=False``) or one layer ahead, while the layer before runs, and merged with its late rows."""
+    kw = dict(kw)
+    recall = kw.pop("recall", 0.7)           # 1.0: layers whose new rows all came early (no late load)
     pol = Policy.from_dict({**Policy.preset("windowing_bundling").to_dict(), "memory_budget": 0.95,
                             "predictor_rank": 16, "lookahead": 1, "chunk_kib": 16, **kw})
-    trace = generate_trace(TINY, SyntheticTraceConfig(tokens=8, seed=3, sparsity=0.8, reuse=0.5, lookahead_recall=0.7,
-                                                      lookahead_fp=0.5, lookahead_fp_skew=1.0))
+    trace = generate_trace(TINY, SyntheticTraceConfig(tokens=8, seed=3, sparsity=0.8, reuse=0.5,
+                                                      lookahead_recall=recall, lookahead_fp=0.5, lookahead_fp_skew=1.0))
 
     class WithLookahead(PolicyEngine):
         def plan_token(self, active_per_layer, lookahead_per_layer=None):
@@ -102,12 +110,31 @@ def test_trace_mode_executes_lookahead_and_coalesced_plans_exactly(tmp_path, kw)
     layers = build_opt(TINY).model.decoder.layers
     ffn = FlashFFN(flash_dir_for(TINY, True, tmp_path), engine.capacity, threads=4,
                    up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
-    seen = []
-    run_layer = ffn.run_layer
-    ffn.run_layer = lambda p, *a, **k: (seen.append((p.n_early_reads, p.load.size - p.n_new_active)),
-                                        run_layer(p, *a, **k))[1]
+    seen, ahead, running = [], [], [None]
+    run_layer, submit_part = ffn.run_layer, ffn.loads.submit_part
+
+    late = []
+
+    def run(p, *a, **k):
+        seen.append((p.n_early_reads, p.load.size - p.n_new_active))
+        late.append((p.n_early_reads, p.late_load.size))
+        running[0] = p.layer
+        return run_layer(p, *a, **k)
+
+    def part(layer, reads, neurons):
+        ahead.append(layer - running[0])                 # 1: an early load, issued while the layer before runs
+        return submit_part(layer, reads, neurons)
+
+    ffn.run_layer, ffn.loads.submit_part = run, part
     try:
-        assert_trace_mode_exact(ffn, engine, trace, layers, "cpu")
+        assert_trace_mode_exact(ffn, engine, trace, layers, "cpu", pipelined=pipelined)
     finally:
         ffn.close()
     assert sum(e for e, _ in seen) > 0 and sum(x for _, x in seen) > 0, "early reads, and reads of unused neurons"
+    if recall == 1.0:
+        assert any(e and n_late == 0 for e, n_late in late), "a layer with early reads only"
+    if pipelined:
+        assert ahead.count(1) == sum(1 for e, _ in seen if e), "every early load issued one layer ahead"
+        assert set(ahead) <= {0, 1}
+    else:
+        assert not ahead
