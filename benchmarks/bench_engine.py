@@ -418,7 +418,7 @@ def main(argv=None) -> int:
             ffn = FlashFFN(flash[pol.bundling], PolicyEngine(spec, pol).capacity, strategy=pol.mem_strategy,
                            device=device, threads=pol.reads_in_flight, kernel=args.kernel, loader=args.loader,
                            read_threads=read_threads, copy_chunks=copy_chunks, gate_reads=gate_reads,
-                           defer_insert=defer_insert, pipeline=pipeline)
+                           defer_insert=defer_insert, pipeline=pipeline and bool(pol.lookahead))
             try:
                 costs, wall, (bound_before, probe_gbps), (bound_after, probe_after) = \
                     run_between_probes(body, ffn, pol, tr_plans, warm)
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
             "o_direct": bool(direct), "kernel": args.kernel, "loader": args.loader, "read_threads": threads_ran, "direct_dispatch": dispatch,
             "copy_chunks": copy_chunks, "gate_reads": gate_reads, "defer_insert": ffn.defer_insert,
             "trace": args.trace, "lookahead": pol.lookahead, "coalesce_gap": pol.coalesce_gap,
-            "pipeline": bool(ffn.pipeline and pol.lookahead),
+            "pipeline": bool(ffn.pipeline),
             "early_bytes_per_token": int(np.mean([sum(p.early_bytes for p in tok) for tok in tr_plans[warm:]])),
             "prediction_ms": predicted.get(label), "wall_s": round(wall, 1),
         }

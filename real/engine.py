@@ -334,7 +334,7 @@ class FlashFFN:
                  up_bias: list[torch.Tensor] | None = None, down_bias: list[torch.Tensor] | None = None,
                  kernel: str = "auto", loader: str = "auto", read_threads: str | None = None,
                  copy_chunks: int = COPY_CHUNKS, gate_reads: bool = GATE_READS, defer_insert: bool = False,
-                 pipeline: bool = True):
+                 pipeline: bool = False):
         spec, layout = flash.spec, flash.layout
         self.flash, self.spec, self.layout = flash, spec, layout
         self.device = torch.device(device)
@@ -349,8 +349,9 @@ class FlashFFN:
                        for _ in range(spec.n_layers)]
         self.marks: list | None = None      # (label, perf_counter) per phase when set (profiling)
         self.mark_sync = False              # sync the device before each mark (GPU completion times)
-        # look-ahead plans (policy.lookahead): layer l+1's early reads go to the loader while layer l runs, so the
-        # loader holds a layer's late load, the next layer's early load and the rows of the two before (4 slots)
+        # ``pipeline`` (look-ahead plans, policy.lookahead): layer l+1's early reads go to the loader while layer l
+        # runs, so the loader holds this layer's early and late loads, the next layer's early load and the rows of the
+        # load before, which a deferred insert may still read (4 slots; 2 otherwise)
         self.loads = open_loads(flash, self.device, threads, direct, loader, read_threads, copy_chunks,
                                 gate_reads, slots=4 if pipeline else 2)
         self.loads_gated = self.loads.gate
@@ -358,6 +359,7 @@ class FlashFFN:
         self._early: tuple | None = None    # (token, layer, pending load) of the next layer's early reads
         self._merged: list = [None, None]   # per layer parity: a layer's new rows, early and late, in load order
         self._io_until = 0.0                # reads in flight are counted once where loads overlap
+        self._open: dict = {}               # submitted loads whose rows were not taken yet: drained on an error
         # a layer's cache insert queued after the next layer's reads are submitted (GPU, FlashLoader: the new
         # rows stay in the load's slot until the slot after next is loaded, which the insert is queued before)
         self.defer_insert = defer_insert and self.clock.cuda and isinstance(self.loads, LoaderLoads)
@@ -371,7 +373,26 @@ class FlashFFN:
         self.io_wait_s = 0.0
 
     def close(self) -> None:
+        self._drain_open()
         self.loads.close()
+
+    def _submit(self, load):
+        self._open[id(load)] = load
+        return load
+
+    def _rows(self, load):
+        """The load's rows (waits for its reads); it no longer holds its loader slot."""
+        self._open.pop(id(load), None)
+        return self.loads.rows(load)
+
+    def _drain_open(self) -> None:
+        """Give back the slot of every load not taken (an error mid-layer, an early load nobody ran): their reads
+        finish, their rows are dropped, so the loader never runs out of slots."""
+        self._early = None
+        for load in list(self._open.values()):
+            with contextlib.suppress(Exception):
+                self.loads.rows(load)
+        self._open.clear()
 
     @property
     def cache_bytes(self) -> int:
@@ -379,6 +400,8 @@ class FlashFFN:
 
     def end_token(self) -> None:
         """After the token's final sync: raise if a device wait for reads gave up polling (gated reads)."""
+        if self._early is not None:          # an early load for a layer that did not run this token
+            self._drain_open()
         if self.loads_gated:
             self.loads.check()
 
@@ -447,14 +470,14 @@ class FlashFFN:
         if (token, layer) == (plan.token, plan.layer):
             return pending
         with contextlib.suppress(Exception):       # not this plan's (a caller skipped a layer): drain, drop
-            self.loads.rows(pending)
+            self._rows(pending)
         return None
 
     def _prefetch(self, next_plan: LayerPlan | None) -> None:
         """Layer l+1's early reads (its look-ahead set, not resident) to the loader, behind layer l's late ones."""
         if next_plan is not None and self.pipeline and next_plan.n_early_reads:
-            self._early = (next_plan.token, next_plan.layer,
-                           self.loads.submit_part(next_plan.layer, next_plan.early_reads, next_plan.early_load))
+            self._early = (next_plan.token, next_plan.layer, self._submit(
+                self.loads.submit_part(next_plan.layer, next_plan.early_reads, next_plan.early_load)))
             self.mark("prefetch")
 
     def _merge_rows(self, layer: int, n: int) -> torch.Tensor:
@@ -468,6 +491,14 @@ class FlashFFN:
 
     def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None,
                   next_plan: LayerPlan | None = None) -> torch.Tensor:
+        try:
+            return self._run_layer(plan, x, residual, next_plan)
+        except BaseException:
+            self._drain_open()          # a read error (or any other) must not leave loader slots taken
+            raise
+
+    def _run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None,
+                   next_plan: LayerPlan | None) -> torch.Tensor:
         """Execute ``plan`` for FFN input ``x`` [n, d_model]; returns the FFN output [n, d_model]
         (plus ``residual`` if given: one addition fewer after the reads).
 
@@ -486,9 +517,9 @@ class FlashFFN:
         early = self._take_early(plan)
         if early is not None:
             late = plan.late_load
-            pending = self.loads.submit_part(l, plan.late_reads, late) if late.size else None
+            pending = self._submit(self.loads.submit_part(l, plan.late_reads, late)) if late.size else None
         else:
-            pending = self.loads.submit(plan) if load.size else None
+            pending = self._submit(self.loads.submit(plan)) if load.size else None
         self.mark("submit")
         self._prefetch(next_plan)
         self.flush_insert()          # the previous layer's (one layer: its own), while these reads fly
@@ -538,8 +569,8 @@ class FlashFFN:
             self._await_reads(early, st)
             s = clock.start()
             merged = self._merge_rows(l, load.size)
-            merged.index_copy_(0, up["early_at"], self.loads.rows(early))
-            clock.stop("io_s", s, st)
+            merged.index_copy_(0, up["early_at"], self._rows(early))
+            clock.stop("mem_s", s, st)                       # a copy within the device (its H2D copy queued too)
             self.mark("early")
             assemble = lambda r: merged.index_copy_(0, up["late_at"], r)  # noqa: E731
         if not load.size:
@@ -553,22 +584,20 @@ class FlashFFN:
         elif self.loads.gated(pending):
             # the device waits for the reads itself (a flag the reader threads set), so the copy and the
             # FFN over the new rows are queued now; the host then waits for the reads (errors, accounting)
-            try:
-                new_rows = assemble(self.loads.queue_rows(pending, clock, st))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    self.loads.rows(pending)                 # the load's slot is given back, not lost
-                raise
+            late_rows = self.loads.queue_rows(pending, clock, st)   # on an error run_layer gives its slot back
             self.mark("copy")
-            y_pre, b2_new = y, b2
             s = clock.start()
+            new_rows = assemble(late_rows)
+            if early is not None:
+                s = clock.lap("mem_s", s, st)
+            y_pre, b2_new = y, b2
             y_new = self._ffn(x, new_rows, new_bias, new_idx, b2)
             b2 = None
             y = y_new if y is None else y + y_new
             clock.stop("compute_s", s, st)
             self.mark("ffn_new")
             self._await_reads(pending, st)
-            rows_now = self.loads.rows(pending)              # no copy, unless reads were completed late
+            rows_now = self._rows(pending)                   # no copy, unless reads were completed late
             if pending.refetched:                            # then the queued FFN saw them unfinished
                 new_rows = assemble(rows_now)
                 y_new = self._ffn(x, new_rows, new_bias, new_idx, b2_new)
@@ -579,7 +608,7 @@ class FlashFFN:
             self._await_reads(pending, st)
             self.mark("wait")
             s = clock.start()
-            new_rows = assemble(self.loads.rows(pending))    # to the device
+            new_rows = assemble(self._rows(pending))         # to the device
             s = clock.lap("io_s", s, st)
             self.mark("copy")
             # the new neurons' FFN first: the layer's output needs it, the cache insert can follow

@@ -108,7 +108,7 @@ def test_trace_mode_executes_lookahead_and_coalesced_plans_exactly(tmp_path, kw,
 
     engine = WithLookahead(TINY, pol)
     layers = build_opt(TINY).model.decoder.layers
-    ffn = FlashFFN(flash_dir_for(TINY, True, tmp_path), engine.capacity, threads=4,
+    ffn = FlashFFN(flash_dir_for(TINY, True, tmp_path), engine.capacity, threads=4, pipeline=pipelined,
                    up_bias=[l.fc1.bias.detach() for l in layers], down_bias=[l.fc2.bias.detach() for l in layers])
     seen, ahead, running = [], [], [None]
     run_layer, submit_part = ffn.run_layer, ffn.loads.submit_part
@@ -138,3 +138,37 @@ def test_trace_mode_executes_lookahead_and_coalesced_plans_exactly(tmp_path, kw,
         assert set(ahead) <= {0, 1}
     else:
         assert not ahead
+
+
+def test_a_read_error_mid_pipeline_gives_every_loader_slot_back(tmp_path):
+    """An early load's reads fail (as a FlashIOError would) while the layer's late load and the next layer's early
+    load are in flight: the error reaches the caller, and every loader slot is free again, so the engine can go on."""
+    pol = Policy.from_dict({**Policy.preset("windowing_bundling").to_dict(), "memory_budget": 0.95,
+                            "predictor_rank": 16, "lookahead": 1, "chunk_kib": 16, "window": 2})
+    trace = generate_trace(TINY, SyntheticTraceConfig(tokens=4, seed=3, sparsity=0.8, reuse=0.5, lookahead_recall=0.7,
+                                                      lookahead_fp=0.5, lookahead_fp_skew=1.0))
+    engine = PolicyEngine(TINY, pol)
+    plans = [engine.plan_token(trace.active[t], trace.lookahead[t]) for t in range(trace.tokens)]
+    ffn = FlashFFN(flash_dir_for(TINY, True, tmp_path), engine.capacity, threads=4, pipeline=True)
+    real_wait = ffn.loads.wait_reads
+    fail = {"armed": True}
+
+    def wait_reads(pending):
+        if fail["armed"] and ffn._early is not None:       # a later layer's early load is in flight too
+            fail["armed"] = False
+            raise OSError(5, "injected read error")
+        return real_wait(pending)
+
+    ffn.loads.wait_reads = wait_reads
+    x = torch.randn(1, TINY.d_model)
+    try:
+        with pytest.raises(OSError, match="injected"):
+            for layer_plans in plans[:2]:
+                ffn.begin_token(layer_plans[0].token)
+                for i, p in enumerate(layer_plans):
+                    ffn.run_layer(p, x, next_plan=layer_plans[i + 1] if i + 1 < len(layer_plans) else None)
+                ffn.end_token()
+        assert not fail["armed"]
+        assert not any(slot.pending for slot in ffn.loads.loader.slots) and ffn._early is None and not ffn._open
+    finally:
+        ffn.close()
