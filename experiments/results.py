@@ -23,7 +23,7 @@ COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "study", "resident_mb", "warmup", "measured_tokens", "seed", "reads_in_flight", "predictor", "mem_strategy", "eviction",
-    "warm_start", "trace", "new_neurons_per_token", "resident_neurons", "cache_neurons", "wall_s", "config_hash", "run_dir",
+    "warm_start", "lookahead", "coalesce_gap", "trace", "new_neurons_per_token", "resident_neurons", "cache_neurons", "wall_s", "config_hash", "run_dir",
 ]
 
 
@@ -35,7 +35,8 @@ def make_row(setup, backend: str, summary: dict[str, float], sparsity: float, **
         "sparsity": round(float(sparsity), 6), "tokens": setup.tokens, "error_pct": None,
         "warmup": setup.warmup, "seed": setup.seed, "reads_in_flight": p.reads_in_flight,
         "predictor": p.predictor, "mem_strategy": p.mem_strategy, "eviction": p.eviction,
-        "warm_start": p.warm_start, "trace": setup.trace_cfg.get("path") or setup.trace_cfg["kind"], "study": setup.study,
+        "warm_start": p.warm_start, "lookahead": p.lookahead, "coalesce_gap": p.coalesce_gap,
+        "trace": setup.trace_cfg.get("path") or setup.trace_cfg["kind"], "study": setup.study,
     }
     row.update(summary)
     if "resident_neurons" in summary:  # summed over layers: the FFN cache's size in memory

@@ -24,6 +24,7 @@ def test_single_run_writes_result_json(tmp_path):
     rows = json.loads((tmp_path / "run" / "result.json").read_text())
     assert len(rows) == 1 and set(COLUMNS) <= set(rows[0])
     assert rows[0]["backend"] == "sim" and rows[0]["latency_ms"] > 0
+    assert rows[0]["lookahead"] == 0 and rows[0]["coalesce_gap"] == 0    # the policy's look-ahead switches, recorded
     assert (tmp_path / "run" / "timeline.png").exists() and (tmp_path / "run" / "timeline.csv").exists()
 
 
