@@ -119,7 +119,7 @@ def measured_reference(root: Path, policy: str) -> dict:
                       f"{len(naive)} naive and {len(mine)} {policy} rounds)"}
 
 
-def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
+def plot(records: list[dict], ref: dict, out: Path, title: str, name: str = "cache_bound") -> None:
     """Bars of MB read per token per rule and trace length, with the bytes that 20x naive allows."""
     from experiments import plots
 
@@ -143,7 +143,7 @@ def plot(records: list[dict], ref: dict, out: Path, title: str) -> None:
     ax.set_ylim(0, max(r["mb_per_token"] for r in records) * 1.18)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    plots.save(fig, out, "cache_bound", formats=("png",))
+    plots.save(fig, out, name, formats=("png",))
 
 
 def main(argv=None) -> int:
@@ -155,25 +155,31 @@ def main(argv=None) -> int:
     ap.add_argument("--long", type=int, default=512, help="a second, longer trace (0: skip)")
     ap.add_argument("--calibration-tokens", type=int, default=512,
                     help="tokens counted before each trace: the activation profile of freq+warm (bench_engine's)")
+    ap.add_argument("--trace", default="synthetic", help="synthetic trace preset (conf/trace/); a paper preset's "
+                    "predicted sets are what the layers read (policy.predictor=trace)")
+    ap.add_argument("--reference-step", default=None,
+                    help="bench_engine step whose read rate (bytes over its own I/O bound) sets the io bound "
+                         "(default: --policy)")
+    ap.add_argument("--name", default="cache_bound", help="results/<name>.json, .txt, .png")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     args = ap.parse_args(argv)
 
     spec = ModelSpec.preset(args.model)
     policy = Policy.preset(args.policy)
     capacity = ffn_cache_neurons(spec, policy)
-    trace_cfg = load_preset("trace", "synthetic")
-    ref = measured_reference(Path(args.out_dir), args.policy)
+    ref = measured_reference(Path(args.out_dir), args.reference_step or args.policy)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     records = []
     for tokens in [args.tokens] + ([args.long] if args.long else []):
         T = args.warmup + tokens
-        trace = generate_trace(spec, SyntheticTraceConfig.from_dict(
-            {**trace_cfg, "tokens": T, "seed": 0, "calibration_tokens": args.calibration_tokens}))
+        trace = generate_trace(spec, SyntheticTraceConfig.from_preset(
+            args.trace, tokens=T, seed=0, calibration_tokens=args.calibration_tokens))
         for rule in RULES:
             if rule in POLICY_RULES:
                 per_token = policy_loads(spec, dataclasses.replace(policy, **POLICY_RULES[rule]), trace)
             else:
-                per_token = np.sum([bound_loads(trace.active[:, l], rule, capacity, policy.window)
+                sets = trace.active if policy.predictor == "oracle" else trace.read_sets   # what layers read
+                per_token = np.sum([bound_loads(sets[:, l], rule, capacity, policy.window)
                                     for l in range(spec.n_layers)], axis=0)
             neurons = float(per_token[args.warmup:].mean())
             mb = neurons * spec.neuron_bytes / 1e6
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
     lines = [f"# Bytes per token under eviction rules of growing knowledge: {spec.name} {spec.dtype}, "
              f"{args.policy} (window {policy.window}), memory_budget {policy.memory_budget} -> "
              f"{capacity} of {spec.d_ff} neurons per layer cached",
-             f"# synthetic trace conf/trace/synthetic.yaml (seed 0, after {args.calibration_tokens} calibration tokens "
+             f"# synthetic trace conf/trace/{args.trace}.yaml (seed 0, after {args.calibration_tokens} calibration tokens "
              f"that only freq+warm's profile counts), first {args.warmup} tokens excluded; date {date}",
              f"# io bound = MB/token / {ref.get('gbps', float('nan')):.3f} GB/s (the probe at 16 KiB and 32 KiB in that run); "
              "ceiling = naive ms / io bound (an engine with zero overhead)",
@@ -205,9 +211,10 @@ def main(argv=None) -> int:
                      f"{r['mb_per_token'] / base[r['tokens']]:>9.3f} {r.get('io_bound_ms', float('nan')):>11.1f} "
                      f"{r.get('ceiling_vs_naive', float('nan')):>9.2f}")
     out = Path(args.out_dir) / "results"
-    write_results(out / "cache_bound.json", records)
-    atomic_write_text(out / "cache_bound.txt", "\n".join(lines) + "\n")
-    plot(records, ref, out, f"{spec.name}, {args.policy}, budget {policy.memory_budget} ({capacity} neurons/layer cached)")
+    write_results(out / f"{args.name}.json", records)
+    atomic_write_text(out / f"{args.name}.txt", "\n".join(lines) + "\n")
+    plot(records, ref, out, f"{spec.name}, {args.policy}, budget {policy.memory_budget} ({capacity} neurons/layer cached), "
+                            f"trace {args.trace}", args.name)
     print("\n".join(lines))
     return 0
 
