@@ -94,10 +94,14 @@ def run_trace(setup, plans: list[list[LayerPlan]], opts: RealOptions, progress: 
     spec, policy = setup.spec, setup.policy
     device = resolve_device(opts.device)
     flash = flash_dir_for(spec, policy.bundling, _abs(opts.cache_dir), seed=setup.seed, progress=progress)
+    # policy.lookahead: the look-ahead predictor's work in each layer, and the next layer's early reads issued while
+    # a layer runs (the overlap the simulator times)
     body = SyntheticBody(spec, device, max_tokens=len(plans), seed=setup.seed,
-                         predictor_rank=predictor_rank(spec, policy), kernel=opts.kernel)
+                         predictor_rank=predictor_rank(spec, policy), kernel=opts.kernel,
+                         lookahead=bool(policy.lookahead))
     ffn = FlashFFN(flash, ffn_cache_neurons(spec, policy), strategy=policy.mem_strategy, device=device,
-                   threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel, loader=opts.loader)
+                   threads=opts.threads or policy.reads_in_flight, direct=opts.direct, kernel=opts.kernel, loader=opts.loader,
+                   pipeline=bool(policy.lookahead))
     bar = tqdm(total=len(plans), desc="real tokens", leave=False, disable=not progress)
     try:
         return TraceEngine(body, ffn, policy).run(plans, progress=bar)

@@ -39,3 +39,13 @@ def test_multirun_writes_results_csv_with_fixed_columns(tmp_path):
     naive = df.set_index("policy").loc["naive", "latency_ms"]
     best = df.set_index("policy").loc["windowing_bundling", "latency_ms"]
     assert naive > best
+
+
+def test_backend_both_runs_lookahead_plans_pipelined(tmp_path):
+    """policy.lookahead=1 on backend=both: the real backend executes the look-ahead plans (early reads one layer
+    ahead) beside the simulator's timing of the same plans, and both rows record the switch."""
+    run_app("model=opt-tiny", "backend=both", "policy.lookahead=1", "trace=opt-6.7b-paper-lookahead", "tokens=6",
+            "warmup=2", f"backend.cache_dir={tmp_path}/flash", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    rows = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert sorted(r["backend"] for r in rows) == ["real", "sim"]
+    assert all(r["lookahead"] == 1 and r["latency_ms"] > 0 and r["error_pct"] is not None for r in rows)
