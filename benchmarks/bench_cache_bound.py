@@ -41,7 +41,6 @@ from sim.atomic import atomic_write_text  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import PolicyEngine, ffn_cache_neurons  # noqa: E402
 from sim.policy import Policy  # noqa: E402
-from sim.presets import load_preset  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
 
 RULES = ("window", "lru", "lfu", "frequency", "freq+warm", "static-hot", "belady")

@@ -41,7 +41,7 @@ from sim.hardware import HardwareProfile  # noqa: E402
 from sim.model_spec import ModelSpec  # noqa: E402
 from sim.plan import PolicyEngine  # noqa: E402
 from sim.policy import Policy  # noqa: E402
-from sim.presets import load_preset  # noqa: E402
+from sim.presets import CONF_DIR, load_preset  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
 from sim.software import SoftwareProfile  # noqa: E402
 from sim.trace import SyntheticTraceConfig, generate_trace  # noqa: E402
@@ -184,14 +184,17 @@ def cmd_fit_read(args) -> int:
     after its tokens; the median over points of (those probes / the calibrated table at the same size and
     depth) is the loader's read rate over the probe's. Fitted on one machine's points (calibrated minutes
     before them), carried to machines that were only calibrated."""
+    import dataclasses
+
     import yaml
 
     records = json.loads(Path(args.points).read_text())
     path = Path(args.software)
-    if not path.exists():
-        path = ROOT / "conf" / "software" / f"{args.software}.yaml"
-    sw = SoftwareProfile.from_dict(yaml.safe_load(path.read_text()))
-    base = SoftwareProfile(**{**sw.to_dict(), "read_efficiency": 1.0}).apply(load_hardware(records[0]["hardware"]))
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        sw = SoftwareProfile.from_dict(yaml.safe_load(path.read_text()))
+    else:                        # a preset name (SoftwareProfile.preset names the fix if there is none)
+        sw, path = SoftwareProfile.preset(args.software), CONF_DIR / "software" / f"{args.software}.yaml"
+    base = dataclasses.replace(sw, read_efficiency=1.0).apply(load_hardware(records[0]["hardware"]))
     ratios = [f for f in (drift_factor(base, r) for r in records) if f]
     if not ratios:
         raise SystemExit(f"{args.points}: no point has probes. Fix: give a points.json written by `run`")
@@ -200,8 +203,7 @@ def cmd_fit_read(args) -> int:
             f"table at the same size and depth (bench_fidelity.py fit-read on {Path(args.points).name}; "
             f"{records[0]['device']}, {str(records[0]['date'])[:10]}; quartiles "
             f"{np.percentile(ratios, 25):.3f}-{np.percentile(ratios, 75):.3f})")
-    new = SoftwareProfile(**{**sw.to_dict(), "read_efficiency": round(eff, 4),
-                             "sources": {**sw.sources, "read_efficiency": what}})
+    new = dataclasses.replace(sw, read_efficiency=round(eff, 4), sources={**sw.sources, "read_efficiency": what})
     header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
     new.to_yaml(path, header=header)
     print(f"read_efficiency {eff:.4f}: {what}\nwrote {path}")

@@ -482,12 +482,10 @@ class FlashFFN:
 
     def _merge_rows(self, layer: int, n: int) -> torch.Tensor:
         """A [n, width] buffer for a layer's new rows in load order (two, by layer parity: a deferred insert
-        reads the layer before's while this one is filled)."""
-        buf = self._merged[layer % 2]
-        if buf is None or buf.shape[0] < n:
-            buf = self._merged[layer % 2] = torch.empty(self.spec.d_ff, self.width, dtype=self.dtype,
-                                                        device=self.device)
-        return buf[:n]
+        reads the layer before's while this one is filled); d_ff rows, allocated at first use."""
+        if self._merged[layer % 2] is None:
+            self._merged[layer % 2] = torch.empty(self.spec.d_ff, self.width, dtype=self.dtype, device=self.device)
+        return self._merged[layer % 2][:n]
 
     def run_layer(self, plan: LayerPlan, x: torch.Tensor, residual: torch.Tensor | None = None,
                   next_plan: LayerPlan | None = None) -> torch.Tensor:
