@@ -16,7 +16,7 @@ an O_DIRECT probe through the same loader just before and just after its tokens:
 tens of percent within the hour. Each point is predicted twice: with the profile as calibrated (hardware from
 the quick calibration + software fitted elsewhere), and with that profile's flash scaled to the point's own
 probes. Writes results/fidelity.md, results/fidelity.json (one summary record per fit/predict pair) and
-validation/fidelity/points-<kind>.json (every point) under --out-dir."""
+validation/fidelity/points-<run>.json (every point; a run is named after the GPU kind unless --run names it) under --out-dir."""
 
 from __future__ import annotations
 
@@ -264,7 +264,8 @@ def cmd_run(args) -> int:
                "bytes_per_token": int(real["bytes_per_token"]), "reads_per_token": round(real["reads_per_token"], 1),
                "io_lower_bound_ms": round((bound_before + bound_after) / 2 * 1e3, 3),
                "probe_gbps": probe_before, "probe_after_gbps": probe_after, "hardware": hw.name,
-               "software": sw.name, "fit_device": sw.fit_device, "wall_s": round(wall, 1)}
+               "software": sw.name, "fit_device": sw.fit_device, "run": args.run or device_slug(dev_name),
+               "wall_s": round(wall, 1)}
         add_predictions([rec], predicted_hw)
         records.append(rec)
         log(f"{label}: {rec['latency_ms']:.1f} ms/token (io {rec['io_ms']:.1f}), probes {probe_before} -> {probe_after}")
@@ -294,7 +295,7 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
     err = np.abs([r["err_pct"] for r in records])
     probed = np.abs([r["err_probed_pct"] for r in records if r["err_probed_pct"] is not None])
     return {"device": records[0]["device"], "date": records[0]["date"], "fit_device": records[0]["fit_device"],
-            "predict_device": records[0]["device"], "hardware": records[0]["hardware"],
+            "predict_device": records[0]["device"], "run": run_name(records[0]), "hardware": records[0]["hardware"],
             "software": records[0]["software"], "sim_hardware": hw.name, "points": len(records),
             "models": ",".join(sorted({r["model"] for r in records})),
             "median_abs_err_pct": round(float(np.median(err)), 2), "max_abs_err_pct": round(float(err.max()), 2),
@@ -303,7 +304,7 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
             "mean_err_pct": round(float(np.mean([r["err_pct"] for r in records])), 2),
             "read_efficiency": sw.read_efficiency,
             # true where read_efficiency was fitted on these very points: the as-calibrated error is then in-sample
-            "read_efficiency_in_sample": f"points-{device_slug(records[0]['device'])}.json" in
+            "read_efficiency_in_sample": f"points-{run_name(records[0])}.json" in
                                          sw.sources.get("read_efficiency", "")}
 
 
@@ -315,18 +316,24 @@ def device_slug(device: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-") or "cpu"
 
 
+def run_name(rec: dict) -> str:
+    """A measured run's name: its points file, its table and its row in fidelity.json. The GPU kind by default;
+    a second run on the same kind (a fresh VM with its own disk) names itself, so it adds a row, not replaces one."""
+    return rec.get("run") or device_slug(rec.get("predict_device") or rec["device"])
+
+
 def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: list[str], final: bool = False) -> None:
-    """validation/fidelity/points-<kind>.json and results/fidelity-<kind>.md for this machine; results/fidelity.json
-    keeps one summary record per measured machine (this one replaced) and results/fidelity.md tabulates them."""
+    """validation/fidelity/points-<run>.json and results/fidelity-<run>.md for this run; results/fidelity.json
+    keeps one summary record per run (this one replaced) and results/fidelity.md tabulates them."""
     if not records:
         return
-    slug = device_slug(records[0]["device"])
+    slug = run_name(records[0])
     atomic_write_text(out / "validation" / "fidelity" / f"points-{slug}.json", json.dumps(records, indent=1) + "\n")
     s = summary(records, hw)
     res = out / "results" / "fidelity.json"
-    others = [r for r in (load_records(res) if res.exists() else []) if r["predict_device"] != s["predict_device"]]
+    others = [r for r in (load_records(res) if res.exists() else []) if run_name(r) != s["run"]]
     write_results(res, [*others, s])
-    lines = [f"# Cross-machine fidelity: measured on {s['predict_device']} ({s['date']}), software constants fitted "
+    lines = [f"# Cross-machine fidelity, run `{slug}`: measured on {s['predict_device']} ({s['date']}), software constants fitted "
              f"on {s['fit_device']}",
              "", f"Predicted with `{hw.name}`: hardware `{s['hardware']}` (a quick calibration of the measured machine) + "
                  f"software `{s['software']}` (fitted on engine runs of {s['fit_device']}). `probed`: the same profile "
@@ -344,15 +351,15 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
     atomic_write_text(out / "results" / f"fidelity-{slug}.md", "\n".join(lines) + "\n")
-    index = ["# Cross-machine fidelity: one row per measured machine", "",
+    index = ["# Cross-machine fidelity: one row per run (a machine kind, or a second VM of one)", "",
              "Software constants fitted on one machine's engine runs; hardware from the measured machine's quick "
-             "calibration alone (`docs/fidelity.md`). Per-point tables: `fidelity-<kind>.md`. `read eff.`: the "
+             "calibration alone (`docs/fidelity.md`). Per-point tables: `fidelity-<run>.md`. `read eff.`: the "
              "software's loader-over-probe read rate; `in-sample` where it was fitted on that row's own points (its "
              "as-calibrated error is then not a prediction).", "",
-             "| measured on | date | fitted on | hardware | software | points | median abs err % | max % | "
-             "median abs err % (probed) | max % (probed) | read eff. |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | measured on | date | fitted on | hardware | software | points | median abs err % | max % | "
+             "median abs err % (probed) | max % (probed) | read eff. |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_records(res):
-        index.append(f"| {r['predict_device']} | {str(r['date'])[:16]} | {r['fit_device']} | {r['hardware']} | "
+        index.append(f"| {run_name(r)} | {r['predict_device']} | {str(r['date'])[:16]} | {r['fit_device']} | {r['hardware']} | "
                      f"{r['sim_hardware']} | {r['points']} | {r['median_abs_err_pct']} | {r['max_abs_err_pct']} | "
                      f"{r['median_abs_err_pct_probed']} | {r['max_abs_err_pct_probed']} | {r.get('read_efficiency')}"
                      f"{' (in-sample)' if r.get('read_efficiency_in_sample') else ''} |")
@@ -398,6 +405,8 @@ def main(argv=None) -> int:
     r.add_argument("--points", default="", help="comma-separated labels (default: all)")
     r.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     r.add_argument("--time-limit", type=float, default=420.0)
+    r.add_argument("--run", default="", help="this run's name (default: the GPU kind, e.g. h200); name a second run on "
+                                             "one kind, e.g. h100-heldout, to keep the first one's row")
     p = sub.add_parser("report", help="re-predict measured points (e.g. with another profile) and rewrite the report")
     p.add_argument("points")
     p.add_argument("--hardware", default=None)

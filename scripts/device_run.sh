@@ -10,7 +10,8 @@
 #   scripts/device_run.sh check    GPU tests of the loader/engine paths, the body's kernels, the kernel floor, the engine profile
 #   scripts/device_run.sh engine   the full-model engine benchmark (STEPS below, --repeat 2)
 #   scripts/device_run.sh kernels  the kernel benchmark (issue 5's tables)
-#   scripts/device_run.sh fidelity  quick calibration, then bench_fidelity.py run on this machine (issue 26; ~6 min)
+#   scripts/device_run.sh fidelity  quick calibration, then bench_fidelity.py run on this machine (issue 26; ~6 min);
+#                                   run name h200, or h100-heldout on an H100 (env KIND overrides)
 #   scripts/device_run.sh fullsize  random-init OPT-6.7B checkpoint: exactness test + real.generate (issue 27; ~6 min)
 #   scripts/device_run.sh peers     bench_peers.py on that checkpoint (issue 27; ~5 min; after fullsize, same machine)
 #   scripts/device_run.sh lookahead bench_engine.py look-ahead steps on the paper trace, 4 interleaved rounds (issue 28; ~9 min)
@@ -47,11 +48,12 @@ case $stage in
     python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} 2>&1 | tail -40   # its log: $OUT/logs/kernels.log
     ;;
   fidelity)
-    kind=$(case $gpu in *H200*) echo h200 ;; *H100*) echo h100 ;; *) echo gpu ;; esac)
+    # the run's name: the GPU kind; on an H100 (the fit kind, whose row is in-sample) a held-out run on a fresh VM
+    kind=${KIND:-$(case $gpu in *H200*) echo h200 ;; *H100*) echo h100-heldout ;; *) echo gpu ;; esac)}
     python3 -m real.calibrate /root/flash --quick --name "$kind-quick" --out "$OUT/results/$kind-quick.yaml" --no-progress \
       2>&1 | tail -4
     python3 benchmarks/bench_fidelity.py run --hardware "$OUT/results/$kind-quick.yaml" --software "${SOFTWARE:-engine-h100}" \
-      --flash-dir /root/flash --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
+      --flash-dir /root/flash --run "$kind" --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
     cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/* "$OUT/results/" 2>/dev/null   # $OUT returns 2 levels
     rm -rf /root/flash "$OUT/b"                      # the disk is 64 GiB: the checkpoint stages need the room
     ;;

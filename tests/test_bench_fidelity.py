@@ -45,3 +45,15 @@ def test_results_keep_one_record_per_machine(tmp_path):
     assert sorted(r["predict_device"] for r in res) == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
     assert (tmp_path / "validation" / "fidelity" / "points-h200.json").exists()
     assert "NVIDIA H200" in (tmp_path / "results" / "fidelity.md").read_text()
+
+
+def test_a_named_run_on_the_same_kind_adds_a_row(tmp_path):
+    """A second H100 VM (its own disk) is a held-out run: it must not replace the in-sample H100 row."""
+    records = json.loads(POINTS.read_text())[:3]
+    hw = bf.SoftwareProfile.preset("engine-h100").apply(bf.load_hardware("h100-quick"))
+    bf.write_report(records, hw, tmp_path, [])
+    bf.write_report([{**r, "run": "h100-heldout"} for r in records], hw, tmp_path, [])
+    res = {r["run"]: r for r in json.loads((tmp_path / "results" / "fidelity.json").read_text())}
+    assert sorted(res) == ["h100", "h100-heldout"]
+    assert res["h100"]["read_efficiency_in_sample"] and not res["h100-heldout"]["read_efficiency_in_sample"]
+    assert (tmp_path / "results" / "fidelity-h100-heldout.md").exists()
