@@ -70,3 +70,24 @@ def test_batch_overhead_sees_a_slow_pool(tmp_path, monkeypatch):
     monkeypatch.setattr(ReadPool, "run", slow_run)
     assert cal.batch_overhead_us(path, reads=10) >= 2500
     assert 0 < cal.row_op_us(d_ff=2048, rounds=5) < 1000
+
+
+def test_a_stall_in_one_pass_does_not_set_a_cell(monkeypatch, tmp_path):
+    """Each cell is the median of its passes, and the passes visit the cells in alternating order: a disk stall
+    during one pass's look at a cell (a third of the rate) leaves the table as the other passes saw it."""
+    seen = []
+
+    def probe(path, size, depth, seconds, min_reads=0, seed=0, staged_bytes=0):
+        seen.append((size, depth))
+        stalled = len(seen) == 4                      # the first pass's 4th cell: (64 KiB, 4)
+        return (0.3 if stalled else 1.0) * size / 65536 * depth
+
+    monkeypatch.setattr(cal, "random_read_gbps", probe)
+    effort = cal.Effort(file_mib=1, cell_seconds=0.0, passes=3, latency_reads=1, seq_mib=1, repeats=1)
+    passes = cal.read_table_passes(tmp_path / "f", [16, 64], [1, 4], effort, 0, progress=False)
+    assert passes.shape == (3, 2, 2)
+    assert seen[:4] == seen[4:8][::-1] == seen[8:]    # forward, reversed, forward
+    np.testing.assert_allclose(np.median(passes, axis=0), [[0.25, 1.0], [1.0, 4.0]])
+    assert passes[0, 1, 1] == pytest.approx(1.2)
+    assert cal.table_spread(passes) == pytest.approx(0.0)       # one noisy cell of four: the median cell is steady
+    assert cal.table_spread(passes * np.array([1.0, 1.5, 0.8])[:, None, None]) == pytest.approx(0.7)
