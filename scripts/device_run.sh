@@ -50,8 +50,13 @@ case $stage in
   fidelity)
     # the run's name: the GPU kind; on an H100 (the fit kind, whose row is in-sample) a held-out run on a fresh VM
     kind=${KIND:-$(case $gpu in *H200*) echo h200 ;; *H100*) echo h100-heldout ;; *) echo gpu ;; esac)}
-    python3 -m real.calibrate /root/flash --quick --name "$kind-quick" --out "$OUT/results/$kind-quick.yaml" --no-progress \
-      2>&1 | tail -4
+    # two quick calibrations: through the engine's loader (the profile predicted with) and the raw Python-thread
+    # probe (the one engine-h100's read_efficiency was fitted against; `report --hardware` re-predicts with it)
+    for reader in loader threads; do
+      name=$kind-quick$([ $reader = threads ] && echo -threads)
+      python3 -m real.calibrate /root/flash --quick --reader $reader --name "$name" --out "$OUT/results/$name.yaml" \
+        --no-progress 2>&1 | tail -3
+    done
     python3 benchmarks/bench_fidelity.py run --hardware "$OUT/results/$kind-quick.yaml" --software "${SOFTWARE:-engine-h100}" \
       --flash-dir /root/flash --run "$kind" --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
     cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/* "$OUT/results/" 2>/dev/null   # $OUT returns 2 levels

@@ -38,6 +38,9 @@ class HardwareProfile:
     io_overhead_us: float = 20.0      # fixed cost of one batch of reads (submit, wait, wake-up)
     row_op_us: float = 0.05           # bookkeeping per neuron the memory manager touches
     overlap: bool = True              # I/O runs while compute over resident neurons proceeds
+    # what read the flash table: "loader" (real.calibrate through the engine's own reader: a software profile's
+    # read_efficiency, a loader/probe ratio, does not apply) or "threads" (the raw probe, a spec or a paper)
+    read_probe: str = "threads"
     source: str = ""                  # where the numbers come from (paper, DESIGN.md, calibrate run)
     # per constant (field name -> a spec sheet / public benchmark, a real.calibrate run with device and date,
     # or a fit with the data it was fitted to); the flash table's three fields may share the key "read_gbps"
@@ -65,6 +68,9 @@ class HardwareProfile:
         stray = sorted(set(self.sources) - set(CONSTANTS))
         require(not stray, f"hardware.sources.{stray[0] if stray else ''}", "is not a constant of the profile",
                 f"use only {list(CONSTANTS)}")
+        require(self.read_probe in ("threads", "loader"), "hardware.read_probe",
+                f"must be 'threads' or 'loader', got {self.read_probe!r}",
+                "set read_probe: loader for a table real.calibrate measured through the engine's loader, else threads")
         for f in ("h2d_gbps", "op_overhead_us", "io_overhead_us", "row_op_us"):
             v = getattr(self, f)
             require(isinstance(v, (int, float)) and v >= 0, f"hardware.{f}", f"must be >= 0, got {v!r}",
@@ -158,6 +164,6 @@ class HardwareProfile:
 
 
 # every timing constant of a profile (what ``sources`` must cover); name/source/sources are not constants
-CONSTANTS = tuple(f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "sources"))
+CONSTANTS = tuple(f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "sources", "read_probe"))
 
 from sim.software import SoftwareProfile  # noqa: E402  (sim.software imports nothing of this module at load)

@@ -39,7 +39,8 @@ class SoftwareProfile:
     row_op_us: float | None = None          # memory-manager bookkeeping per neuron touched
     overlap: bool | None = None             # the engine overlaps reads with compute over resident neurons
     compute_efficiency: float = 1.0         # engine's effective decode rate / the hardware's measured matvec rate
-    read_efficiency: float = 1.0            # engine loader's read rate / the calibration probe's at size and depth
+    read_efficiency: float = 1.0            # engine loader's read rate / the Python-thread probe's (size, depth);
+                                            # not applied to a table read through the loader (read_probe: loader)
     fit_device: str = ""                    # the machine whose engine runs these were fitted on
     source: str = ""
     sources: dict = field(default_factory=dict)
@@ -70,15 +71,17 @@ class SoftwareProfile:
 
         changes: dict[str, Any] = {f: getattr(self, f) for f in REPLACED if getattr(self, f) is not None}
         changes["compute_gbps"] = hw.compute_gbps * self.compute_efficiency
-        changes["read_gbps"] = (np.asarray(hw.read_gbps) * self.read_efficiency).tolist()
+        read_eff = 1.0 if hw.read_probe == "loader" else self.read_efficiency
+        changes["read_gbps"] = (np.asarray(hw.read_gbps) * read_eff).tolist()
         note = f"software constants from {self.name} (fitted on {self.fit_device or 'unknown'})"
         sources = dict(hw.sources)
         for f in [*changes]:
             if f in REPLACED:
                 sources[f] = f"{note}: {self.sources.get(f, self.source)}"
         for eff, target in SCALED.items():
-            if getattr(self, eff) != 1.0:
-                sources[target] = f"{hw.sources.get(target, hw.source)}; x {eff} {getattr(self, eff):.3g} ({note})"
+            factor = read_eff if eff == "read_efficiency" else getattr(self, eff)
+            if factor != 1.0:
+                sources[target] = f"{hw.sources.get(target, hw.source)}; x {eff} {factor:.3g} ({note})"
         return hw.with_changes(name=f"{hw.name}+{self.name}", sources=sources,
                                source=f"{hw.source} | {note}", **changes)
 

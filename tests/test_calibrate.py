@@ -27,6 +27,7 @@ def test_quick_calibration_writes_a_valid_profile(tmp_path, monkeypatch):
     assert prof.read_latency_us > 0 and prof.seq_gbps > 0 and prof.mem_gbps > 0 and prof.compute_gbps > 0
     assert prof.row_op_us > 0 and prof.op_overhead_us > 0 and prof.memory_gib > 0
     assert "real.calibrate --quick" in prof.source and "O_DIRECT" in prof.source.upper()
+    assert prof.read_probe == "loader" and "ReadPool" in prof.sources["read_gbps"]   # the engine's reader by default
     assert prof.missing_sources() == []                             # every constant says which probe measured it
     assert "real.calibrate --quick" in prof.sources["mem_gbps"]
     assert out.with_suffix(".png").stat().st_size > 1000
@@ -46,6 +47,30 @@ def test_probe_counts_bytes_it_really_read(tmp_path):
     assert 0 < cal.random_read_gbps(path, 64 << 10, 2, seconds=0.05, min_reads=10, staged_bytes=1 << 20) < 1000
     with pytest.raises(ValueError, match="smaller than one"):
         cal.random_read_gbps(path, 16 << 20, 1, seconds=0.01)
+
+
+def test_loader_probe_reads_through_the_engines_pool(tmp_path, monkeypatch):
+    """The default table reader goes through real.loader.ReadPool; it reads what it counts, and keeps reading past
+    the deadline until ``min_reads`` are done."""
+    from real import loader
+
+    path = tmp_path / "f.bin"
+    cal.make_test_file(path, 8 << 20)
+    counted = []
+    real_submit = loader.ReadPool.submit
+
+    def submit(self, files, dest, file_idx, dst_off, offset, length, flag=None):
+        counted.append(sum(length))
+        assert all(o % cal.ALIGN == 0 and o + n <= (8 << 20) for o, n in zip(offset, length))
+        return real_submit(self, files, dest, file_idx, dst_off, offset, length, flag)
+
+    monkeypatch.setattr(loader.ReadPool, "submit", submit)
+    g = cal.loader_read_gbps(path, 64 << 10, 4, seconds=0.0, min_reads=1000, batch_bytes=1 << 20)
+    assert 0 < g < 1000 and sum(counted) >= 1000 * (64 << 10)
+    with pytest.raises(ValueError, match="smaller than one"):
+        cal.loader_read_gbps(path, 16 << 20, 1, seconds=0.01)
+    with pytest.raises(ValueError, match="--reader threads"):
+        cal.calibrate(tmp_path / "d", "x", quick=True, staged_mib=8)
 
 
 def test_batch_overhead_and_row_cost_are_measured(tmp_path):
@@ -84,7 +109,7 @@ def test_a_stall_in_one_pass_does_not_set_a_cell(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cal, "random_read_gbps", probe)
     effort = cal.Effort(file_mib=1, cell_seconds=0.0, passes=3, latency_reads=1, seq_mib=1, repeats=1)
-    passes = cal.read_table_passes(tmp_path / "f", [16, 64], [1, 4], effort, 0, progress=False)
+    passes = cal.read_table_passes(tmp_path / "f", [16, 64], [1, 4], effort, 0, progress=False, reader="threads")
     assert passes.shape == (3, 2, 2)
     assert seen[:4] == seen[4:8][::-1] == seen[8:]    # forward, reversed, forward
     np.testing.assert_allclose(np.median(passes, axis=0), [[0.25, 1.0], [1.0, 4.0]])

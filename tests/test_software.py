@@ -30,6 +30,18 @@ def test_software_replaces_overheads_and_scales_rates():
     assert got.name == "h100-calibrated+t" and "software constants from t" in got.sources["op_overhead_us"]
 
 
+def test_read_efficiency_skips_a_table_read_through_the_loader():
+    """read_efficiency is the loader's rate over the Python-thread probe's: a table the loader itself measured
+    (real.calibrate --reader loader) already is the loader's rate, and scaling it again would count it twice."""
+    hw = HardwareProfile.preset("h100-calibrated").with_changes(read_probe="loader")
+    sw = SoftwareProfile(name="t", read_efficiency=1.5, compute_efficiency=0.5)
+    got = sw.apply(hw)
+    np.testing.assert_allclose(got.read_gbps, hw.read_gbps)
+    assert "read_efficiency" not in got.sources["read_gbps"] and got.compute_gbps == pytest.approx(hw.compute_gbps / 2)
+    with pytest.raises(ConfigError, match="hardware.read_probe"):
+        hw.with_changes(read_probe="fio")
+
+
 def test_null_fields_keep_the_hardware_profiles_own():
     hw = HardwareProfile.preset("h100-calibrated")
     got = SoftwareProfile(name="t", io_overhead_us=3.0).apply(hw)
