@@ -302,10 +302,16 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
             "median_abs_err_pct_probed": round(float(np.median(probed)), 2) if probed.size else None,
             "max_abs_err_pct_probed": round(float(probed.max()), 2) if probed.size else None,
             "mean_err_pct": round(float(np.mean([r["err_pct"] for r in records])), 2),
-            "read_efficiency": sw.read_efficiency,
+            **read_side(hw, sw),
             # true where read_efficiency was fitted on these very points: the as-calibrated error is then in-sample
             "read_efficiency_in_sample": f"points-{run_name(records[0])}.json" in
                                          sw.sources.get("read_efficiency", "")}
+
+
+def read_side(hw: HardwareProfile, sw: SoftwareProfile) -> dict:
+    """Which reader measured the flash table, and the loader/probe ratio the prediction applied to it (none to a
+    table read through the loader: sim.software)."""
+    return {"read_probe": hw.read_probe, "read_efficiency": 1.0 if hw.read_probe == "loader" else sw.read_efficiency}
 
 
 def device_slug(device: str) -> str:
@@ -351,21 +357,29 @@ def write_report(records: list[dict], hw: HardwareProfile, out: Path, notes: lis
     if notes:
         lines += ["", "Notes: " + "; ".join(notes)]
     atomic_write_text(out / "results" / f"fidelity-{slug}.md", "\n".join(lines) + "\n")
+    write_index(out)
+    if final:
+        print("\n".join(lines), flush=True)
+
+
+def write_index(out: Path) -> None:
+    """results/fidelity.md: one row per run in results/fidelity.json."""
+    res = out / "results" / "fidelity.json"
     index = ["# Cross-machine fidelity: one row per run (a machine kind, or a second VM of one)", "",
              "Software constants fitted on one machine's engine runs; hardware from the measured machine's quick "
              "calibration alone (`docs/fidelity.md`). Per-point tables: `fidelity-<run>.md`. `read eff.`: the "
-             "software's loader-over-probe read rate; `in-sample` where it was fitted on that row's own points (its "
-             "as-calibrated error is then not a prediction).", "",
+             "software's loader-over-probe read rate as applied; `in-sample` where it was fitted on that row's own points "
+             "(its as-calibrated error is then not a prediction); none is applied to a table the calibration read "
+             "through the engine's loader.", "",
              "| run | measured on | date | fitted on | hardware | software | points | median abs err % | max % | "
              "median abs err % (probed) | max % (probed) | read eff. |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in load_records(res):
         index.append(f"| {run_name(r)} | {r['predict_device']} | {str(r['date'])[:16]} | {r['fit_device']} | {r['hardware']} | "
                      f"{r['sim_hardware']} | {r['points']} | {r['median_abs_err_pct']} | {r['max_abs_err_pct']} | "
                      f"{r['median_abs_err_pct_probed']} | {r['max_abs_err_pct_probed']} | {r.get('read_efficiency')}"
-                     f"{' (in-sample)' if r.get('read_efficiency_in_sample') else ''} |")
+                     f"{' (in-sample)' if r.get('read_efficiency_in_sample') else ''}"
+                     f"{' (loader-read table)' if r.get('read_probe') == 'loader' else ''} |")
     atomic_write_text(out / "results" / "fidelity.md", "\n".join(index) + "\n")
-    if final:
-        print("\n".join(lines), flush=True)
 
 
 def cmd_report(args) -> int:
@@ -373,6 +387,22 @@ def cmd_report(args) -> int:
     hw = SoftwareProfile.preset(records[0]["software"]).apply(load_hardware(args.hardware or records[0]["hardware"]))
     add_predictions(records, hw)
     write_report(records, hw, Path(args.out_dir), [], final=True)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Add the summary records of a fidelity.json written elsewhere (a device run whose points file did not come
+    back) to results/fidelity.json, replacing rows of the same run, and rewrite the index."""
+    res = Path(args.out_dir) / "results" / "fidelity.json"
+    new = load_records(Path(args.summary))
+    for r in new:            # records written before summaries said which reader measured the table
+        if r.get("read_probe") is None:
+            r.update(read_side(load_hardware(r["hardware"]), SoftwareProfile.preset(r["software"])))
+    runs = {run_name(r) for r in new}
+    kept = [r for r in (load_records(res) if res.exists() else []) if run_name(r) not in runs]
+    write_results(res, [*kept, *new])
+    write_index(Path(args.out_dir))
+    print(f"merged runs {sorted(runs)} into {res}")
     return 0
 
 
@@ -411,6 +441,9 @@ def main(argv=None) -> int:
     p.add_argument("points")
     p.add_argument("--hardware", default=None)
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    m = sub.add_parser("merge", help="add a device run's summary records (fidelity.json) to the results")
+    m.add_argument("summary")
+    m.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     d = sub.add_parser("dry", help="plan and predict the points on the CPU")
     d.add_argument("--hardware", default="h100-calibrated")
     d.add_argument("--software", default="engine-h100")
@@ -418,7 +451,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     global SMOKE_MODEL
     SMOKE_MODEL = getattr(args, "smoke", None)
-    return {"fit": cmd_fit, "fit-read": cmd_fit_read, "run": cmd_run, "report": cmd_report, "dry": cmd_dry}[args.cmd](args)
+    return {"fit": cmd_fit, "fit-read": cmd_fit_read, "run": cmd_run, "report": cmd_report, "merge": cmd_merge,
+            "dry": cmd_dry}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ case $stage in
     done
     python3 benchmarks/bench_fidelity.py run --hardware "$OUT/results/$kind-quick.yaml" --software "${SOFTWARE:-engine-h100}" \
       --flash-dir /root/flash --run "$kind" --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
-    cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/* "$OUT/results/" 2>/dev/null   # $OUT returns 2 levels
+    # $OUT returns 8 files at most, 2 levels down: the points, this run's table and summary, two profiles, the log
+    # (the profiles' plots and the index stay behind: `report` remakes the index here)
+    cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/fidelity-*.md "$OUT"/b/results/fidelity.json "$OUT/results/"
+    rm -f "$OUT"/results/*.png
     rm -rf /root/flash "$OUT/b"                      # the disk is 64 GiB: the checkpoint stages need the room
     ;;
   fullsize)

@@ -57,3 +57,25 @@ def test_a_named_run_on_the_same_kind_adds_a_row(tmp_path):
     assert sorted(res) == ["h100", "h100-heldout"]
     assert res["h100"]["read_efficiency_in_sample"] and not res["h100-heldout"]["read_efficiency_in_sample"]
     assert (tmp_path / "results" / "fidelity-h100-heldout.md").exists()
+
+
+def test_merge_adds_a_summary_without_points_and_says_which_reader(tmp_path, monkeypatch):
+    """A device run whose points file did not come back still lands as a row; a table read through the loader
+    is marked so, with no loader/probe ratio applied, also in a summary written before the mark existed."""
+    records = json.loads(POINTS.read_text())[:3]
+    hw = bf.SoftwareProfile.preset("engine-h100").apply(bf.load_hardware("h100-quick"))
+    bf.write_report(records, hw, tmp_path, [])
+    prof = tmp_path / "loader-quick.yaml"
+    bf.load_hardware("h100-quick").with_changes(name="loader-quick", read_probe="loader").to_yaml(prof)
+    monkeypatch.setattr(bf, "load_hardware", lambda name: bf.HardwareProfile.from_yaml(prof)
+                        if name == "loader-quick" else bf.HardwareProfile.preset(name))
+    old = {**json.loads((tmp_path / "results" / "fidelity.json").read_text())[0], "run": "vm2",
+           "hardware": "loader-quick"}
+    old.pop("read_probe")
+    (tmp_path / "dev.json").write_text(json.dumps([old]))
+    assert bf.main(["merge", str(tmp_path / "dev.json"), "--out-dir", str(tmp_path)]) == 0
+    res = {r["run"]: r for r in json.loads((tmp_path / "results" / "fidelity.json").read_text())}
+    assert sorted(res) == ["h100", "vm2"]
+    assert res["vm2"]["read_probe"] == "loader" and res["vm2"]["read_efficiency"] == 1.0
+    assert res["h100"]["read_probe"] == "threads" and res["h100"]["read_efficiency"] > 1.0
+    assert "loader-read table" in (tmp_path / "results" / "fidelity.md").read_text()
