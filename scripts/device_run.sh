@@ -50,8 +50,10 @@ case $stage in
   fidelity)
     # the run's name: the GPU kind; on an H100 (the fit kind, whose row is in-sample) a held-out run on a fresh VM
     kind=${KIND:-$(case $gpu in *H200*) echo h200 ;; *H100*) echo "${H100_RUN:-h100-heldout}" ;; *) echo gpu ;; esac)}
-    # two quick calibrations: through the engine's loader (the profile predicted with) and the raw Python-thread
-    # probe (the one engine-h100's read_efficiency was fitted against; `report --hardware` re-predicts with it)
+    # the flash files first (a fresh VM's disk reads faster after a minute of work: docs/fidelity.md), then two quick
+    # calibrations: through the engine's loader (the profile predicted with) and the raw Python-thread probe (the
+    # one engine-h100's read_efficiency was fitted against; `report --hardware` re-predicts with it)
+    python3 benchmarks/bench_fidelity.py prepare --flash-dir /root/flash 2>&1 | tail -3
     for reader in loader threads; do
       name=$kind-quick$([ $reader = threads ] && echo -threads)
       python3 -m real.calibrate /root/flash --quick --reader $reader --name "$name" --out "$OUT/results/$name.yaml" \
@@ -59,9 +61,12 @@ case $stage in
     done
     python3 benchmarks/bench_fidelity.py run --hardware "$OUT/results/$kind-quick.yaml" --software "${SOFTWARE:-engine-h100}" \
       --flash-dir /root/flash --run "$kind" --out-dir "$OUT/b" --time-limit "${LIMIT:-400}" 2>&1 | tee "$OUT/logs/fidelity-$kind.log" | tail -30
-    # $OUT returns 8 files at most, 2 levels down: the points, this run's table and summary, two profiles, the log
+    # $OUT returns 8 files at most, 2 levels down: the points, this run's table and summary, three profiles, the log
     # (the profiles' plots and the index stay behind: `report` remakes the index here)
     cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/fidelity-*.md "$OUT"/b/results/fidelity.json "$OUT/results/"
+    # and the disk once more after the points: how far it moved while they ran (`report --hardware` with it)
+    python3 -m real.calibrate /root/flash --quick --name "$kind-quick-after" --out "$OUT/results/$kind-quick-after.yaml" \
+      --no-progress 2>&1 | tail -2
     rm -f "$OUT"/results/*.png
     rm -rf /root/flash "$OUT/b"                      # the disk is 64 GiB: the checkpoint stages need the room
     ;;

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,14 @@ def test_merge_adds_a_summary_without_points_and_says_which_reader(tmp_path, mon
     assert res["vm2"]["read_probe"] == "loader" and res["vm2"]["read_efficiency"] == 1.0
     assert res["h100"]["read_probe"] == "threads" and res["h100"]["read_efficiency"] > 1.0
     assert "loader-read table" in (tmp_path / "results" / "fidelity.md").read_text()
+
+
+def test_prepare_writes_every_points_flash_files_and_reuses_them(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(bf, "SMOKE_MODEL", None)
+    assert bf.main(["prepare", "--flash-dir", str(tmp_path), "--smoke", "opt-tiny"]) == 0
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made == ["opt-tiny-bundled-float16-s0", "opt-tiny-unbundled-float16-s0"]   # the points need both layouts
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert bf.main(["prepare", "--flash-dir", str(tmp_path), "--smoke", "opt-tiny"]) == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}   # reused, not rewritten
