@@ -194,7 +194,12 @@ def cmd_fit_read(args) -> int:
         sw = SoftwareProfile.from_dict(yaml.safe_load(path.read_text()))
     else:                        # a preset name (SoftwareProfile.preset names the fix if there is none)
         sw, path = SoftwareProfile.preset(args.software), CONF_DIR / "software" / f"{args.software}.yaml"
-    base = dataclasses.replace(sw, read_efficiency=1.0).apply(load_hardware(records[0]["hardware"]))
+    hw = load_hardware(records[0]["hardware"])
+    if hw.read_probe == "loader":
+        raise SystemExit(f"{records[0]['hardware']}: its flash table was read through the engine's loader, so there "
+                         "is no loader/probe ratio to fit (read_efficiency is not applied to such a table). Fix: fit on "
+                         "points predicted with a `real.calibrate --reader threads` profile")
+    base = dataclasses.replace(sw, read_efficiency=1.0).apply(hw)
     ratios = [f for f in (drift_factor(base, r) for r in records) if f]
     if not ratios:
         raise SystemExit(f"{args.points}: no point has probes. Fix: give a points.json written by `run`")
@@ -278,7 +283,8 @@ def cmd_run(args) -> int:
 def cmd_prepare(args) -> int:
     """Write every point's flash files (34 GB on a GPU) and stop: a device run writes them before its quick
     calibration, so the calibration sees the disk after a minute of work, as the points do (a freshly started VM's
-    disk read 1.1-1.8x faster during the points than in a calibration taken right after boot: docs/fidelity.md)."""
+    disk read 1.1-1.8x faster during the points than in a calibration taken right after boot; whether the disk's
+    first minutes are the cause is what this order tests: docs/fidelity.md)."""
     import torch
     from bench_engine import ensure_flash
 

@@ -158,15 +158,20 @@ def loader_read_gbps(path: str | Path, size: int, depth: int, seconds: float, mi
                      seed: int = 0, batch_bytes: int = 16 * MIB) -> float:
     """The probe through the engine's own reader: batches of random O_DIRECT reads of ``size`` bytes handed to a
     ``real.loader.ReadPool`` of ``depth`` (native reader threads where the C loop builds, as the engine's loader),
-    two batches queued so the pool never idles between them; aggregate GB/s over the wall time.
+    two batches queued so the pool never idles between them; aggregate GB/s over the wall time, the last batch's
+    drain included (a cell reads at least two batches, so where a batch is only ``depth`` large reads the drain
+    weighs on it; at the engine's 16-48 KiB reads a batch is hundreds of reads).
 
-    The raw probe (``random_read_gbps``: Python threads) and the engine's loader read at different rates on the
-    same disk, and by how much depends on the machine (1.12x on one H100 VM, 1.40x on another): a table measured
-    this way needs no loader/probe ratio carried from another machine."""
+    The raw probe (``random_read_gbps``: Python threads) and the engine's loader can read at different rates on the
+    same disk; a table measured this way needs no loader/probe ratio carried from another machine."""
     from real.loader import ReadPool, open_flash_file
 
     f = open_flash_file(path)
-    pool = ReadPool(depth)
+    try:
+        pool = ReadPool(depth)
+    except BaseException:
+        f.close()
+        raise
     try:
         span = (os.fstat(f.fd).st_size - size) // ALIGN
         if span <= 0:
@@ -392,6 +397,8 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TEST_FILE
     fbytes = (file_mib or effort.file_mib) * MIB
+    from real.loader import default_read_threads       # which reader threads the loader reader runs (source line)
+
     t_start = time.perf_counter()
     log(f"writing {fbytes / MIB:.0f} MiB test file {path}")
     write_gbps = make_test_file(path, fbytes)
@@ -411,7 +418,8 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
     host = socket.gethostname()
     source = (f"python -m real.calibrate{' --quick' if quick else ''} on {host} ({mc['device']}), {date}; "
               f"file {fbytes // MIB} MiB in {directory}, {'O_DIRECT' if direct else 'BUFFERED (page cache!)'}"
-              f"; random reads {READERS[reader]}{f', into a {staged_mib} MiB staging buffer' if staged_mib else ''}; "
+              f"; random reads {READERS[reader]}{f', into a {staged_mib} MiB staging buffer' if staged_mib else ''}"
+              f"{f' ({default_read_threads()} reader threads here)' if reader == 'loader' else ''}; "
               f"buffered write {write_gbps:.2f} GB/s; read table: median of {effort.passes} passes, "
               f"pass-to-pass spread {table_spread(passes):.0%}"
               + (f"; pageable H2D {mc['h2d_pageable_gbps']:.1f} GB/s" if "h2d_pageable_gbps" in mc else ""))

@@ -10,8 +10,9 @@
 #   scripts/device_run.sh check    GPU tests of the loader/engine paths, the body's kernels, the kernel floor, the engine profile
 #   scripts/device_run.sh engine   the full-model engine benchmark (STEPS below, --repeat 2)
 #   scripts/device_run.sh kernels  the kernel benchmark (issue 5's tables)
-#   scripts/device_run.sh fidelity  quick calibration, then bench_fidelity.py run on this machine (issue 26; ~6 min);
-#                                   run name h200, or h100-heldout (env H100_RUN) on an H100; env KIND overrides both
+#   scripts/device_run.sh fidelity  flash files, quick calibrations, bench_fidelity.py run, a calibration after (issue 26;
+#                                   ~7 min, untimed in this order); run name h200, or h100-heldout-<date> (env H100_RUN)
+#                                   on an H100; env KIND overrides both
 #   scripts/device_run.sh fullsize  random-init OPT-6.7B checkpoint: exactness test + real.generate (issue 27; ~6 min)
 #   scripts/device_run.sh peers     bench_peers.py on that checkpoint (issue 27; ~5 min; after fullsize, same machine)
 #   scripts/device_run.sh lookahead bench_engine.py look-ahead steps on the paper trace, 4 interleaved rounds (issue 28; ~9 min)
@@ -49,7 +50,7 @@ case $stage in
     ;;
   fidelity)
     # the run's name: the GPU kind; on an H100 (the fit kind, whose row is in-sample) a held-out run on a fresh VM
-    kind=${KIND:-$(case $gpu in *H200*) echo h200 ;; *H100*) echo "${H100_RUN:-h100-heldout}" ;; *) echo gpu ;; esac)}
+    kind=${KIND:-$(case $gpu in *H200*) echo h200 ;; *H100*) echo "${H100_RUN:-h100-heldout-$(date -u +%m%d-%H%M)}" ;; *) echo gpu ;; esac)}
     # the flash files first (a fresh VM's disk reads faster after a minute of work: docs/fidelity.md), then two quick
     # calibrations: through the engine's loader (the profile predicted with) and the raw Python-thread probe (the
     # one engine-h100's read_efficiency was fitted against; `report --hardware` re-predicts with it)

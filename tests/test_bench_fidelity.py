@@ -35,6 +35,17 @@ def test_fit_read_is_the_median_probe_ratio(tmp_path):
     assert got["op_overhead_us"] == data["op_overhead_us"]       # the other constants are untouched
 
 
+def test_fit_read_refuses_a_loader_read_table(tmp_path, monkeypatch):
+    """A table read through the loader has no loader/probe ratio to fit; fitting one would be applied elsewhere."""
+    sw = tmp_path / "sw.yaml"
+    sw.write_text((ROOT / "conf" / "software" / "engine-h100.yaml").read_text())
+    loader_hw = bf.load_hardware("h100-quick").with_changes(read_probe="loader")
+    monkeypatch.setattr(bf, "load_hardware", lambda name: loader_hw)
+    with pytest.raises(SystemExit, match="read through the engine's loader"):
+        bf.main(["fit-read", str(POINTS), "--software", str(sw)])
+    assert sw.read_text() == (ROOT / "conf" / "software" / "engine-h100.yaml").read_text()   # nothing written
+
+
 def test_results_keep_one_record_per_machine(tmp_path):
     records = json.loads(POINTS.read_text())[:3]
     hw = bf.SoftwareProfile.preset("engine-h100").apply(bf.load_hardware("h100-quick"))
