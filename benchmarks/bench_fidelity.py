@@ -93,12 +93,18 @@ SMOKE_MODEL = None      # run --smoke: every point on a small geometry (a CPU ch
 _TRACES: dict = {}      # generated traces by (model, sparsity): the same for every point, fit and report
 
 
+def point_spec_policy(point) -> tuple[ModelSpec, Policy]:
+    """The model geometry and the policy of one point."""
+    _, model, preset, over, _, _ = point
+    spec = ModelSpec.from_dict({**load_preset("model", SMOKE_MODEL or model), "dtype": DTYPE})
+    return spec, Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": 0.5, **over})
+
+
 def point_setup(point):
     """The spec, policy, plans and warm-up of one point (torch-free: the same on the CPU and the device)."""
     label, model, preset, over, sparsity, tokens = point
     model = SMOKE_MODEL or model
-    spec = ModelSpec.from_dict({**load_preset("model", model), "dtype": DTYPE})
-    pol = Policy.from_dict({**Policy.preset(preset).to_dict(), "memory_budget": 0.5, **over})
+    spec, pol = point_spec_policy(point)
     warm = 1 if not pol.sparse else WARMUP
     key = (model, sparsity)
     if key not in _TRACES:
@@ -290,9 +296,9 @@ def cmd_prepare(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wanted = {}
-    for label, model, preset, over, _, _ in POINTS:
-        spec = ModelSpec.from_dict({**load_preset("model", SMOKE_MODEL or model), "dtype": DTYPE})
-        wanted[(spec.name, Policy.from_dict({**Policy.preset(preset).to_dict(), **over}).bundling)] = spec
+    for point in POINTS:
+        spec, pol = point_spec_policy(point)
+        wanted[(spec.name, pol.bundling)] = spec
     for (name, bundled), spec in wanted.items():
         d, secs = ensure_flash(spec, Path(args.flash_dir), bundled, device)
         log(f"flash dir {d.root} ({'written in %.1f s' % secs if secs else 'reused'})")
@@ -335,7 +341,7 @@ def summary(records: list[dict], hw: HardwareProfile) -> dict:
 def read_side(hw: HardwareProfile, sw: SoftwareProfile) -> dict:
     """Which reader measured the flash table, and the loader/probe ratio the prediction applied to it (none to a
     table read through the loader: sim.software)."""
-    return {"read_probe": hw.read_probe, "read_efficiency": 1.0 if hw.read_probe == "loader" else sw.read_efficiency}
+    return {"read_probe": hw.read_probe, "read_efficiency": sw.factors(hw)["read_efficiency"]}
 
 
 def device_slug(device: str) -> str:

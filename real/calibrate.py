@@ -405,7 +405,7 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
     try:
         _, direct = (lambda fd_d: (os.close(fd_d[0]), fd_d[1]))(open_direct(path))
         passes = read_table_passes(path, read_kib, depths, effort, staged_mib * MIB, progress, reader)
-        table = np.median(passes, axis=0)
+        table, spread = np.median(passes, axis=0), table_spread(passes)
         lat = read_latency_us(path, effort.latency_reads)
         seq = sequential_gbps(path, effort.seq_mib * MIB)
         io_over = batch_overhead_us(path)
@@ -421,7 +421,7 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
               f"; random reads {READERS[reader]}{f', into a {staged_mib} MiB staging buffer' if staged_mib else ''}"
               f"{f' ({default_read_threads()} reader threads here)' if reader == 'loader' else ''}; "
               f"buffered write {write_gbps:.2f} GB/s; read table: median of {effort.passes} passes, "
-              f"pass-to-pass spread {table_spread(passes):.0%}"
+              f"pass-to-pass spread {spread:.0%}"
               + (f"; pageable H2D {mc['h2d_pageable_gbps']:.1f} GB/s" if "h2d_pageable_gbps" in mc else ""))
     profile = HardwareProfile(
         name=name, read_kib=[float(k) for k in read_kib], depths=list(depths),
@@ -433,7 +433,7 @@ def calibrate(directory: str | Path, name: str, quick: bool = False, file_mib: i
         row_op_us=round(rows, 4), overlap=True, read_probe=reader, source=source,
         sources=measured_sources(f"python -m real.calibrate{' --quick' if quick else ''} on {host} ({mc['device']}), "
                                  f"{date}", direct, reader))
-    raw = {"direct": direct, "read_passes": passes.tolist(), "read_spread": table_spread(passes),
+    raw = {"direct": direct, "read_passes": passes.tolist(), "read_spread": spread,
            "write_gbps": write_gbps, "seconds": time.perf_counter() - t_start,
            "h2d_pageable_gbps": mc.get("h2d_pageable_gbps", 0.0), "device": mc["device"], "date": date}
     return profile, raw

@@ -70,20 +70,27 @@ class SoftwareProfile:
         import numpy as np
 
         changes: dict[str, Any] = {f: getattr(self, f) for f in REPLACED if getattr(self, f) is not None}
-        changes["compute_gbps"] = hw.compute_gbps * self.compute_efficiency
-        read_eff = 1.0 if hw.read_probe == "loader" else self.read_efficiency
-        changes["read_gbps"] = (np.asarray(hw.read_gbps) * read_eff).tolist()
+        factors = self.factors(hw)
+        changes["compute_gbps"] = hw.compute_gbps * factors["compute_efficiency"]
+        changes["read_gbps"] = (np.asarray(hw.read_gbps) * factors["read_efficiency"]).tolist()
         note = f"software constants from {self.name} (fitted on {self.fit_device or 'unknown'})"
         sources = dict(hw.sources)
         for f in [*changes]:
             if f in REPLACED:
                 sources[f] = f"{note}: {self.sources.get(f, self.source)}"
         for eff, target in SCALED.items():
-            factor = read_eff if eff == "read_efficiency" else getattr(self, eff)
-            if factor != 1.0:
-                sources[target] = f"{hw.sources.get(target, hw.source)}; x {eff} {factor:.3g} ({note})"
+            if factors[eff] != 1.0:
+                sources[target] = f"{hw.sources.get(target, hw.source)}; x {eff} {factors[eff]:.3g} ({note})"
         return hw.with_changes(name=f"{hw.name}+{self.name}", sources=sources,
                                source=f"{hw.source} | {note}", **changes)
+
+    def factors(self, hw: "HardwareProfile") -> dict[str, float]:
+        """The efficiencies ``apply`` multiplies ``hw``'s rates by: read_efficiency is a loader/probe ratio, so a
+        table the loader itself read (``hw.read_probe == "loader"``) gets none."""
+        out = {eff: float(getattr(self, eff)) for eff in SCALED}
+        if hw.read_probe == "loader":
+            out["read_efficiency"] = 1.0
+        return out
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
