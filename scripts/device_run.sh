@@ -55,7 +55,8 @@ case $stage in
     # calibrations: through the engine's loader (the profile predicted with) and the raw Python-thread probe (the
     # one engine-h100's read_efficiency was fitted against; `report --hardware` re-predicts with it)
     python3 benchmarks/bench_fidelity.py prepare --flash-dir /root/flash 2>&1 | tail -3
-    for reader in loader threads; do
+    # LEAN=1 (a short lease): the primary profile only, no threads table and no calibration after the points
+    for reader in loader $([ -n "${LEAN:-}" ] || echo threads); do
       name=$kind-quick$([ $reader = threads ] && echo -threads)
       python3 -m real.calibrate /root/flash --quick --reader $reader --name "$name" --out "$OUT/results/$name.yaml" \
         --no-progress 2>&1 | tail -3
@@ -66,7 +67,7 @@ case $stage in
     # (the profiles' plots and the index stay behind: `report` remakes the index here)
     cp "$OUT"/b/validation/fidelity/*.json "$OUT"/b/results/fidelity-*.md "$OUT"/b/results/fidelity.json "$OUT/results/"
     # and the disk once more after the points: how far it moved while they ran (`report --hardware` with it)
-    python3 -m real.calibrate /root/flash --quick --name "$kind-quick-after" --out "$OUT/results/$kind-quick-after.yaml" \
+    [ -n "${LEAN:-}" ] || python3 -m real.calibrate /root/flash --quick --name "$kind-quick-after" --out "$OUT/results/$kind-quick-after.yaml" \
       --no-progress 2>&1 | tail -2
     rm -f "$OUT"/results/*.png
     rm -rf /root/flash "$OUT/b"                      # the disk is 64 GiB: the checkpoint stages need the room
